@@ -1,0 +1,185 @@
+/**
+ * The kernel contract: what every backend implements.
+ *
+ * A backend owns device memory (weights, KV cache state, the activation arena)
+ * and runs whole planned graphs. It never sees a model: it gets an
+ * {@link ExecutionPlan} (ordered nodes of the closed op set in `graph/ir.ts`,
+ * with arena offsets) and the device tensors bound to its weight and state
+ * tensors, and it runs the plan once per step. The semantics of every op are
+ * documented on {@link Op}; `backends/reference.ts` is their executable
+ * specification, and the conformance suite checks each backend against it.
+ *
+ * Running the whole plan (rather than one exported function per op) lets the
+ * native backend execute a step in one foreign call and the WebGPU backend record
+ * a step into one command encoder.
+ *
+ * @module
+ */
+
+import type { DType } from "../graph/dtype.ts";
+import type { DimBindings, Graph, Node, Op, OpKind } from "../graph/ir.ts";
+import type { ExecutionPlan } from "../graph/plan.ts";
+
+export type { DType, ExecutionPlan, Op, OpKind };
+
+/** A tensor in host memory: raw bytes in the layout `graph/dtype.ts` gives for its dtype. */
+export interface HostTensor {
+  readonly name: string;
+  readonly dtype: DType;
+  readonly shape: readonly number[];
+  /** The bytes; may be a view into a larger buffer (for example a whole model file). */
+  readonly data: Uint8Array;
+}
+
+/** A tensor held by a backend (weights and state). Opaque beyond these fields. */
+export interface DeviceTensor {
+  readonly name: string;
+  readonly dtype: DType;
+  readonly shape: readonly number[];
+  readonly byteLength: number;
+}
+
+/** What changes from one step to the next. */
+export interface StepArgs {
+  /** Values of the symbolic dimensions, e.g. `{ T: 5 }`; each at most the plan's `maxDims`. */
+  readonly dims: DimBindings;
+  /** Position of the first new token in the sequence (rows already in the KV cache). */
+  readonly pos: number;
+}
+
+/** A plan prepared to run on one backend, with its activation arena allocated. */
+export interface Executable {
+  /**
+   * Copies `count` values into a graph input before a step: token ids (`i32`), or
+   * activations (`f32`) when a graph takes them as input (the conformance suite does).
+   * Token ids outside the embedding table give a `RangeError`.
+   */
+  writeInput(tensorId: number, data: Int32Array | Float32Array, count: number): void;
+  /**
+   * Runs every node of the plan once. When `profile` is given (one slot per node of
+   * the plan's order), adds each node's milliseconds to it where the backend can time
+   * ops one by one.
+   */
+  run(step: StepArgs, profile?: Float64Array): Promise<void>;
+  /** Copies the first `count` values of an output tensor into `dst`. */
+  readOutput(tensorId: number, dst: Float32Array, count: number): Promise<void>;
+  /** Frees the arena. Bound weights and state stay alive. */
+  dispose(): void;
+}
+
+/** Options every backend factory accepts. */
+export interface BackendOptions {
+  /** Worker threads for backends that have them; default: the backend's choice. */
+  readonly threads?: number;
+}
+
+/** A compute backend. */
+export interface Backend {
+  /** The registry name (`"ts"`, `"native"`, `"webgpu"`). */
+  readonly name: string;
+  /** A line for logs: the device and the settings in force. */
+  readonly description: string;
+  /**
+   * Whether the backend runs `op` with operand dtype `dtype`: the weight's dtype for
+   * `matmul` and `embedding`, the cache dtype for `attention`, `"f32"` for the rest.
+   */
+  supports(op: OpKind, dtype: DType): boolean;
+  /** Makes a weight resident on the backend (a view of the host bytes when it can). */
+  upload(tensor: HostTensor): DeviceTensor;
+  /** Allocates zero-filled persistent state (a KV cache). */
+  createState(name: string, dtype: DType, shape: readonly number[]): DeviceTensor;
+  /** Reads `byteLength` bytes of a tensor from `byteOffset`. */
+  readTensor(tensor: DeviceTensor, byteOffset: number, byteLength: number): Promise<Uint8Array>;
+  /** Writes bytes into a tensor at `byteOffset`. */
+  writeTensor(tensor: DeviceTensor, byteOffset: number, data: Uint8Array): void;
+  /** Copies the first `byteLength` bytes of `src` into `dst`. */
+  copyTensor(src: DeviceTensor, dst: DeviceTensor, byteLength: number): void;
+  /** Frees a weight or state tensor. */
+  release(tensor: DeviceTensor): void;
+  /**
+   * Prepares a plan to run. `bindings` maps the id of every weight and state tensor of
+   * the graph to a device tensor of this backend with the same dtype and shape.
+   */
+  compile(plan: ExecutionPlan, bindings: ReadonlyMap<number, DeviceTensor>): Promise<Executable>;
+  /** Frees everything the backend holds. */
+  dispose(): void;
+}
+
+/** The operand dtype that {@link Backend.supports} is asked about for a node. */
+export function operandDType(graph: Graph, node: Node): DType {
+  switch (node.op.kind) {
+    case "matmul":
+    case "embedding":
+      return graph.tensors[node.inputs[1]].dtype;
+    case "attention":
+      return graph.tensors[node.inputs[3]].dtype;
+    default:
+      return "f32";
+  }
+}
+
+/** Thrown when a backend cannot run something it was given; names the backend and what. */
+export class UnsupportedError extends Error {
+  /** @param message sentence-case description naming the backend and the op/dtype. */
+  constructor(message: string) {
+    super(message);
+    this.name = "UnsupportedError";
+  }
+}
+
+/**
+ * Checks what every backend's `compile` must check before running anything: each op
+ * is supported, and each binding exists with the graph's dtype and shape.
+ */
+export function validateBindings(
+  backend: Backend,
+  plan: ExecutionPlan,
+  bindings: ReadonlyMap<number, DeviceTensor>,
+): void {
+  const { graph } = plan;
+  for (const node of graph.nodes) {
+    const dtype = operandDType(graph, node);
+    if (!backend.supports(node.op.kind, dtype)) {
+      throw new UnsupportedError(
+        `Backend "${backend.name}" does not support op "${node.op.kind}" with dtype "${dtype}"`,
+      );
+    }
+  }
+  for (const t of graph.tensors) {
+    if (t.kind !== "weight" && t.kind !== "state") continue;
+    const b = bindings.get(t.id);
+    if (!b) throw new TypeError(`Cannot compile the graph: ${t.kind} "${t.name}" is not bound`);
+    const same = b.dtype === t.dtype && b.shape.length === t.shape.length &&
+      b.shape.every((d, i) => d === t.shape[i]);
+    if (!same) {
+      throw new TypeError(
+        `Cannot bind "${b.name}" (${b.dtype} [${b.shape}]) to ${t.kind} "${t.name}": expected ${t.dtype} [${t.shape}]`,
+      );
+    }
+  }
+}
+
+/** Checks a step against the plan's room; a `RangeError` names the offending value. */
+export function validateStep(plan: ExecutionPlan, step: StepArgs, capacity: number): void {
+  for (const [name, max] of Object.entries(plan.maxDims)) {
+    const v = step.dims[name];
+    if (!Number.isInteger(v) || v < 1 || v > max) {
+      throw new RangeError(`Cannot run a step with ${name} = ${v}: expected an integer from 1 to ${max}`);
+    }
+  }
+  const t = step.dims.T ?? 1;
+  if (!Number.isInteger(step.pos) || step.pos < 0 || step.pos + t > capacity) {
+    throw new RangeError(
+      `Cannot run a step at position ${step.pos} with ${t} new tokens: the KV cache holds ${capacity} positions`,
+    );
+  }
+}
+
+/** Cache capacity (rows) of the first attention node of a plan, or Infinity without one. */
+export function cacheCapacity(plan: ExecutionPlan): number {
+  const { graph } = plan;
+  const node = graph.nodes.find((n) => n.op.kind === "attention");
+  if (!node) return Infinity;
+  const shape = graph.tensors[node.inputs[3]].shape;
+  return typeof shape[0] === "number" ? shape[0] : Infinity;
+}

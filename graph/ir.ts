@@ -1,0 +1,142 @@
+/**
+ * The dataflow graph IR: plain data describing tensors and the ops between them.
+ *
+ * A graph only records what to compute. The scheduler ({@link planGraph}) orders
+ * it and plans its buffers, and a backend runs the plan. Shapes may hold symbolic
+ * dimensions (strings such as `"T"`, the number of new tokens of a step) that are
+ * bound when a step runs.
+ *
+ * @module
+ */
+
+import type { DType } from "./dtype.ts";
+
+/** One dimension: a number, or the name of a dimension bound per step (e.g. `"T"`). */
+export type Dim = number | string;
+
+/** Where a tensor's memory comes from. */
+export type TensorKind =
+  /** Written by the caller before each step (token ids). */
+  | "input"
+  /** Read-only parameters loaded from the model file. */
+  | "weight"
+  /** Persistent memory owned by the caller and kept across steps (the KV cache). */
+  | "state"
+  /** Intermediate values; their memory is planned and reused. */
+  | "activation";
+
+/** A tensor of the graph. Row-major; the last dimension is contiguous. */
+export interface TensorSpec {
+  /** Index of the tensor in {@link Graph.tensors}. */
+  readonly id: number;
+  /** A readable name, unique in the graph (weights use their file names). */
+  readonly name: string;
+  readonly kind: TensorKind;
+  readonly dtype: DType;
+  readonly shape: readonly Dim[];
+}
+
+/** The closed set of operations. Every backend implements these semantics. */
+export type Op =
+  /** `out[t] = table[ids[t]]`. Inputs: ids `i32 [T]`, table `[V, D]`. Output `[T, D]`. */
+  | { readonly kind: "embedding" }
+  /** `out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w`. Inputs: x `[T, D]`, w `[D]`. */
+  | { readonly kind: "rmsNorm"; readonly eps: number }
+  /** `out = x · Wᵀ`. Inputs: x `[T, K]`, W `[N, K]` (any weight dtype). Output `[T, N]`. */
+  | { readonly kind: "matmul" }
+  /**
+   * Rotary position embedding in the "rotate half" layout of Hugging Face Llama:
+   * for each head, element `i < d/2` pairs with `i + d/2`, angle
+   * `(pos + t) * theta^(-2i/d)`, where `pos` is the step's start position.
+   * Input x `[T, heads * headDim]`; output the same shape.
+   */
+  | {
+    readonly kind: "rope";
+    readonly heads: number;
+    readonly headDim: number;
+    readonly theta: number;
+  }
+  /** `out = silu(gate) * up` (SwiGLU). Inputs: gate, up `[T, F]`. */
+  | { readonly kind: "siluMul" }
+  /** `out = a + b`, same shapes. */
+  | { readonly kind: "add" }
+  /**
+   * Causal self-attention with grouped-query heads over a KV cache. Inputs:
+   * q `[T, heads * headDim]`, k and v `[T, kvHeads * headDim]`, kCache and vCache
+   * (state) `[capacity, kvHeads * headDim]`. First writes k and v to cache rows
+   * `pos .. pos + T - 1`, then for each new token `t` (absolute position `p = pos + t`)
+   * and head `h` attends over cache rows `max(0, p - window + 1) .. p` (all rows up
+   * to `p` when `window` is 0) of kv head `h / (heads / kvHeads)`, with scores
+   * scaled by `scale` and a softmax. Output `[T, heads * headDim]`.
+   */
+  | {
+    readonly kind: "attention";
+    readonly heads: number;
+    readonly kvHeads: number;
+    readonly headDim: number;
+    readonly scale: number;
+    readonly window: number;
+  }
+  /** Copies the last row: input `[T, D]`, output `[1, D]`. */
+  | { readonly kind: "lastRow" };
+
+/** The name of an op. */
+export type OpKind = Op["kind"];
+
+/** Every op kind, in a stable order. */
+export const OP_KINDS: readonly OpKind[] = [
+  "embedding",
+  "rmsNorm",
+  "matmul",
+  "rope",
+  "siluMul",
+  "add",
+  "attention",
+  "lastRow",
+];
+
+/** One operation: reads its input tensors, writes its output tensor. */
+export interface Node {
+  /** Index of the node in {@link Graph.nodes}. */
+  readonly id: number;
+  readonly op: Op;
+  /** Tensor ids read, in the order the op documents. */
+  readonly inputs: readonly number[];
+  /** Tensor id written (an activation). */
+  readonly output: number;
+}
+
+/** A whole graph: tensors, nodes, and which tensors are the inputs and outputs. */
+export interface Graph {
+  readonly tensors: readonly TensorSpec[];
+  readonly nodes: readonly Node[];
+  /** Input tensor ids (written by the caller each step). */
+  readonly inputs: readonly number[];
+  /** Output tensor ids (read by the caller after each step). */
+  readonly outputs: readonly number[];
+}
+
+/** Binds the symbolic dimensions of a graph to numbers. */
+export type DimBindings = Readonly<Record<string, number>>;
+
+/** Resolves a shape against bindings; throws a `RangeError` for an unbound name. */
+export function resolveShape(shape: readonly Dim[], dims: DimBindings): number[] {
+  return shape.map((d) => {
+    if (typeof d === "number") return d;
+    const v = dims[d];
+    if (v === undefined) throw new RangeError(`Cannot resolve dimension "${d}": it is not bound`);
+    return v;
+  });
+}
+
+/** Number of elements of a resolved shape. */
+export function elementCount(shape: readonly number[]): number {
+  let n = 1;
+  for (const d of shape) n *= d;
+  return n;
+}
+
+/** Formats a shape such as `[T, 128]`. */
+export function formatShape(shape: readonly Dim[]): string {
+  return `[${shape.join(", ")}]`;
+}

@@ -1,0 +1,87 @@
+/**
+ * Binds the model's graphs to a backend: plans each graph once, and compiles it
+ * for a sequence by binding the model's weights and the sequence's KV cache.
+ *
+ * @module
+ */
+
+import type { Backend, DeviceTensor, Executable } from "../backends/contract.ts";
+import type { DType } from "../graph/dtype.ts";
+import { type ExecutionPlan, planGraph } from "../graph/plan.ts";
+import type { LlamaConfig } from "./config.ts";
+import { debugPlan } from "./debug.ts";
+import type { KvCache } from "./kv_cache.ts";
+import { buildLlamaGraph, type LlamaGraph } from "./llama.ts";
+
+/** Which logits a graph produces. */
+export type LogitsMode = "last" | "all";
+
+/** A planned graph and the ids its caller needs. */
+export interface PlannedGraph {
+  readonly llama: LlamaGraph;
+  readonly plan: ExecutionPlan;
+}
+
+/** Plans the model graphs once and compiles them per KV cache. */
+export class GraphRunner {
+  readonly config: LlamaConfig;
+  readonly backend: Backend;
+  /** Largest number of tokens one step evaluates (the prefill chunk). */
+  readonly chunk: number;
+  /** KV cache rows of each sequence. */
+  readonly capacity: number;
+  readonly kvDType: DType;
+  readonly #weights: ReadonlyMap<string, DeviceTensor>;
+  readonly #planned = new Map<LogitsMode, PlannedGraph>();
+
+  /**
+   * @param config the model config
+   * @param backend the backend holding the weights
+   * @param weights device weights by HF name
+   * @param options chunk size, context capacity and cache dtype
+   */
+  constructor(
+    config: LlamaConfig,
+    backend: Backend,
+    weights: ReadonlyMap<string, DeviceTensor>,
+    options: { chunk: number; capacity: number; kvDType: DType },
+  ) {
+    this.config = config;
+    this.backend = backend;
+    this.#weights = weights;
+    this.chunk = options.chunk;
+    this.capacity = options.capacity;
+    this.kvDType = options.kvDType;
+  }
+
+  /** The planned graph for a logits mode (planned on first use). */
+  planned(mode: LogitsMode): PlannedGraph {
+    let p = this.#planned.get(mode);
+    if (!p) {
+      const llama = buildLlamaGraph(this.config, {
+        capacity: this.capacity,
+        logits: mode,
+        weightDType: (name) => this.#weights.get(name)!.dtype,
+        kvDType: this.kvDType,
+      });
+      p = { llama, plan: planGraph(llama.graph, { T: this.chunk }) };
+      debugPlan(`graph with ${mode} logits`, p.plan);
+      this.#planned.set(mode, p);
+    }
+    return p;
+  }
+
+  /** Compiles the graph of `mode` against `kv`. */
+  compile(mode: LogitsMode, kv: KvCache): Promise<Executable> {
+    const { llama, plan } = this.planned(mode);
+    const bindings = new Map<number, DeviceTensor>();
+    for (const t of llama.graph.tensors) {
+      if (t.kind === "weight") bindings.set(t.id, this.#weights.get(t.name)!);
+    }
+    llama.caches.forEach((c, i) => {
+      bindings.set(c.k.id, kv.layers[i].k);
+      bindings.set(c.v.id, kv.layers[i].v);
+    });
+    return this.backend.compile(plan, bindings);
+  }
+}

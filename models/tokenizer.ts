@@ -1,0 +1,110 @@
+/**
+ * The tokenizer: `tokenizer.json` through `@huggingface/tokenizers`, with the
+ * `tokenizer_config.json` settings applied (BOS/EOS insertion, special tokens,
+ * chat template).
+ *
+ * @module
+ */
+
+import { Tokenizer } from "@huggingface/tokenizers";
+import { readJsonFile } from "./files.ts";
+
+/** Options of {@link TextTokenizer.encode}. */
+export interface EncodeOptions {
+  /** Add BOS/EOS as `tokenizer_config.json` says (default true). */
+  addSpecialTokens?: boolean;
+}
+
+/** Text ↔ token ids for one model. */
+export class TextTokenizer {
+  readonly #tok: Tokenizer;
+  readonly #addBos: boolean | undefined;
+  readonly #addEos: boolean;
+  /** Beginning-of-sequence id, when the tokenizer has one. */
+  readonly bosId: number | undefined;
+  /** End-of-sequence ids (from the tokenizer config and the model config). */
+  readonly eosIds: readonly number[];
+  /** Ids of the special tokens (skipped when decoding text for display). */
+  readonly specialIds: ReadonlySet<number>;
+  /** Number of ids the tokenizer can produce. */
+  readonly vocabSize: number;
+  /** The Jinja chat template of `tokenizer_config.json`, if any. */
+  readonly chatTemplate: string | undefined;
+  /** The BOS and EOS token strings (for chat templates). */
+  readonly bosToken: string | undefined;
+  /** The EOS token string. */
+  readonly eosToken: string | undefined;
+
+  /**
+   * @param tokenizerJson parsed `tokenizer.json`
+   * @param config parsed `tokenizer_config.json` (or `{}`)
+   * @param extraEosIds EOS ids from the model config
+   */
+  constructor(
+    tokenizerJson: Record<string, unknown>,
+    config: Record<string, unknown>,
+    extraEosIds: readonly number[] = [],
+  ) {
+    this.#tok = new Tokenizer(tokenizerJson, config);
+    const tokenString = (v: unknown): string | undefined =>
+      typeof v === "string"
+        ? v
+        : typeof v === "object" && v && typeof (v as { content?: unknown }).content === "string"
+        ? (v as { content: string }).content
+        : undefined;
+    this.bosToken = tokenString(config.bos_token);
+    this.eosToken = tokenString(config.eos_token);
+    this.bosId = this.bosToken !== undefined ? this.#tok.token_to_id(this.bosToken) : undefined;
+    const eos = this.eosToken !== undefined ? this.#tok.token_to_id(this.eosToken) : undefined;
+    this.eosIds = [...new Set([...(eos !== undefined ? [eos] : []), ...extraEosIds])];
+    this.#addBos = typeof config.add_bos_token === "boolean" ? config.add_bos_token : undefined;
+    this.#addEos = config.add_eos_token === true;
+    const special = new Set<number>();
+    for (const [id, t] of this.#tok.get_added_tokens_decoder()) if (t.special) special.add(id);
+    this.specialIds = special;
+    let max = 0;
+    for (const id of this.#tok.get_vocab().values()) max = Math.max(max, id);
+    for (const id of special) max = Math.max(max, id);
+    this.vocabSize = max + 1;
+    this.chatTemplate = typeof config.chat_template === "string" ? config.chat_template : undefined;
+  }
+
+  /** Loads `tokenizer.json` (required) and `tokenizer_config.json` (optional) from `dir`. */
+  static async load(dir: string, extraEosIds: readonly number[] = []): Promise<TextTokenizer> {
+    const json = await readJsonFile(`${dir}/tokenizer.json`);
+    let config: Record<string, unknown> = {};
+    try {
+      config = await readJsonFile(`${dir}/tokenizer_config.json`);
+    } catch (e) {
+      if (!(e instanceof Deno.errors.NotFound)) throw e;
+    }
+    try {
+      return new TextTokenizer(json, config, extraEosIds);
+    } catch (e) {
+      throw new SyntaxError(`Cannot load tokenizer "${dir}/tokenizer.json": ${(e as Error).message}`);
+    }
+  }
+
+  /** Token ids of `text`. */
+  encode(text: string, options: EncodeOptions = {}): number[] {
+    const special = options.addSpecialTokens ?? true;
+    if (!special || this.#addBos === undefined) {
+      return this.#tok.encode(text, { add_special_tokens: special }).ids;
+    }
+    const ids = this.#tok.encode(text, { add_special_tokens: false }).ids;
+    if (this.#addBos && this.bosId !== undefined) ids.unshift(this.bosId);
+    if (this.#addEos && this.eosIds.length) ids.push(this.eosIds[0]);
+    return ids;
+  }
+
+  /** Text of `ids`; special tokens are kept unless `skipSpecialTokens`. */
+  decode(ids: readonly number[], options: { skipSpecialTokens?: boolean } = {}): string {
+    if (ids.length === 0) return "";
+    return this.#tok.decode(ids as number[], { skip_special_tokens: options.skipSpecialTokens ?? false });
+  }
+
+  /** The id of a token string, if it is in the vocabulary. */
+  tokenId(token: string): number | undefined {
+    return this.#tok.token_to_id(token);
+  }
+}

@@ -1,0 +1,94 @@
+/**
+ * Finding a model's weights in its safetensors files: every tensor the graph
+ * needs, by Hugging Face name, checked against the config's shapes. Handles tied
+ * embeddings, including files that store the shared table only once and say so
+ * in `__metadata__` (the story model keeps it as `lm_head.weight`).
+ *
+ * @module
+ */
+
+import type { HostTensor } from "../backends/contract.ts";
+import { decodeWeights } from "../graph/quant.ts";
+import type { LlamaConfig } from "./config.ts";
+import { WEIGHT_NAMES, weightShapes } from "./llama.ts";
+import { readSafetensors, type SafetensorsFile } from "./safetensors.ts";
+
+/** A model folder whose weights do not fit its config; names the tensor and folder. */
+export class WeightsError extends TypeError {
+  /**
+   * @param dir the model folder
+   * @param message what is wrong
+   */
+  constructor(dir: string, message: string) {
+    super(`Cannot load weights from "${dir}": ${message}`);
+    this.name = "WeightsError";
+  }
+}
+
+/** Progress of loading a model, reported through {@link LoadProgress} callbacks. */
+export type LoadProgress =
+  | { readonly phase: "download"; readonly file: string; readonly loadedBytes: number; readonly totalBytes: number }
+  | { readonly phase: "tensors"; readonly name: string; readonly loaded: number; readonly total: number };
+
+/** Lists the `*.safetensors` files of a folder, sorted. */
+export async function safetensorsFiles(dir: string): Promise<string[]> {
+  const files: string[] = [];
+  try {
+    for await (const e of Deno.readDir(dir)) if (e.isFile && e.name.endsWith(".safetensors")) files.push(e.name);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) {
+      throw new Deno.errors.NotFound(`Cannot read model folder "${dir}": it does not exist`);
+    }
+    throw e;
+  }
+  if (files.length === 0) throw new Deno.errors.NotFound(`Cannot load weights from "${dir}": no *.safetensors file`);
+  return files.sort().map((f) => `${dir}/${f}`);
+}
+
+/**
+ * Reads every weight the config needs from the folder's safetensors files.
+ * 1-D tensors (norms) are returned as f32; the others keep their stored dtype.
+ */
+export async function readWeights(
+  dir: string,
+  config: LlamaConfig,
+  onProgress?: (p: LoadProgress) => void,
+): Promise<Map<string, HostTensor>> {
+  const files: SafetensorsFile[] = [];
+  for (const path of await safetensorsFiles(dir)) files.push(await readSafetensors(path));
+  const all = new Map<string, HostTensor>();
+  const aliases = new Map<string, string>();
+  for (const f of files) {
+    for (const [name, t] of f.tensors) {
+      if (all.has(name)) throw new WeightsError(dir, `tensor "${name}" appears in more than one file`);
+      all.set(name, t);
+    }
+    for (const [k, v] of Object.entries(f.metadata)) if (k !== v) aliases.set(k, v);
+  }
+
+  const find = (name: string): HostTensor | undefined => {
+    const direct = all.get(name) ?? all.get(aliases.get(name) ?? "");
+    if (direct) return direct;
+    // A tied table stored only as the output head.
+    if (name === WEIGHT_NAMES.embedding && config.tieWordEmbeddings) return all.get(WEIGHT_NAMES.lmHead);
+    return undefined;
+  };
+
+  const shapes = weightShapes(config);
+  const out = new Map<string, HostTensor>();
+  let loaded = 0;
+  for (const [name, shape] of shapes) {
+    const t = find(name);
+    if (!t) throw new WeightsError(dir, `tensor "${name}" is missing`);
+    if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
+      throw new WeightsError(dir, `tensor "${name}" has shape [${t.shape}], but the config implies [${shape}]`);
+    }
+    const count = shape.reduce((a, b) => a * b, 1);
+    const host = shape.length === 1 && t.dtype !== "f32"
+      ? { name, dtype: "f32" as const, shape, data: new Uint8Array(decodeWeights(t.dtype, t.data, count).buffer) }
+      : { ...t, name };
+    out.set(name, host);
+    onProgress?.({ phase: "tensors", name, loaded: ++loaded, total: shapes.size });
+  }
+  return out;
+}

@@ -1,0 +1,248 @@
+/**
+ * The conformance suite: every op of the closed op set, on every backend that
+ * can be created here, against the reference kernels (`backends/reference.ts`).
+ * Each case is a one-node graph run through the backend's real path (plan,
+ * upload, compile, run, read back).
+ *
+ * Tolerances (max |difference| relative to max(1, max |expected|)), per weight
+ * dtype: the reference decodes the very same stored weights, so only
+ * accumulation order differs for float types; block-quantized matmuls may also
+ * quantize the activations to 8 bits (as llama.cpp does), which costs more.
+ *
+ * In CI (`CI=true`) a backend that cannot be created fails the suite instead of
+ * being skipped.
+ */
+
+import assert from "node:assert/strict";
+import type { Backend, DeviceTensor } from "../backends/contract.ts";
+import { UnsupportedError } from "../backends/contract.ts";
+import { referenceOp, type RefTensor } from "../backends/reference.ts";
+import { GraphBuilder } from "../graph/builder.ts";
+import type { DType } from "../graph/dtype.ts";
+import type { Dim, Op, TensorSpec } from "../graph/ir.ts";
+import { planGraph } from "../graph/plan.ts";
+import { decodeWeights, encodeWeights } from "../graph/quant.ts";
+import { assertClose, probeBackends, randomF32 } from "./helpers.ts";
+
+/** Tolerance per weight dtype (f32 for ops without weights). */
+export const TOLERANCE: Record<DType, number> = {
+  f32: 1e-5,
+  f16: 1e-4,
+  bf16: 1e-4,
+  q8_0: 2e-2,
+  q4_0: 2e-2,
+  i32: 0,
+};
+
+const WEIGHT_DTYPES: DType[] = ["f32", "f16", "bf16", "q8_0", "q4_0"];
+
+interface CaseInput {
+  name: string;
+  kind: "input" | "weight" | "state";
+  dtype: DType;
+  shape: number[];
+  /** f32 values (for weights, before encoding); i32 ids for id inputs. */
+  values: Float32Array | Int32Array;
+}
+
+interface OpCase {
+  label: string;
+  op: Op;
+  T: number;
+  pos: number;
+  inputs: CaseInput[];
+}
+
+function f32Input(name: string, shape: number[], seed: number, scale = 1): CaseInput {
+  return { name, kind: "input", dtype: "f32", shape, values: randomF32(shape[0] * shape[1], seed, scale) };
+}
+
+function weight(name: string, dtype: DType, shape: number[], seed: number, scale = 1): CaseInput {
+  return { name, kind: "weight", dtype, shape, values: randomF32(shape.reduce((a, b) => a * b), seed, scale) };
+}
+
+function cases(): OpCase[] {
+  const out: OpCase[] = [];
+  for (const dtype of WEIGHT_DTYPES) {
+    for (const [T, K, N] of [[1, 64, 24], [3, 96, 17], [7, 128, 40], [33, 64, 9]]) {
+      out.push({
+        label: `matmul ${dtype} T=${T} K=${K} N=${N}`,
+        op: { kind: "matmul" },
+        T,
+        pos: 0,
+        inputs: [f32Input("x", [T, K], T * 7 + K), weight("w", dtype, [N, K], N * 13 + K, 0.5)],
+      });
+    }
+    const V = 11, D = 64;
+    out.push({
+      label: `embedding ${dtype}`,
+      op: { kind: "embedding" },
+      T: 4,
+      pos: 0,
+      inputs: [
+        { name: "ids", kind: "input", dtype: "i32", shape: [4], values: Int32Array.from([0, 10, 3, 3]) },
+        weight("table", dtype, [V, D], 5),
+      ],
+    });
+  }
+  out.push({
+    label: "matmul f32 K=40 (tails)",
+    op: { kind: "matmul" },
+    T: 5,
+    pos: 0,
+    inputs: [f32Input("x", [5, 40], 1), weight("w", "f32", [7, 40], 2)],
+  });
+  out.push({
+    label: "rmsNorm",
+    op: { kind: "rmsNorm", eps: 1e-5 },
+    T: 3,
+    pos: 0,
+    inputs: [f32Input("x", [3, 40], 3, 4), weight("w", "f32", [40], 4)],
+  });
+  for (const pos of [0, 7]) {
+    out.push({
+      label: `rope pos=${pos}`,
+      op: { kind: "rope", heads: 3, headDim: 8, theta: 10000 },
+      T: 3,
+      pos,
+      inputs: [f32Input("x", [3, 24], 5 + pos)],
+    });
+  }
+  out.push({
+    label: "siluMul",
+    op: { kind: "siluMul" },
+    T: 3,
+    pos: 0,
+    inputs: [f32Input("gate", [3, 37], 6, 6), f32Input("up", [3, 37], 7)],
+  });
+  out.push({
+    label: "add",
+    op: { kind: "add" },
+    T: 3,
+    pos: 0,
+    inputs: [f32Input("a", [3, 37], 8), f32Input("b", [3, 37], 9)],
+  });
+  out.push({ label: "lastRow", op: { kind: "lastRow" }, T: 3, pos: 0, inputs: [f32Input("x", [3, 37], 10)] });
+  for (const [T, pos, window] of [[3, 5, 0], [1, 9, 0], [4, 6, 4], [6, 0, 0]]) {
+    const [heads, kvHeads, headDim, cap] = [4, 2, 8, 16];
+    const cacheValues = (seed: number) => randomF32(cap * kvHeads * headDim, seed);
+    out.push({
+      label: `attention T=${T} pos=${pos} window=${window}`,
+      op: { kind: "attention", heads, kvHeads, headDim, scale: 1 / Math.sqrt(headDim), window },
+      T,
+      pos,
+      inputs: [
+        f32Input("q", [T, heads * headDim], 11, 2),
+        f32Input("k", [T, kvHeads * headDim], 12, 2),
+        f32Input("v", [T, kvHeads * headDim], 13),
+        { name: "kCache", kind: "state", dtype: "f32", shape: [cap, kvHeads * headDim], values: cacheValues(14) },
+        { name: "vCache", kind: "state", dtype: "f32", shape: [cap, kvHeads * headDim], values: cacheValues(15) },
+      ],
+    });
+  }
+  return out;
+}
+
+/** Builds the one-node graph of a case: T is symbolic so the plan is made for a larger T. */
+function buildCase(c: OpCase): { specs: TensorSpec[]; out: TensorSpec; graph: ReturnType<GraphBuilder["build"]> } {
+  const g = new GraphBuilder();
+  const dim = (shape: number[], kind: CaseInput["kind"]): Dim[] =>
+    kind === "input" ? ["T", ...shape.slice(1)] : [...shape];
+  const specs = c.inputs.map((i) =>
+    i.kind === "input"
+      ? g.input(i.name, i.dtype, dim(i.shape, i.kind))
+      : i.kind === "weight"
+      ? g.weight(i.name, i.dtype, i.shape)
+      : g.state(i.name, i.dtype, i.shape)
+  );
+  const op = c.op;
+  const [a, b] = specs;
+  const out = op.kind === "embedding"
+    ? g.embedding(a, b, "out")
+    : op.kind === "rmsNorm"
+    ? g.rmsNorm(a, b, op.eps, "out")
+    : op.kind === "matmul"
+    ? g.matmul(a, b, "out")
+    : op.kind === "rope"
+    ? g.rope(a, op.heads, op.headDim, op.theta, "out")
+    : op.kind === "siluMul"
+    ? g.siluMul(a, b, "out")
+    : op.kind === "add"
+    ? g.add(a, b, "out")
+    : op.kind === "lastRow"
+    ? g.lastRow(a, "out")
+    : g.attention(a, b, specs[2], specs[3], specs[4], op, "out");
+  g.output(out);
+  return { specs, out, graph: g.build() };
+}
+
+async function runCase(backend: Backend, c: OpCase): Promise<void> {
+  const { specs, out, graph } = buildCase(c);
+  const plan = planGraph(graph, { T: Math.max(c.T, 8) });
+  const bindings = new Map<number, DeviceTensor>();
+  const refInputs: RefTensor[] = [];
+  const states: { spec: TensorSpec; device: DeviceTensor; ref: Float32Array }[] = [];
+  c.inputs.forEach((i, idx) => {
+    const spec = specs[idx];
+    if (i.kind === "weight") {
+      const rowLength = i.shape[i.shape.length - 1];
+      const bytes = encodeWeights(i.dtype, i.values as Float32Array, rowLength);
+      bindings.set(spec.id, backend.upload({ name: i.name, dtype: i.dtype, shape: i.shape, data: bytes }));
+      refInputs.push({ shape: i.shape, data: decodeWeights(i.dtype, bytes, i.values.length) });
+    } else if (i.kind === "state") {
+      const device = backend.createState(i.name, i.dtype, i.shape);
+      const values = i.values as Float32Array;
+      backend.writeTensor(device, 0, new Uint8Array(values.buffer.slice(0)));
+      bindings.set(spec.id, device);
+      const ref = Float32Array.from(values);
+      states.push({ spec, device, ref });
+      refInputs.push({ shape: i.shape, data: ref });
+    } else {
+      refInputs.push({ shape: i.shape, data: i.values });
+    }
+  });
+  const dtype = c.inputs.find((i) => i.kind === "weight")?.dtype ?? "f32";
+  const supported = backend.supports(c.op.kind, dtype);
+  if (!supported) {
+    await assert.rejects(() => backend.compile(plan, bindings), UnsupportedError);
+    return;
+  }
+  const exec = await backend.compile(plan, bindings);
+  try {
+    c.inputs.forEach((i, idx) => {
+      if (i.kind === "input") exec.writeInput(specs[idx].id, i.values, i.values.length);
+    });
+    await exec.run({ dims: { T: c.T }, pos: c.pos });
+    const expected = referenceOp(c.op, refInputs, c.pos);
+    const actual = new Float32Array(expected.length);
+    await exec.readOutput(out.id, actual, expected.length);
+    assertClose(actual, expected, TOLERANCE[dtype], `${backend.name}: ${c.label}`);
+    for (const s of states) {
+      const bytes = await backend.readTensor(s.device, 0, s.ref.byteLength);
+      const got = new Float32Array(bytes.buffer, bytes.byteOffset, s.ref.length);
+      assertClose(got, s.ref, TOLERANCE.f32, `${backend.name}: ${c.label}, ${s.spec.name} after the step`);
+    }
+  } finally {
+    exec.dispose();
+    for (const t of bindings.values()) backend.release(t);
+  }
+}
+
+Deno.test("conformance: every op on every backend matches the reference kernels", async (t) => {
+  const inCI = Deno.env.get("CI") === "true";
+  for (const probe of await probeBackends()) {
+    if ("skip" in probe) {
+      if (inCI) throw new Error(`Backend "${probe.name}" is unavailable in CI: ${probe.skip}`);
+      console.log(`skipping backend "${probe.name}": ${probe.skip}`);
+      continue;
+    }
+    const { backend } = probe;
+    await t.step(`backend ${probe.name}`, async (t) => {
+      try {
+        for (const c of cases()) await t.step(c.label, () => runCase(backend, c));
+      } finally {
+        backend.dispose();
+      }
+    });
+  }
+});
