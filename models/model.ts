@@ -26,8 +26,9 @@ import { resolveSampling, Sampler } from "./sampler.ts";
 import { ContextOverflowError, Sequence } from "./sequence.ts";
 import { TextTokenizer } from "./tokenizer.ts";
 import { type LoadProgress, readWeights } from "./weights.ts";
+import { convertWeight, type WeightDType } from "./convert_weights.ts";
 
-export type { GeneratedToken, GenerateOptions, LoadProgress, TextStream, TokenStream };
+export type { GeneratedToken, GenerateOptions, LoadProgress, TextStream, TokenStream, WeightDType };
 
 /** Options of {@link loadModel}. */
 export interface LoadOptions {
@@ -39,6 +40,11 @@ export interface LoadOptions {
   contextLength?: number;
   /** Most tokens evaluated in one step while reading a prompt. Default 64. */
   prefillChunk?: number;
+  /**
+   * Weight dtype to hold the model in (converted at load). Default: as stored. Norms
+   * stay f32; quantized types fall back to f16 for rows that are not whole blocks.
+   */
+  dtype?: WeightDType;
   /** Called as files download and tensors load. */
   onProgress?: (p: LoadProgress) => void;
 }
@@ -189,11 +195,17 @@ export async function loadModel(source: string, options: LoadOptions = {}): Prom
   if (!Number.isInteger(prefillChunk) || prefillChunk < 1 || prefillChunk > 4096) {
     throw new RangeError(`Invalid prefillChunk ${prefillChunk}: expected an integer from 1 to 4096`);
   }
+  const dtypes: readonly string[] = ["f32", "f16", "bf16", "q8_0", "q4_0"];
+  if (options.dtype !== undefined && !dtypes.includes(options.dtype)) {
+    throw new TypeError(`Invalid dtype "${options.dtype}": expected one of ${dtypes.join(", ")}`);
+  }
   const host = await readWeights(dir, config, options.onProgress);
   const backend = await createBackend(options.backend ?? "ts", { threads: options.threads });
   const weights = new Map<string, DeviceTensor>();
   try {
-    for (const [name, t] of host) weights.set(name, backend.upload(t));
+    for (const [name, t] of host) {
+      weights.set(name, backend.upload(options.dtype ? convertWeight(t, options.dtype) : t));
+    }
   } catch (e) {
     backend.dispose();
     throw e;
