@@ -1,0 +1,113 @@
+/**
+ * The story model against the shared references, the KV cache against a full
+ * forward, and the tokenizers against the reference library's output.
+ */
+
+import assert from "node:assert/strict";
+import { loadModel } from "../mod.ts";
+import { TextTokenizer } from "../models/tokenizer.ts";
+import { assertClose, MINUEZA_DIR, SHARED, STORY_DIR } from "./helpers.ts";
+
+interface GreedyCase {
+  prompt: string;
+  prompt_ids: number[];
+  greedy_ids: number[];
+}
+
+Deno.test("story model: greedy generation reproduces the reference ids (ts backend)", async () => {
+  const ref = JSON.parse(await Deno.readTextFile(`${SHARED}/refs/story-greedy.json`)) as { cases: GreedyCase[] };
+  assert.ok(ref.cases.length >= 4);
+  const model = await loadModel(STORY_DIR, { backend: "ts" });
+  try {
+    for (const c of ref.cases) {
+      assert.deepEqual(model.tokenizer.encode(c.prompt), c.prompt_ids, `prompt ids of ${JSON.stringify(c.prompt)}`);
+      const ids: number[] = [];
+      const stream = model.generateTokens(c.prompt, {
+        temperature: 0,
+        maxTokens: c.greedy_ids.length,
+        ignoreEos: true,
+      });
+      for await (const t of stream) ids.push(t.id);
+      assert.deepEqual(ids, c.greedy_ids, `greedy ids of ${JSON.stringify(c.prompt)}`);
+      assert.equal(stream.stats.stopReason, "maxTokens");
+    }
+  } finally {
+    await model.dispose();
+  }
+});
+
+Deno.test("KV cache: incremental decoding gives the logits of a full forward (within 1e-5)", async () => {
+  const model = await loadModel(STORY_DIR, { backend: "ts", prefillChunk: 8 });
+  try {
+    const ids = model.tokenizer.encode(
+      "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun with her dog and her big red ball.",
+    );
+    assert.ok(ids.length > 16, "long enough to span several chunks");
+    const V = model.config.vocabSize;
+    const full = model.createSequence();
+    const all = await full.evaluate(ids, { logits: "all" });
+    const inc = model.createSequence();
+    await inc.evaluate(ids.slice(0, 5));
+    for (let i = 5; i < ids.length; i++) {
+      const logits = await inc.evaluate([ids[i]]);
+      assertClose(logits, all.subarray(i * V, (i + 1) * V), 1e-5, `logits at position ${i}`);
+    }
+    assert.equal(inc.length, ids.length);
+    assert.equal(inc.evaluatedTokens, ids.length);
+    await full.dispose();
+    await inc.dispose();
+  } finally {
+    await model.dispose();
+  }
+});
+
+Deno.test("sequence: truncate rolls back, fork shares nothing mutable", async () => {
+  const model = await loadModel(STORY_DIR, { backend: "ts" });
+  try {
+    const ids = model.tokenizer.encode("Tom had a red ball.");
+    const a = model.createSequence();
+    const base = Float32Array.from(await a.evaluate(ids));
+    const b = a.fork();
+    await a.evaluate([100, 200]);
+    a.truncate(ids.length - 1);
+    assert.deepEqual(a.tokens, ids.slice(0, -1));
+    assertClose(await a.evaluate([ids.at(-1)!]), base, 1e-6, "logits after rollback");
+    // The fork kept the original cache, untouched by a's later tokens.
+    await b.evaluate([100]);
+    const c = model.createSequence();
+    await c.evaluate(ids);
+    assertClose(await b.evaluate([200]), await c.evaluate([100, 200]), 1e-6, "fork continues like a fresh sequence");
+    assert.throws(() => a.truncate(a.length + 1), RangeError);
+  } finally {
+    await model.dispose();
+  }
+});
+
+for (const [name, dir] of [["story", STORY_DIR], ["minueza", MINUEZA_DIR]]) {
+  Deno.test(`tokenizer (${name}): encode and decode equal the reference library`, async () => {
+    const ref = JSON.parse(await Deno.readTextFile(`${SHARED}/refs/tokenizer-${name}.json`)) as {
+      cases: { text: string; ids: number[]; ids_plain: number[]; decoded: string; decoded_skip_special: string }[];
+    };
+    const tok = await TextTokenizer.load(dir);
+    assert.ok(ref.cases.length > 20);
+    for (const c of ref.cases) {
+      const label = JSON.stringify(c.text);
+      assert.deepEqual(tok.encode(c.text), c.ids, `ids of ${label}`);
+      assert.deepEqual(tok.encode(c.text, { addSpecialTokens: false }), c.ids_plain, `plain ids of ${label}`);
+      assert.equal(tok.decode(c.ids), c.decoded, `decode of ${label}`);
+      assert.equal(tok.decode(c.ids, { skipSpecialTokens: true }), c.decoded_skip_special, `decode (skip) of ${label}`);
+    }
+  });
+}
+
+Deno.test("tokenizer: BOS/EOS and special ids come from the configs", async () => {
+  const story = await TextTokenizer.load(STORY_DIR);
+  assert.equal(story.bosId, 1);
+  assert.deepEqual(story.eosIds, [2]);
+  assert.equal(story.chatTemplate, undefined);
+  const minueza = await TextTokenizer.load(MINUEZA_DIR);
+  assert.equal(minueza.encode("Hi")[0] === minueza.bosId, false, "add_bos_token is false");
+  assert.deepEqual(minueza.eosIds, [32000]);
+  assert.ok(minueza.specialIds.has(32001));
+  assert.match(minueza.chatTemplate ?? "", /im_start/);
+});

@@ -1,0 +1,104 @@
+/** Sampling: each option's effect on hand-made logits, seeds, and the distribution. */
+
+import assert from "node:assert/strict";
+import { argmax, resolveSampling, Rng, Sampler, type SamplingOptions } from "../models/sampler.ts";
+
+const sampler = (o: SamplingOptions, V: number) => new Sampler(resolveSampling(o, V), V);
+const f = (...v: number[]) => Float32Array.from(v);
+const pure = { topK: 0, topP: 1, minP: 0 };
+
+Deno.test("argmax takes the first of equal maxima", () => {
+  assert.equal(argmax(f(1, 3, 3, 2)), 1);
+  assert.equal(argmax(f(-5)), 0);
+});
+
+Deno.test("temperature 0 is greedy whatever the seed", () => {
+  for (const seed of [1, 2, 3]) assert.equal(sampler({ temperature: 0, seed }, 4).sample(f(0.1, 0.5, 0.2, 0.4)), 1);
+});
+
+Deno.test("top-k 1, a tiny top-p and min-p 1 all reduce to the most likely token", () => {
+  const logits = f(1, 2, 3, 2.9, 0);
+  for (const o of [{ topK: 1 }, { topK: 0, topP: 0.01 }, { topK: 0, topP: 1, minP: 1 }]) {
+    const s = sampler({ temperature: 1.5, seed: 7, ...o }, 5);
+    for (let i = 0; i < 50; i++) assert.equal(s.sample(logits), 2, JSON.stringify(o));
+  }
+});
+
+Deno.test("top-k 2 only ever picks the two best", () => {
+  const s = sampler({ temperature: 5, topK: 2, topP: 1, minP: 0, seed: 1 }, 4);
+  const seen = new Set<number>();
+  for (let i = 0; i < 400; i++) seen.add(s.sample(f(1, 0.9, 0.8, 0.95)));
+  assert.deepEqual([...seen].sort(), [0, 3]);
+});
+
+Deno.test("top-p keeps the smallest set reaching p; min-p drops tokens below p·pmax", () => {
+  // Probabilities 0.5, 0.3, 0.15, 0.05.
+  const logits = f(Math.log(0.5), Math.log(0.3), Math.log(0.15), Math.log(0.05));
+  const seen = (o: SamplingOptions) => {
+    const s = sampler({ temperature: 1, seed: 3, ...pure, ...o }, 4);
+    const out = new Set<number>();
+    for (let i = 0; i < 2000; i++) out.add(s.sample(logits));
+    return [...out].sort();
+  };
+  assert.deepEqual(seen({ topP: 0.8 }), [0, 1]); // 0.5 + 0.3 reaches 0.8
+  assert.deepEqual(seen({ topP: 0.81 }), [0, 1, 2]);
+  assert.deepEqual(seen({ minP: 0.5 }), [0, 1]); // 0.15 < 0.5 · 0.5
+  assert.deepEqual(seen({ minP: 0.11 }), [0, 1, 2]); // 0.05 < 0.11 · 0.5
+  assert.deepEqual(seen({ minP: 0.09 }), [0, 1, 2, 3]); // 0.05 ≥ 0.09 · 0.5
+});
+
+Deno.test("the draw follows the softmax distribution", () => {
+  const probs = [0.5, 0.3, 0.2];
+  const s = sampler({ temperature: 1, seed: 11, ...pure }, 3);
+  const counts = [0, 0, 0];
+  const n = 20000;
+  for (let i = 0; i < n; i++) counts[s.sample(Float32Array.from(probs, Math.log))]++;
+  counts.forEach((c, i) => assert.ok(Math.abs(c / n - probs[i]) < 0.015, `token ${i}: ${c / n}`));
+  // Temperature 0.5 squares the odds: 0.25 : 0.09 : 0.04.
+  const cold = sampler({ temperature: 0.5, seed: 11, ...pure }, 3);
+  let first = 0;
+  for (let i = 0; i < n; i++) if (cold.sample(Float32Array.from(probs, Math.log)) === 0) first++;
+  assert.ok(Math.abs(first / n - 0.25 / 0.38) < 0.015, `${first / n}`);
+});
+
+Deno.test("the same seed gives the same draws", () => {
+  const draw = (seed: number) => {
+    const s = sampler({ temperature: 1, seed, ...pure }, 8);
+    return Array.from({ length: 30 }, (_, i) => s.sample(f(1, 2, 3, 4, 4, 3, 2, i % 3)));
+  };
+  assert.deepEqual(draw(5), draw(5));
+  assert.notDeepEqual(draw(5), draw(6));
+  const a = new Rng(9);
+  const b = new Rng(9);
+  for (let i = 0; i < 100; i++) {
+    const x = a.next();
+    assert.equal(x, b.next());
+    assert.ok(x >= 0 && x < 1);
+  }
+});
+
+Deno.test("logit bias shifts or bans tokens", () => {
+  assert.equal(sampler({ temperature: 0, logitBias: { 1: -Infinity } }, 3).sample(f(0, 5, 4)), 2);
+  assert.equal(sampler({ temperature: 0, logitBias: { 0: 6 } }, 3).sample(f(0, 5, 4)), 0);
+});
+
+Deno.test("repetition, frequency and presence penalties lower recent tokens", () => {
+  const rep = sampler({ temperature: 0, repetitionPenalty: 2 }, 3);
+  rep.accept(0);
+  assert.equal(rep.sample(f(2, 1.5, -1)), 1, "2 / 2 = 1 < 1.5");
+  const neg = sampler({ temperature: 0, repetitionPenalty: 2 }, 2);
+  neg.accept(0);
+  assert.equal(neg.sample(f(-1, -1.5)), 1, "-1 · 2 = -2 < -1.5");
+  const freq = sampler({ temperature: 0, frequencyPenalty: 0.1 }, 2);
+  freq.accept(0);
+  freq.accept(0);
+  assert.equal(freq.sample(f(1, 0.85)), 1, "1 - 2 · 0.1 = 0.8 < 0.85");
+  const pres = sampler({ temperature: 0, presencePenalty: 0.1 }, 2);
+  pres.accept(0);
+  pres.accept(0);
+  assert.equal(pres.sample(f(1, 0.85)), 0, "1 - 0.1 = 0.9 > 0.85: presence counts once");
+  const window = sampler({ temperature: 0, repetitionPenalty: 2, penaltyLastN: 1 }, 3);
+  window.accept(0);
+  window.accept(2);
+  assert.equal(window.sample(f(2, 1.5, -1)), 0, "token 0 left the penalty window");
+});
