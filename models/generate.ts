@@ -71,6 +71,7 @@ export class TokenGenerator {
   readonly #vocab: number;
   #logits: Float32Array | undefined;
   #done = false;
+  #inflight: Promise<unknown> | undefined;
 
   /**
    * @param seq the sequence to extend
@@ -111,8 +112,19 @@ export class TokenGenerator {
     };
   }
 
-  /** The next token, or undefined when generation has ended. */
-  async next(): Promise<GeneratedToken | undefined> {
+  /** The next token, or undefined when generation has ended. One call at a time. */
+  next(): Promise<GeneratedToken | undefined> {
+    const step = this.#next();
+    this.#inflight = step.catch(() => {});
+    return step;
+  }
+
+  /** Resolves once no step is running (after {@link TokenGenerator.cancel}, before reusing the sequence). */
+  async settled(): Promise<void> {
+    await this.#inflight;
+  }
+
+  async #next(): Promise<GeneratedToken | undefined> {
     if (this.#done) return undefined;
     const t0 = performance.now();
     const first = this.#logits === undefined;
@@ -206,8 +218,9 @@ export function tokenStream(gen: TokenGenerator, onEnd: () => void): TokenStream
         controller.error(e);
       }
     },
-    cancel() {
+    async cancel() {
       gen.cancel();
+      await gen.settled();
       end();
     },
   }, { highWaterMark: 0 });
@@ -244,8 +257,9 @@ export function textStream(gen: TokenGenerator, onEnd: () => void): TextStream {
         controller.error(e);
       }
     },
-    cancel() {
+    async cancel() {
       gen.cancel();
+      await gen.settled();
       end();
     },
   }, { highWaterMark: 0 });

@@ -61,6 +61,8 @@ export class Model {
   readonly #runner: GraphRunner;
   readonly #weights: Map<string, DeviceTensor>;
   readonly #live = new Set<Sequence>();
+  /** Sequences of finished generations, kept with their compiled steps for the next one. */
+  readonly #idle: Sequence[] = [];
 
   /** Use {@link loadModel}. */
   constructor(
@@ -96,7 +98,7 @@ export class Model {
 
   /** A new, empty sequence with its own KV cache. Dispose it when done. */
   createSequence(): Sequence {
-    const s = new Sequence(this.#runner);
+    const s = new Sequence(this.#runner, (d) => this.#live.delete(d));
     this.#live.add(s);
     return s;
   }
@@ -145,8 +147,9 @@ export class Model {
 
   /** Frees the sequences, weights and backend. */
   async dispose(): Promise<void> {
-    for (const s of this.#live) await s.dispose();
+    for (const s of [...this.#live]) await s.dispose();
     this.#live.clear();
+    this.#idle.length = 0;
     for (const t of this.#weights.values()) this.backend.release(t);
     this.backend.dispose();
   }
@@ -154,11 +157,12 @@ export class Model {
   #generator(prompt: string | readonly number[], options: GenerateOptions): [TokenGenerator, () => void] {
     const ids = this.encodePrompt(prompt, { addSpecialTokens: options.addSpecialTokens });
     const sampler = new Sampler(resolveSampling(options, this.config.vocabSize), this.config.vocabSize);
-    const seq = this.createSequence();
+    const seq = this.#idle.pop() ?? this.createSequence();
     const gen = new TokenGenerator(seq, ids, this.tokenizer, sampler, options);
     const end = () => {
-      this.#live.delete(seq);
-      void seq.dispose();
+      seq.truncate(0);
+      if (this.#idle.length < 2) this.#idle.push(seq);
+      else void seq.dispose();
     };
     return [gen, end];
   }

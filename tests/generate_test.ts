@@ -189,3 +189,16 @@ Deno.test("stop matcher: holds back possible stop prefixes and cuts at the first
   assert.equal(n.flush(), "ab");
   assert.throws(() => new StopMatcher([""]), TypeError);
 });
+
+Deno.test("generate: a generation cancelled mid-step leaves nothing behind for the next one", () =>
+  withModel(async (model) => {
+    const opts = { temperature: 0, maxTokens: 12 };
+    const expected = await collect(model.generate("The dog ran", opts));
+    for (let i = 0; i < 3; i++) {
+      const reader = model.generate("Lily and Tom played with a ball in the garden", opts).getReader();
+      const pending = reader.read();
+      await reader.cancel();
+      await pending.catch(() => {});
+      assert.equal(await collect(model.generate("The dog ran", opts)), expected);
+    }
+  }, 4));
