@@ -41,10 +41,16 @@ export class Sequence {
   readonly #tokens: number[] = [];
   #evaluated = 0;
   #profiled = new Set<string>();
+  readonly #onDispose: ((s: Sequence) => void) | undefined;
+  #disposed = false;
 
-  /** @param runner the model's planned graphs */
-  constructor(runner: GraphRunner) {
+  /**
+   * @param runner the model's planned graphs
+   * @param onDispose called once when the sequence is disposed (the model forgets it)
+   */
+  constructor(runner: GraphRunner, onDispose?: (s: Sequence) => void) {
     this.#runner = runner;
+    this.#onDispose = onDispose;
     const c = runner.config;
     this.kv = new KvCache(runner.backend, c.numLayers, runner.capacity, c.numKvHeads * c.headDim, runner.kvDType);
     this.#ids = new Int32Array(runner.chunk);
@@ -138,8 +144,11 @@ export class Sequence {
     this.#tokens.push(...tokens);
   }
 
-  /** Frees the cache and the compiled steps. */
+  /** Frees the cache and the compiled steps (once; later calls do nothing). */
   async dispose(): Promise<void> {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    this.#onDispose?.(this);
     for (const e of this.#exec.values()) (await e).dispose();
     this.#exec.clear();
     this.kv.dispose();

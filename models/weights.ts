@@ -34,7 +34,9 @@ export type LoadProgress =
 export async function safetensorsFiles(dir: string): Promise<string[]> {
   const files: string[] = [];
   try {
-    for await (const e of Deno.readDir(dir)) if (e.isFile && e.name.endsWith(".safetensors")) files.push(e.name);
+    for await (const e of Deno.readDir(dir)) {
+      if ((e.isFile || e.isSymlink) && e.name.endsWith(".safetensors")) files.push(e.name); // the HF cache links to blobs
+    }
   } catch (e) {
     if (e instanceof Deno.errors.NotFound) {
       throw new Deno.errors.NotFound(`Cannot read model folder "${dir}": it does not exist`);
