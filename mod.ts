@@ -23,6 +23,20 @@ export type {
   TokenStream,
 } from "./models/generate.ts";
 export { ContextOverflowError, type EvaluateOptions, Sequence } from "./models/sequence.ts";
+export {
+  type ChatMessage,
+  type ChatReply,
+  ChatSession,
+  type ChatSessionOptions,
+  ChatTemplate,
+  ChatTemplateError,
+  type ChatUsage,
+  type ContextPolicy,
+  modelFingerprint,
+  SessionBusyError,
+  SessionFileError,
+  SessionModelMismatchError,
+} from "./models/chat.ts";
 export { SamplingOptionError, type SamplingOptions } from "./models/sampler.ts";
 export { ConfigError, type LlamaConfig, parseConfig } from "./models/config.ts";
 export { SafetensorsError } from "./models/safetensors.ts";

@@ -1,0 +1,291 @@
+/**
+ * `deno task chat`: a terminal chat with a model, keeping its KV cache between
+ * turns. Answers stream as they are generated; Ctrl-C stops the answer, a
+ * second Ctrl-C at the prompt (or Ctrl-D) exits.
+ *
+ * ```sh
+ * deno task chat --model Felladrin/Minueza-32M-UltraChat --system "You are a helpful assistant."
+ * ```
+ *
+ * @module
+ */
+
+import { setImmediate } from "node:timers";
+import { parseArgs } from "node:util";
+import { type ChatReply, ChatSession, type ChatSessionOptions, type ContextPolicy } from "../models/chat.ts";
+import type { GenerateOptions } from "../models/generate.ts";
+import { loadModel, type Model } from "../models/model.ts";
+
+const HELP = `Usage: deno task chat [options]
+
+Chats with a model in the terminal.
+
+Options:
+  --model SOURCE          model folder or Hugging Face id (default Felladrin/Minueza-32M-UltraChat)
+  --template-file FILE    Jinja chat template (for models without one, or to override theirs)
+  --system TEXT           system prompt
+  --load FILE             start from a saved session
+  --backend NAME          ts, native or webgpu (default ts)
+  --threads N             worker threads for backends that have them
+  --context-length N      positions in the context (default: the model's, at most 4096)
+  --context-policy P      when the context is full: drop-oldest (default) or error
+  --dtype TYPE            weight dtype: f32, f16, bf16, q8_0, q4_0 (default: as stored)
+  --max-tokens N          longest answer in tokens (default 256)
+  --temperature T         sampling temperature, 0 for greedy (default 0.8)
+  --top-k N, --top-p P, --min-p P, --repeat-penalty R
+                          other sampling settings (defaults 40, 0.95, 0.05, 1)
+  --seed N                random seed (default: random)
+  --stats                 print token counts and speed after each answer
+  -h, --help              show this help
+`;
+
+const COMMANDS = `Commands:
+  /undo         take back the last question and its answer
+  /retry        generate the last answer again
+  /reset        start over (keeping the system prompt)
+  /system TEXT  set the system prompt (/system alone removes it)
+  /save FILE    save the session (conversation and KV cache) to FILE
+  /load FILE    load a session saved with /save
+  /help         show this list
+Ctrl-C stops an answer; Ctrl-C twice at the prompt, or Ctrl-D, exits.`;
+
+function fail(message: string): never {
+  console.error(`chat: ${message}\nRun with --help for usage.`);
+  Deno.exit(2);
+}
+
+function num(name: string, v: string | undefined, integer = false): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (v.trim() === "" || !Number.isFinite(n) || (integer && !Number.isInteger(n))) {
+    fail(`Invalid --${name} "${v}": expected ${integer ? "an integer" : "a number"}`);
+  }
+  return n;
+}
+
+function parse() {
+  try {
+    return parseArgs({
+      args: Deno.args,
+      options: {
+        model: { type: "string", default: "Felladrin/Minueza-32M-UltraChat" },
+        "template-file": { type: "string" },
+        system: { type: "string" },
+        load: { type: "string" },
+        backend: { type: "string" },
+        threads: { type: "string" },
+        "context-length": { type: "string" },
+        "context-policy": { type: "string", default: "drop-oldest" },
+        dtype: { type: "string" },
+        "max-tokens": { type: "string", default: "256" },
+        temperature: { type: "string" },
+        "top-k": { type: "string" },
+        "top-p": { type: "string" },
+        "min-p": { type: "string" },
+        "repeat-penalty": { type: "string" },
+        seed: { type: "string" },
+        stats: { type: "boolean", default: false },
+        help: { type: "boolean", short: "h", default: false },
+      },
+      allowPositionals: false,
+    }).values;
+  } catch (e) {
+    return fail((e as Error).message);
+  }
+}
+const args = parse();
+if (args.help) {
+  console.log(HELP);
+  Deno.exit(0);
+}
+const policy = args["context-policy"];
+if (policy !== "drop-oldest" && policy !== "error") {
+  fail(`Invalid --context-policy "${policy}": expected drop-oldest or error`);
+}
+
+const enc = new TextEncoder();
+const write = (s: string): void => void Deno.stdout.writeSync(enc.encode(s));
+const say = (s: string): void => write(`${s}\n`);
+
+const sampling: GenerateOptions = {
+  maxTokens: num("max-tokens", args["max-tokens"], true),
+  temperature: num("temperature", args.temperature),
+  topK: num("top-k", args["top-k"], true),
+  topP: num("top-p", args["top-p"]),
+  minP: num("min-p", args["min-p"]),
+  repetitionPenalty: num("repeat-penalty", args["repeat-penalty"]),
+  seed: num("seed", args.seed, true),
+};
+for (const k of Object.keys(sampling) as (keyof GenerateOptions)[]) if (sampling[k] === undefined) delete sampling[k];
+
+let model: Model;
+let session: ChatSession;
+try {
+  const template = args["template-file"] !== undefined ? await Deno.readTextFile(args["template-file"]) : undefined;
+  model = await loadModel(args.model, {
+    backend: args.backend,
+    threads: num("threads", args.threads, true),
+    contextLength: num("context-length", args["context-length"], true),
+    dtype: args.dtype as never,
+  });
+  const options: ChatSessionOptions = { ...sampling, template, contextPolicy: policy as ContextPolicy };
+  try {
+    session = args.load !== undefined
+      ? await ChatSession.load(model, args.load, options)
+      : new ChatSession(model, { ...options, system: args.system });
+  } catch (e) {
+    await model.dispose();
+    throw e;
+  }
+} catch (e) {
+  console.error(`chat: ${(e as Error).message}`);
+  Deno.exit(1);
+}
+
+// Ctrl-C: stops the answer being generated; at the prompt, a second press in a row exits.
+let answering: AbortController | undefined;
+let interruptsAtPrompt = 0;
+let exiting = false;
+async function exit(code = 0): Promise<never> {
+  if (!exiting) {
+    exiting = true;
+    session.dispose();
+    await model.dispose();
+  }
+  Deno.exit(code);
+}
+Deno.addSignalListener("SIGINT", () => {
+  if (answering) {
+    answering.abort(new DOMException("Stopped", "AbortError"));
+    return;
+  }
+  if (++interruptsAtPrompt >= 2) {
+    say("");
+    void exit(0);
+    return;
+  }
+  write("\n(Ctrl-C again or Ctrl-D to exit)\n> ");
+});
+
+async function answer(start: (opts: GenerateOptions) => ChatReply): Promise<void> {
+  const ac = new AbortController();
+  answering = ac;
+  try {
+    const reply = start({ signal: ac.signal });
+    for await (const piece of reply) {
+      write(piece);
+      await new Promise((resolve) => setImmediate(resolve)); // let Ctrl-C (a signal event) in between tokens
+    }
+    say("");
+    if (args.stats) {
+      const u = await reply.usage;
+      const s = reply.stats;
+      say(
+        `[${u.promptTokens} prompt tokens (${u.cachedTokens} cached), ${u.completionTokens} generated, ` +
+          `${s.decodeTokensPerSecond.toFixed(1)} tokens/s${
+            u.droppedMessages ? `, ${u.droppedMessages} old messages dropped` : ""
+          }]`,
+      );
+    }
+  } catch (e) {
+    if (ac.signal.aborted) {
+      const last = session.messages.at(-1);
+      say(last?.role === "assistant" ? "\n[stopped]" : "[stopped before the answer began: the message was not sent]");
+    } else say(`\nError: ${(e as Error).message}`);
+  } finally {
+    answering = undefined;
+  }
+}
+
+async function command(line: string): Promise<void> {
+  const space = line.indexOf(" ");
+  const name = space < 0 ? line : line.slice(0, space);
+  const rest = space < 0 ? "" : line.slice(space + 1).trim();
+  switch (name) {
+    case "/help":
+      say(COMMANDS);
+      return;
+    case "/undo": {
+      const removed = session.undo();
+      say(removed.length ? `Removed the last exchange (${removed.length} messages).` : "Nothing to undo.");
+      return;
+    }
+    case "/retry":
+      if (session.messages.at(-1)?.role !== "assistant") {
+        say("Nothing to retry.");
+        return;
+      }
+      await answer((o) => session.regenerate(o));
+      return;
+    case "/reset":
+      session.reset();
+      say("Conversation cleared.");
+      return;
+    case "/system":
+      session.setSystem(rest === "" ? undefined : rest);
+      say(rest === "" ? "System prompt removed." : "System prompt set.");
+      return;
+    case "/save":
+      if (!rest) return say("Usage: /save FILE");
+      try {
+        await session.save(rest);
+        say(`Saved ${session.messages.length} messages and ${session.cachedTokens.length} cached tokens to ${rest}.`);
+      } catch (e) {
+        say(`Error: ${(e as Error).message}`);
+      }
+      return;
+    case "/load":
+      if (!rest) return say("Usage: /load FILE");
+      try {
+        const loaded = await ChatSession.load(model, rest, { ...sampling, contextPolicy: policy as ContextPolicy });
+        session.dispose();
+        session = loaded;
+        say(`Loaded ${session.messages.length} messages from ${rest}.`);
+      } catch (e) {
+        say(`Error: ${(e as Error).message}`);
+      }
+      return;
+    default:
+      say(`Unknown command ${name}: type /help for the list.`);
+  }
+}
+
+say(
+  `Chatting with ${args.model} (context ${model.contextLength} tokens). Type /help for commands, Ctrl-D to exit.`,
+);
+for (const m of session.messages) if (m.role !== "system") say(`${m.role === "user" ? ">" : ""} ${m.content}`.trim());
+const lines = Deno.stdin.readable.pipeThrough(new TextDecoderStream()).getReader();
+let buffer = "";
+async function readLine(): Promise<string | undefined> {
+  for (;;) {
+    const nl = buffer.indexOf("\n");
+    if (nl >= 0) {
+      const line = buffer.slice(0, nl).replace(/\r$/, "");
+      buffer = buffer.slice(nl + 1);
+      return line;
+    }
+    const r = await lines.read();
+    if (r.done) {
+      if (buffer === "") return undefined;
+      const line = buffer;
+      buffer = "";
+      return line;
+    }
+    buffer += r.value;
+  }
+}
+
+for (;;) {
+  write("> ");
+  const line = await readLine();
+  if (line === undefined) {
+    say("");
+    break;
+  }
+  interruptsAtPrompt = 0;
+  const text = line.trim();
+  if (text === "") continue;
+  if (text.startsWith("/")) await command(text);
+  else await answer((o) => session.send(text, o));
+}
+await exit(0);

@@ -1,0 +1,788 @@
+/**
+ * Multi-turn chat: prompts rendered from the model's own Jinja chat template,
+ * and {@link ChatSession}, which keeps its KV cache between turns so that a new
+ * turn prefills only the tokens the cache does not already hold. Sessions roll
+ * back (`undo`, `regenerate`), fork, and save to / restore from a file.
+ *
+ * @example
+ * ```ts ignore
+ * import { ChatSession, loadModel } from "./mod.ts";
+ * const model = await loadModel("Felladrin/Minueza-32M-UltraChat");
+ * const chat = new ChatSession(model, { system: "You are a helpful assistant.", maxTokens: 128 });
+ * const reply = chat.send("Hello!");
+ * for await (const piece of reply) console.log(piece);
+ * console.log(await reply.usage);
+ * ```
+ *
+ * @module
+ */
+
+import { Template } from "@huggingface/jinja";
+import type { GenerateOptions, GenerationStats, StopReason } from "./generate.ts";
+import type { Model } from "./model.ts";
+import { ContextOverflowError, type Sequence } from "./sequence.ts";
+import { safetensorsFiles } from "./weights.ts";
+
+/** One message of a conversation. */
+export interface ChatMessage {
+  /** `"system"`, `"user"` or `"assistant"` (templates may accept others). */
+  readonly role: string;
+  readonly content: string;
+}
+
+/** A chat template that is missing, does not parse, or fails to render. */
+export class ChatTemplateError extends Error {
+  /**
+   * @param message what is wrong, sentence case
+   * @param options the underlying error, if any
+   */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "ChatTemplateError";
+  }
+}
+
+/** A model's Jinja chat template, ready to render conversations. */
+export class ChatTemplate {
+  /** The template source. */
+  readonly source: string;
+  readonly #template: Template;
+  readonly #bos: string;
+  readonly #eos: string;
+
+  /**
+   * @param source Jinja source, as in `tokenizer_config.json`'s `chat_template`
+   * @param tokens the BOS and EOS token strings the template may use
+   */
+  constructor(source: string, tokens: { bosToken?: string; eosToken?: string } = {}) {
+    if (typeof source !== "string" || source.trim() === "") {
+      throw new ChatTemplateError(`Invalid chat template ${JSON.stringify(source)}: expected Jinja source text`);
+    }
+    try {
+      this.#template = new Template(source);
+    } catch (e) {
+      throw new ChatTemplateError(`Cannot parse the chat template: ${(e as Error).message}`, { cause: e });
+    }
+    this.source = source;
+    this.#bos = tokens.bosToken ?? "";
+    this.#eos = tokens.eosToken ?? "";
+  }
+
+  /**
+   * The template of `model`, or `override` when given. Throws a
+   * {@link ChatTemplateError} when the model has none and no override is passed.
+   */
+  static forModel(model: Model, override?: string): ChatTemplate {
+    const source = override ?? model.tokenizer.chatTemplate;
+    if (source === undefined) {
+      throw new ChatTemplateError(
+        `Model "${model.dir}" has no chat template (no "chat_template" in tokenizer_config.json): pass one`,
+      );
+    }
+    return new ChatTemplate(source, { bosToken: model.tokenizer.bosToken, eosToken: model.tokenizer.eosToken });
+  }
+
+  /** The prompt text of `messages`, ending with the assistant's header when `addGenerationPrompt` (default true). */
+  render(messages: readonly ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
+    for (const [i, m] of messages.entries()) {
+      if (typeof m !== "object" || m === null || typeof m.role !== "string" || typeof m.content !== "string") {
+        throw new TypeError(`Invalid message ${i} ${JSON.stringify(m)}: expected { role: string, content: string }`);
+      }
+    }
+    try {
+      return this.#template.render({
+        messages: messages.map((m) => ({ role: m.role, content: m.content })),
+        add_generation_prompt: options.addGenerationPrompt ?? true,
+        bos_token: this.#bos,
+        eos_token: this.#eos,
+      });
+    } catch (e) {
+      throw new ChatTemplateError(`Cannot render the chat template: ${(e as Error).message}`, { cause: e });
+    }
+  }
+}
+
+/** What to do when a conversation no longer fits in the context. */
+export type ContextPolicy = "error" | "drop-oldest";
+
+/** Options of {@link ChatSession}: generation defaults for every turn plus session settings. */
+export interface ChatSessionOptions extends GenerateOptions {
+  /** The system prompt (first message), if any. */
+  system?: string;
+  /** Jinja chat template to use instead of the model's. */
+  template?: string;
+  /**
+   * When the rendered conversation plus `reserveTokens` does not fit in the
+   * context: `"error"` (default) refuses the turn with a {@link ContextOverflowError}
+   * and leaves the session as it was; `"drop-oldest"` drops the oldest exchanges
+   * (keeping the system prompt and the new user message) until it fits, then
+   * prefills the shortened conversation again from the system prompt on.
+   */
+  contextPolicy?: ContextPolicy;
+  /** Positions kept free for the answer. Default: `maxTokens` (256 if unset), at most a quarter of the context. */
+  reserveTokens?: number;
+}
+
+/** Token counts of one answer. */
+export interface ChatUsage {
+  /** Tokens of the rendered conversation (the prompt). */
+  readonly promptTokens: number;
+  /** Of those, tokens that were already in the KV cache and were not evaluated again. */
+  readonly cachedTokens: number;
+  /** Tokens generated. */
+  readonly completionTokens: number;
+  /** Why the answer ended. */
+  readonly stopReason: StopReason | undefined;
+  /** Messages dropped by the `"drop-oldest"` policy before this turn. */
+  readonly droppedMessages: number;
+}
+
+/** An answer as it streams: text pieces, with statistics and usage once it ends. */
+export type ChatReply = ReadableStream<string> & {
+  /** Generation statistics (final once the stream has ended). */
+  readonly stats: GenerationStats;
+  /** Resolves when the answer ends (or rejects with the stream's error). */
+  readonly usage: Promise<ChatUsage>;
+};
+
+/** A second turn started while an answer is still streaming. */
+export class SessionBusyError extends Error {
+  constructor() {
+    super("Cannot start a turn while the previous answer is still streaming: read or cancel it first");
+    this.name = "SessionBusyError";
+  }
+}
+
+/** A session file that cannot be used; `reason` says why. */
+export class SessionFileError extends Error {
+  /** `"magic"` (not a session file), `"version"`, `"corrupt"` (truncated or damaged) or `"model"` (another model). */
+  readonly reason: "magic" | "version" | "corrupt" | "model";
+  /**
+   * @param reason what kind of problem
+   * @param message what is wrong, sentence case
+   */
+  constructor(reason: SessionFileError["reason"], message: string) {
+    super(message);
+    this.name = "SessionFileError";
+    this.reason = reason;
+  }
+}
+
+/** A session file written for another model (or another build of its files). */
+export class SessionModelMismatchError extends SessionFileError {
+  /**
+   * @param expected fingerprint of the loaded model
+   * @param found fingerprint stored in the file
+   */
+  constructor(readonly expected: string, readonly found: string) {
+    super(
+      "model",
+      `Cannot restore a session saved for model ${found.slice(0, 16)}… into model ${expected.slice(0, 16)}…`,
+    );
+    this.name = "SessionModelMismatchError";
+  }
+}
+
+/** The magic bytes that open a session file. */
+export const SESSION_MAGIC = "LLMCHAT\0";
+/** The session file format version this code writes and reads. */
+export const SESSION_VERSION = 1;
+
+/** A sequence for the next session constructed to take over (set by `fork`). */
+let adopted: Sequence | undefined;
+
+const fingerprints = new WeakMap<Model, Promise<string>>();
+
+/**
+ * The identity of a model for session files: SHA-256 (hex) over its config,
+ * KV cache shape, tokenizer files, and each weight file's size plus its first
+ * and last MiB.
+ */
+export function modelFingerprint(model: Model): Promise<string> {
+  let p = fingerprints.get(model);
+  if (!p) {
+    p = computeFingerprint(model);
+    fingerprints.set(model, p);
+  }
+  return p;
+}
+
+async function computeFingerprint(model: Model): Promise<string> {
+  const enc = new TextEncoder();
+  const parts: Uint8Array[] = [];
+  const c = model.config;
+  parts.push(enc.encode(JSON.stringify({ config: c, kvRow: c.numKvHeads * c.headDim })));
+  for (const f of ["tokenizer.json", "tokenizer_config.json"]) {
+    try {
+      parts.push(enc.encode(f), await Deno.readFile(`${model.dir}/${f}`));
+    } catch (e) {
+      if (!(e instanceof Deno.errors.NotFound)) throw e;
+    }
+  }
+  for (const path of await safetensorsFiles(model.dir)) {
+    const name = path.slice(path.lastIndexOf("/") + 1);
+    using file = await Deno.open(path);
+    const size = (await file.stat()).size;
+    parts.push(enc.encode(`${name}:${size}`));
+    const MiB = 1 << 20;
+    for (const at of size > 2 * MiB ? [0, size - MiB] : [0]) {
+      const buf = new Uint8Array(Math.min(size, size > 2 * MiB ? MiB : size));
+      await file.seek(at, Deno.SeekMode.Start);
+      let read = 0;
+      while (read < buf.length) {
+        const n = await file.read(buf.subarray(read));
+        if (n === null) break;
+        read += n;
+      }
+      parts.push(buf.subarray(0, read));
+    }
+  }
+  return hex(await sha256(concat(parts)));
+}
+
+interface Exchange {
+  /** Index of the exchange's user message. */
+  readonly messageIndex: number;
+  /** Cache length when the exchange began (the saved position `undo` returns to). */
+  readonly cachePosition: number;
+}
+
+/**
+ * A conversation with a model that keeps its KV cache between turns.
+ *
+ * Each turn renders the whole conversation with the chat template, keeps the
+ * longest prefix that the cache already holds, and evaluates only the rest.
+ * One answer streams at a time.
+ */
+export class ChatSession {
+  /** The model the session runs on. */
+  readonly model: Model;
+  readonly #template: ChatTemplate;
+  readonly #templateOverride: string | undefined;
+  readonly #defaults: GenerateOptions;
+  readonly #policy: ContextPolicy;
+  readonly #reserve: number | undefined;
+  #seq: Sequence;
+  #messages: ChatMessage[] = [];
+  #exchanges: Exchange[] = [];
+  #busy = false;
+  #turns = 0;
+  #disposed = false;
+
+  /**
+   * @param model a loaded model
+   * @param options generation defaults, the system prompt, the template and the context policy
+   */
+  constructor(model: Model, options: ChatSessionOptions = {}) {
+    const inherited = adopted;
+    adopted = undefined;
+    const { system, template, contextPolicy, reserveTokens, ...defaults } = options;
+    if (contextPolicy !== undefined && contextPolicy !== "error" && contextPolicy !== "drop-oldest") {
+      throw new TypeError(`Invalid contextPolicy ${JSON.stringify(contextPolicy)}: expected "error" or "drop-oldest"`);
+    }
+    if (reserveTokens !== undefined && (!Number.isInteger(reserveTokens) || reserveTokens < 0)) {
+      throw new RangeError(`Invalid reserveTokens ${reserveTokens}: expected an integer ≥ 0`);
+    }
+    this.model = model;
+    this.#templateOverride = template;
+    this.#template = ChatTemplate.forModel(model, template);
+    this.#defaults = defaults;
+    this.#policy = contextPolicy ?? "error";
+    this.#reserve = reserveTokens;
+    this.#seq = inherited ?? model.createSequence();
+    if (system !== undefined) this.#messages.push({ role: "system", content: system });
+  }
+
+  /** The conversation so far (copies). */
+  get messages(): ChatMessage[] {
+    return this.#messages.map((m) => ({ ...m }));
+  }
+
+  /** The system prompt, if any. */
+  get system(): string | undefined {
+    return this.#messages[0]?.role === "system" ? this.#messages[0].content : undefined;
+  }
+
+  /** Tokens held in the KV cache. */
+  get cachedTokens(): readonly number[] {
+    return this.#seq.tokens;
+  }
+
+  /** Tokens run through the model by this session's current cache (prefill plus decode). */
+  get evaluatedTokens(): number {
+    return this.#seq.evaluatedTokens;
+  }
+
+  /** The context policy in force. */
+  get contextPolicy(): ContextPolicy {
+    return this.#policy;
+  }
+
+  /** Whether an answer is streaming. */
+  get busy(): boolean {
+    return this.#busy;
+  }
+
+  /** The prompt text of the conversation as it stands (ending with the assistant's header). */
+  render(): string {
+    return this.#template.render(this.#messages);
+  }
+
+  /**
+   * Adds a user message and streams the answer. The answer is added to the
+   * conversation when the stream ends (also when it is cancelled: the partial
+   * answer stays, `undo()` removes it). If the turn fails before any token, the
+   * user message is taken back.
+   */
+  send(content: string, options: GenerateOptions = {}): ChatReply {
+    this.#check();
+    if (typeof content !== "string") {
+      throw new TypeError(`Invalid message ${JSON.stringify(content)}: expected a string`);
+    }
+    const exchange: Exchange = { messageIndex: this.#messages.length, cachePosition: this.#seq.length };
+    this.#messages.push({ role: "user", content });
+    this.#exchanges.push(exchange);
+    try {
+      return this.#answer(options, () => {
+        this.#messages.splice(exchange.messageIndex);
+        this.#exchanges.pop();
+      });
+    } catch (e) {
+      this.#messages.splice(exchange.messageIndex);
+      this.#exchanges.pop();
+      throw e;
+    }
+  }
+
+  /**
+   * Generates the last answer again (with the next seed when a seed is set).
+   * Throws a `RangeError` when the conversation does not end with an answer.
+   */
+  regenerate(options: GenerateOptions = {}): ChatReply {
+    this.#check();
+    const last = this.#messages[this.#messages.length - 1];
+    if (last?.role !== "assistant") throw new RangeError("Cannot regenerate: the conversation has no answer to redo");
+    this.#messages.pop();
+    try {
+      return this.#answer(options, () => this.#messages.push(last));
+    } catch (e) {
+      this.#messages.push(last);
+      throw e;
+    }
+  }
+
+  /**
+   * Takes back the last exchange (the last user message and its answer),
+   * truncating the cache to where that exchange began. Returns the removed
+   * messages (empty when there is nothing to undo).
+   */
+  undo(): ChatMessage[] {
+    this.#check();
+    const ex = this.#exchanges.pop();
+    if (!ex) return [];
+    const removed = this.#messages.splice(ex.messageIndex);
+    this.#seq.truncate(Math.min(ex.cachePosition, this.#seq.length));
+    return removed;
+  }
+
+  /** Forgets the conversation (keeping the system prompt) and the cache past it. */
+  reset(): void {
+    this.#check();
+    this.#messages = this.#messages[0]?.role === "system" ? [this.#messages[0]] : [];
+    this.#exchanges = [];
+    this.#seq.truncate(0);
+  }
+
+  /**
+   * Sets (or with `undefined` removes) the system prompt. The conversation is
+   * kept; the next turn prefills from where the prompt changed.
+   */
+  setSystem(text: string | undefined): void {
+    this.#check();
+    const had = this.#messages[0]?.role === "system";
+    if (text === undefined) {
+      if (had) this.#shift(-1, () => this.#messages.shift());
+    } else if (had) this.#messages[0] = { role: "system", content: text };
+    else this.#shift(1, () => this.#messages.unshift({ role: "system", content: text }));
+  }
+
+  /** An independent session with the same conversation and a copy of the cache; nothing mutable is shared. */
+  fork(): ChatSession {
+    this.#check();
+    adopted = this.#seq.fork();
+    const copy = new ChatSession(this.model, {
+      ...this.#defaults,
+      template: this.#templateOverride,
+      contextPolicy: this.#policy,
+      reserveTokens: this.#reserve,
+    });
+    copy.#messages = this.#messages.map((m) => ({ ...m }));
+    copy.#exchanges = this.#exchanges.map((e) => ({ ...e }));
+    copy.#turns = this.#turns;
+    return copy;
+  }
+
+  /** The session as bytes (see {@link ChatSession.deserialize}); the format is versioned and checksummed. */
+  async serialize(): Promise<Uint8Array> {
+    this.#check();
+    const enc = new TextEncoder();
+    const tokens = Int32Array.from(this.#seq.tokens);
+    const kv = await this.#seq.kv.save();
+    const header = enc.encode(JSON.stringify({
+      model: await modelFingerprint(this.model),
+      messages: this.#messages,
+      exchanges: this.#exchanges,
+      turns: this.#turns,
+      template: this.#templateOverride ?? null,
+      policy: this.#policy,
+      reserveTokens: this.#reserve ?? null,
+      defaults: serializableDefaults(this.#defaults),
+      tokens: tokens.length,
+      kvBytes: kv.byteLength,
+    }));
+    const fixed = new Uint8Array(16);
+    fixed.set(enc.encode(SESSION_MAGIC), 0);
+    const view = new DataView(fixed.buffer);
+    view.setUint32(8, SESSION_VERSION, true);
+    view.setUint32(12, header.byteLength, true);
+    const body = concat([fixed, header, new Uint8Array(tokens.buffer), kv]);
+    return concat([body, await sha256(body)]);
+  }
+
+  /** Writes the session to `path` (see {@link ChatSession.serialize}). */
+  async save(path: string): Promise<void> {
+    await Deno.writeFile(path, await this.serialize());
+  }
+
+  /**
+   * A session restored from {@link ChatSession.serialize} bytes. Throws a
+   * {@link SessionFileError} for a file that is not a session, of another
+   * version, truncated or damaged, and a {@link SessionModelMismatchError} for a
+   * file saved with another model. The generation defaults, template, context
+   * policy and reserve saved in the file apply unless `options` override them.
+   */
+  static async deserialize(model: Model, bytes: Uint8Array, options: ChatSessionOptions = {}): Promise<ChatSession> {
+    const dec = new TextDecoder("utf-8", { fatal: true });
+    if (bytes.byteLength < 8 || dec.decode(bytes.subarray(0, 8), { stream: false }) !== SESSION_MAGIC) {
+      throw new SessionFileError("magic", "Cannot restore the session: not a session file (bad magic bytes)");
+    }
+    if (bytes.byteLength < 16 + 32) {
+      throw new SessionFileError(
+        "corrupt",
+        `Cannot restore the session: the file is truncated (${bytes.byteLength} bytes)`,
+      );
+    }
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    const version = view.getUint32(8, true);
+    if (version !== SESSION_VERSION) {
+      throw new SessionFileError(
+        "version",
+        `Cannot restore the session: file format version ${version}, expected ${SESSION_VERSION}`,
+      );
+    }
+    const body = bytes.subarray(0, bytes.byteLength - 32);
+    const sum = await sha256(body);
+    if (!equalBytes(sum, bytes.subarray(bytes.byteLength - 32))) {
+      throw new SessionFileError("corrupt", "Cannot restore the session: the file is truncated or damaged (checksum)");
+    }
+    const headerLength = view.getUint32(12, true);
+    if (16 + headerLength > body.byteLength) {
+      throw new SessionFileError("corrupt", `Cannot restore the session: header length ${headerLength} past the end`);
+    }
+    let h: SessionHeader;
+    try {
+      h = parseHeader(JSON.parse(dec.decode(body.subarray(16, 16 + headerLength))));
+    } catch (e) {
+      throw new SessionFileError("corrupt", `Cannot restore the session: bad header: ${(e as Error).message}`);
+    }
+    const expected = await modelFingerprint(model);
+    if (h.model !== expected) throw new SessionModelMismatchError(expected, h.model);
+    const tokStart = 16 + headerLength;
+    if (tokStart + h.tokens * 4 + h.kvBytes !== body.byteLength) {
+      throw new SessionFileError("corrupt", "Cannot restore the session: sizes in the header do not match the file");
+    }
+    if (h.tokens > model.contextLength) throw new ContextOverflowError(h.tokens, model.contextLength);
+
+    const tokens = Array.from(new Int32Array(body.slice(tokStart, tokStart + h.tokens * 4).buffer));
+    const kv = body.slice(tokStart + h.tokens * 4);
+    const session = new ChatSession(model, {
+      template: h.template ?? undefined,
+      contextPolicy: h.policy,
+      reserveTokens: h.reserveTokens ?? undefined,
+      ...h.defaults,
+      ...options,
+    });
+    const kvExpected = h.tokens * session.#seq.kv.rowBytes * 2 * model.config.numLayers;
+    try {
+      if (h.kvBytes !== kvExpected) throw new RangeError(`${h.kvBytes} KV bytes, expected ${kvExpected}`);
+      const bad = tokens.find((id) => id < 0 || id >= model.config.vocabSize);
+      if (bad !== undefined) throw new RangeError(`token id ${bad} is past the vocabulary`);
+      session.#seq.restore(tokens, kv);
+    } catch (e) {
+      session.dispose();
+      throw new SessionFileError("corrupt", `Cannot restore the session: ${(e as Error).message}`);
+    }
+    session.#messages = h.messages;
+    session.#exchanges = h.exchanges;
+    session.#turns = h.turns;
+    return session;
+  }
+
+  /** Reads a session written by {@link ChatSession.save} (see {@link ChatSession.deserialize}). */
+  static async load(model: Model, path: string, options: ChatSessionOptions = {}): Promise<ChatSession> {
+    return await ChatSession.deserialize(model, await Deno.readFile(path), options);
+  }
+
+  /** Frees the session's KV cache. */
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    void this.#seq.dispose();
+  }
+
+  #check(): void {
+    if (this.#disposed) throw new TypeError("Cannot use a disposed chat session");
+    if (this.#busy) throw new SessionBusyError();
+  }
+
+  #shift(delta: number, change: () => void): void {
+    change();
+    this.#exchanges = this.#exchanges.map((e) => ({ ...e, messageIndex: e.messageIndex + delta }));
+  }
+
+  /** Prompt tokens of the conversation, applying the context policy. Returns the ids and messages dropped. */
+  #fit(maxTokens: number): { ids: number[]; dropped: number } {
+    const capacity = this.#seq.capacity;
+    const reserve = Math.min(this.#reserve ?? Math.min(maxTokens, Math.floor(capacity / 4)), capacity - 1);
+    const encode = () =>
+      this.model.tokenizer.encode(this.#template.render(this.#messages), { addSpecialTokens: false });
+    let ids = encode();
+    if (ids.length === 0) throw new ChatTemplateError("Cannot chat: the chat template rendered an empty prompt");
+    let dropped = 0;
+    while (ids.length + reserve > capacity) {
+      if (this.#policy === "error") throw new ContextOverflowError(ids.length + reserve, capacity);
+      // Drop the oldest exchange after the system prompt, never the newest user message.
+      const start = this.#messages[0]?.role === "system" ? 1 : 0;
+      const last = this.#messages.length - 1;
+      let end = start + 1;
+      while (end < last && this.#messages[end].role !== "user") end++;
+      if (start >= last) throw new ContextOverflowError(ids.length + reserve, capacity);
+      end = Math.min(end, last);
+      this.#messages.splice(start, end - start);
+      dropped += end - start;
+      ids = encode();
+    }
+    if (dropped > 0) {
+      // Positions of earlier exchanges no longer describe the cache: rebuild the undo list from the messages.
+      this.#exchanges = this.#messages.flatMap((m, i) =>
+        m.role === "user" ? [{ messageIndex: i, cachePosition: 0 }] : []
+      );
+    }
+    return { ids, dropped };
+  }
+
+  #answer(options: GenerateOptions, rollback: () => void): ChatReply {
+    const opts: GenerateOptions = { ...this.#defaults, ...options };
+    if (opts.seed !== undefined && options.seed === undefined) opts.seed = opts.seed + this.#turns;
+    const snapshot = this.#messages.slice();
+    const exchanges = this.#exchanges.slice();
+    let fit: { ids: number[]; dropped: number };
+    try {
+      fit = this.#fit(opts.maxTokens ?? 256);
+    } catch (e) {
+      this.#messages = snapshot;
+      this.#exchanges = exchanges;
+      throw e;
+    }
+    const { ids, dropped } = fit;
+    const seq = this.#seq;
+    const toks = seq.tokens;
+    let common = 0;
+    while (common < toks.length && common < ids.length && toks[common] === ids[common]) common++;
+    const reuse = Math.min(common, ids.length - 1);
+    seq.truncate(reuse);
+    const fresh = ids.slice(reuse);
+    const gen = this.model.continueSequence(seq, fresh, { ...opts, addSpecialTokens: false });
+    this.#turns++;
+    this.#busy = true;
+    let text = "";
+    let produced = false;
+    let settled = false;
+    let resolveUsage!: (u: ChatUsage) => void;
+    let rejectUsage!: (e: unknown) => void;
+    const usage = new Promise<ChatUsage>((res, rej) => {
+      resolveUsage = res;
+      rejectUsage = rej;
+    });
+    usage.catch(() => {}); // Callers that only read the stream need not handle it.
+    const finish = (error?: unknown) => {
+      if (settled) return;
+      settled = true;
+      this.#busy = false;
+      if (error !== undefined && !produced) {
+        this.#messages = snapshot;
+        this.#exchanges = exchanges;
+        rollback();
+        rejectUsage(error);
+        return;
+      }
+      this.#messages.push({ role: "assistant", content: text });
+      resolveUsage({
+        promptTokens: ids.length,
+        cachedTokens: reuse,
+        completionTokens: gen.stats.generatedTokens,
+        stopReason: gen.stats.stopReason,
+        droppedMessages: dropped,
+      });
+    };
+    let cancelled = false;
+    let pulling: Promise<void> | undefined;
+    const step = async (controller: ReadableStreamDefaultController<string>) => {
+      try {
+        for (;;) {
+          const t = await gen.next();
+          if (cancelled) return;
+          if (!t) {
+            finish();
+            controller.close();
+            return;
+          }
+          produced = true;
+          if (t.text) {
+            text += t.text;
+            controller.enqueue(t.text);
+            return;
+          }
+        }
+      } catch (e) {
+        gen.cancel();
+        if (cancelled) return;
+        finish(e);
+        controller.error(e);
+      }
+    };
+    const stream = new ReadableStream<string>({
+      pull(controller) {
+        pulling = step(controller);
+        return pulling;
+      },
+      async cancel() {
+        cancelled = true;
+        gen.cancel();
+        // The token being computed still writes to the cache: the session stays busy until it is done.
+        await pulling;
+        finish();
+      },
+    }, { highWaterMark: 0 });
+    return Object.assign(stream, { stats: gen.stats, usage });
+  }
+}
+
+interface SessionHeader {
+  model: string;
+  messages: ChatMessage[];
+  exchanges: Exchange[];
+  turns: number;
+  template: string | null;
+  policy: ContextPolicy;
+  reserveTokens: number | null;
+  defaults: GenerateOptions;
+  tokens: number;
+  kvBytes: number;
+}
+
+function parseHeader(v: unknown): SessionHeader {
+  const h = v as Record<string, unknown>;
+  const fail = (field: string): never => {
+    throw new TypeError(`field "${field}" is ${JSON.stringify(h?.[field])}`);
+  };
+  if (typeof h !== "object" || h === null) throw new TypeError("expected a JSON object");
+  const nat = (f: string) => (Number.isInteger(h[f]) && (h[f] as number) >= 0 ? h[f] as number : fail(f));
+  if (typeof h.model !== "string") fail("model");
+  if (!Array.isArray(h.messages)) fail("messages");
+  for (const m of h.messages as unknown[]) {
+    const r = m as Record<string, unknown>;
+    if (typeof r !== "object" || r === null || typeof r.role !== "string" || typeof r.content !== "string") {
+      fail("messages");
+    }
+  }
+  const messages = (h.messages as ChatMessage[]).map((m) => ({ role: m.role, content: m.content }));
+  if (!Array.isArray(h.exchanges)) fail("exchanges");
+  const exchanges = (h.exchanges as Record<string, unknown>[]).map((e) => {
+    const i = e?.messageIndex, p = e?.cachePosition;
+    if (!Number.isInteger(i) || !Number.isInteger(p) || (i as number) < 0 || (p as number) < 0) fail("exchanges");
+    if ((i as number) >= messages.length || messages[i as number].role !== "user") fail("exchanges");
+    return { messageIndex: i as number, cachePosition: p as number };
+  });
+  if (h.template !== null && typeof h.template !== "string") fail("template");
+  if (h.policy !== "error" && h.policy !== "drop-oldest") fail("policy");
+  if (h.reserveTokens !== null) nat("reserveTokens");
+  const d = h.defaults ?? {};
+  if (typeof d !== "object" || d === null || Array.isArray(d)) fail("defaults");
+  for (const [k, v] of Object.entries(d as Record<string, unknown>)) {
+    const ok = SAVED_OPTIONS.includes(k) &&
+      (typeof v === "number" || typeof v === "boolean" || (k === "stop" && Array.isArray(v)) ||
+        (k === "logitBias" && typeof v === "object" && v !== null));
+    if (!ok) throw new TypeError(`field "defaults.${k}" is ${JSON.stringify(v)}`);
+  }
+  return {
+    model: h.model as string,
+    messages,
+    exchanges,
+    turns: nat("turns"),
+    template: h.template as string | null,
+    policy: h.policy as ContextPolicy,
+    reserveTokens: h.reserveTokens as number | null,
+    defaults: d as GenerateOptions,
+    tokens: nat("tokens"),
+    kvBytes: nat("kvBytes"),
+  };
+}
+
+/** Generation defaults a session file keeps (not `signal`). */
+const SAVED_OPTIONS = [
+  "maxTokens",
+  "stop",
+  "ignoreEos",
+  "addSpecialTokens",
+  "temperature",
+  "topK",
+  "topP",
+  "minP",
+  "repetitionPenalty",
+  "presencePenalty",
+  "frequencyPenalty",
+  "penaltyLastN",
+  "logitBias",
+  "seed",
+];
+
+function serializableDefaults(o: GenerateOptions): GenerateOptions {
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(o)) if (SAVED_OPTIONS.includes(k) && v !== undefined) out[k] = v;
+  return out as GenerateOptions;
+}
+
+function concat(parts: readonly Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((a, p) => a + p.byteLength, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.byteLength;
+  }
+  return out;
+}
+
+async function sha256(data: Uint8Array): Promise<Uint8Array> {
+  return new Uint8Array(await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>));
+}
+
+function hex(bytes: Uint8Array): string {
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.byteLength !== b.byteLength) return false;
+  for (let i = 0; i < a.byteLength; i++) if (a[i] !== b[i]) return false;
+  return true;
+}

@@ -1,0 +1,557 @@
+/**
+ * An OpenAI-compatible HTTP server for loaded models, on `Deno.serve`.
+ *
+ * Endpoints: `POST /v1/chat/completions` and `POST /v1/completions`
+ * (server-sent events with `stream: true`, else one JSON object; `usage` with
+ * `prompt_tokens_details.cached_tokens`), `GET /v1/models`, `GET /health`, and a
+ * chat web page at `/`. Requests never name files: the models are fixed when
+ * the server starts. Errors are JSON in the OpenAI shape
+ * `{ error: { message, type, param, code } }`.
+ *
+ * @example
+ * ```ts ignore
+ * import { loadModel } from "@llm/engine";
+ * import { startServer } from "@llm/engine/server";
+ * const model = await loadModel("Felladrin/Minueza-32M-UltraChat");
+ * const server = await startServer({ models: [{ id: "minueza", model }], port: 8080 });
+ * console.log(`Listening on ${server.url}`);
+ * ```
+ *
+ * @module
+ */
+
+import { setImmediate } from "node:timers";
+import { ChatTemplate, ChatTemplateError } from "../models/chat.ts";
+import type { GenerateOptions } from "../models/generate.ts";
+import type { Model } from "../models/model.ts";
+import { SamplingOptionError } from "../models/sampler.ts";
+import { PromptCache, type PromptCacheStats, QueueFullError, Scheduler } from "./engine.ts";
+import {
+  ApiError,
+  type ChatRequest,
+  type CommonParams,
+  type CompletionRequest,
+  finishReason,
+  parseChatRequest,
+  parseCompletionRequest,
+  usageObject,
+} from "./protocol.ts";
+
+export { ApiError } from "./protocol.ts";
+export { PromptCache, type PromptCacheStats, QueueFullError, Scheduler } from "./engine.ts";
+
+/** A model the server offers under `id`. */
+export interface ServedModel {
+  /** The name clients pass as `model`. */
+  readonly id: string;
+  readonly model: Model;
+  /** Jinja chat template to use instead of the model's own. */
+  readonly template?: string;
+}
+
+/** Options of {@link createHandler} and {@link startServer}. */
+export interface ServerOptions {
+  /** The models served (at least one). */
+  models: readonly ServedModel[];
+  /** Generations that run at once. Default 2. */
+  parallel?: number;
+  /** Requests that may wait for a slot; past that, `429`. Default 16. */
+  maxQueue?: number;
+  /** Bytes of KV cache that idle sequences of the prompt cache may hold (0 disables it). Default 256 MiB. */
+  cacheBytes?: number;
+  /** Largest request body accepted; larger ones get `413`. Default 1 MiB. */
+  maxBodyBytes?: number;
+  /** `max_tokens` when a request gives none (also capped by the room left in the context). Default 512. */
+  defaultMaxTokens?: number;
+  /** Serve `GET /debug/stats` (counters, memory; `?gc=1` collects garbage first when `--expose-gc` is on). */
+  debug?: boolean;
+}
+
+/** Options of {@link startServer}: the handler's plus where to listen. */
+export interface StartOptions extends ServerOptions {
+  /** Default `"127.0.0.1"`. */
+  hostname?: string;
+  /** Default 8080; 0 picks a free port. */
+  port?: number;
+  /** Called once listening (default: nothing is printed). */
+  onListen?: (addr: Deno.NetAddr) => void;
+}
+
+/** Counters of the server, as `GET /debug/stats` reports them. */
+export interface ServerStats {
+  running: number;
+  queued: number;
+  /** Requests answered by a generation that ran to its end. */
+  completed: number;
+  /** Generations stopped because the client went away (or the server closed). */
+  cancelled: number;
+  /** Requests refused with 429. */
+  rejected: number;
+  cache: PromptCacheStats;
+}
+
+/** A request handler with its state; see {@link createHandler}. */
+export interface ChatHandler {
+  /** Answers one request. */
+  readonly handler: (req: Request) => Promise<Response>;
+  /** Counters. */
+  stats(): ServerStats;
+  /** Stops running generations and frees the prompt cache (the models stay loaded). */
+  close(): Promise<void>;
+}
+
+/** A running server; see {@link startServer}. */
+export interface RunningServer extends ChatHandler {
+  /** Base URL, e.g. `http://127.0.0.1:8080`. */
+  readonly url: string;
+  readonly addr: Deno.NetAddr;
+  /** Resolves when the server has stopped. */
+  readonly finished: Promise<void>;
+}
+
+const WEB_FILES: Record<string, { file: string; type: string }> = {
+  "/": { file: "./web/index.html", type: "text/html; charset=utf-8" },
+  "/app.js": { file: "./web/app.js", type: "text/javascript; charset=utf-8" },
+};
+
+interface Entry {
+  readonly id: string;
+  readonly model: Model;
+  readonly template: ChatTemplate | ChatTemplateError;
+}
+
+/** Creates the request handler (for `Deno.serve` or tests). Use {@link startServer} to listen. */
+export async function createHandler(options: ServerOptions): Promise<ChatHandler> {
+  if (!options.models?.length) throw new TypeError("Cannot serve: no models given");
+  const entries = new Map<string, Entry>();
+  for (const m of options.models) {
+    if (typeof m.id !== "string" || m.id === "" || entries.has(m.id)) {
+      throw new TypeError(`Invalid model id ${JSON.stringify(m.id)}: expected a unique non-empty string`);
+    }
+    let template: ChatTemplate | ChatTemplateError;
+    try {
+      template = ChatTemplate.forModel(m.model, m.template);
+    } catch (e) {
+      if (!(e instanceof ChatTemplateError)) throw e;
+      template = e;
+    }
+    entries.set(m.id, { id: m.id, model: m.model, template });
+  }
+  const maxBody = options.maxBodyBytes ?? 1 << 20;
+  const defaultMax = options.defaultMaxTokens ?? 512;
+  for (const [k, v] of [["maxBodyBytes", maxBody], ["defaultMaxTokens", defaultMax]] as const) {
+    if (!Number.isInteger(v) || v < 1) throw new RangeError(`Invalid ${k} ${v}: expected a positive integer`);
+  }
+  const scheduler = new Scheduler({ parallel: options.parallel ?? 2, maxQueue: options.maxQueue ?? 16 });
+  const cache = new PromptCache(options.cacheBytes ?? 256 << 20);
+  const web = new Map<string, string>();
+  for (const [path, f] of Object.entries(WEB_FILES)) {
+    web.set(path, await (await fetch(new URL(f.file, import.meta.url))).text());
+  }
+  const active = new Set<AbortController>();
+  const counters = { completed: 0, cancelled: 0, rejected: 0 };
+  let closed = false;
+  const created = Math.floor(Date.now() / 1000);
+
+  const stats = (): ServerStats => ({
+    running: scheduler.running,
+    queued: scheduler.queued,
+    ...counters,
+    cache: cache.stats(),
+  });
+
+  /** Runs one generation in a slot; yields tokens; frees everything however it ends. */
+  async function start(entry: Entry, ids: number[], params: CommonParams, signal: AbortSignal) {
+    const model = entry.model;
+    const room = model.contextLength - ids.length;
+    if (room < 1) {
+      throw new ApiError(
+        400,
+        `The prompt has ${ids.length} tokens: model "${entry.id}" holds ${model.contextLength}`,
+        "invalid_request_error",
+        "messages" in params ? "messages" : "prompt",
+        "context_length_exceeded",
+      );
+    }
+    if (params.maxTokens !== undefined && ids.length + params.maxTokens > model.contextLength) {
+      throw new ApiError(
+        400,
+        `Invalid 'max_tokens' ${params.maxTokens}: the prompt has ${ids.length} tokens and model "${entry.id}" ` +
+          `holds ${model.contextLength}, so at most ${room} can be generated`,
+        "invalid_request_error",
+        "max_tokens",
+        "context_length_exceeded",
+      );
+    }
+    const opts: GenerateOptions = {
+      ...params.sampling,
+      maxTokens: params.maxTokens ?? Math.min(defaultMax, room),
+      stop: params.stop,
+      signal,
+      addSpecialTokens: false,
+    };
+    let release: () => void;
+    try {
+      release = await scheduler.acquire(signal);
+    } catch (e) {
+      if (e instanceof QueueFullError) {
+        counters.rejected++;
+        throw new ApiError(429, e.message, "rate_limit_error", null, "rate_limit_exceeded");
+      }
+      throw e;
+    }
+    const { seq, reuse } = cache.take(model, ids);
+    let finished = false;
+    const finish = async () => {
+      if (finished) return;
+      finished = true;
+      release();
+      await cache.put(model, seq);
+    };
+    try {
+      const gen = model.continueSequence(seq, ids.slice(reuse), opts);
+      return { gen, reuse, finish };
+    } catch (e) {
+      await finish();
+      if (e instanceof SamplingOptionError) throw new ApiError(400, e.message, "invalid_request_error", e.option);
+      throw e;
+    }
+  }
+
+  function promptIds(entry: Entry, req: ChatRequest | CompletionRequest): number[] {
+    const tok = entry.model.tokenizer;
+    if ("messages" in req) {
+      if (entry.template instanceof ChatTemplateError) {
+        throw new ApiError(
+          400,
+          `Model "${entry.id}" has no chat template: use /v1/completions, or start the server with a template`,
+          "invalid_request_error",
+          "model",
+          "no_chat_template",
+        );
+      }
+      let text: string;
+      try {
+        text = entry.template.render(req.messages);
+      } catch (e) {
+        throw new ApiError(400, (e as Error).message, "invalid_request_error", "messages");
+      }
+      return tok.encode(text, { addSpecialTokens: false });
+    }
+    if (typeof req.prompt === "string") {
+      const ids = tok.encode(req.prompt);
+      return ids.length > 0 ? ids : tok.bosId !== undefined ? [tok.bosId] : ids;
+    }
+    const V = entry.model.config.vocabSize;
+    const badId = req.prompt.find((id) => id >= V);
+    if (badId !== undefined) {
+      throw new ApiError(
+        400,
+        `Invalid 'prompt' token id ${badId}: expected ids below ${V}`,
+        "invalid_request_error",
+        "prompt",
+      );
+    }
+    return req.prompt;
+  }
+
+  async function complete(req: Request, kind: "chat" | "completion"): Promise<Response> {
+    const body = await readJson(req, maxBody);
+    const parsed = kind === "chat" ? parseChatRequest(body) : parseCompletionRequest(body);
+    const entry = entries.get(parsed.model);
+    if (!entry) {
+      throw new ApiError(
+        404,
+        `The model ${JSON.stringify(parsed.model)} does not exist: this server has ${[...entries.keys()].join(", ")}`,
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+      );
+    }
+    const ids = promptIds(entry, parsed);
+    // Client disconnects are seen as the response body being cancelled (Deno.serve cancels it when the
+    // connection goes, also while the body waits for its first bytes); the controller is for close().
+    const ac = new AbortController();
+    active.add(ac);
+    let run: Awaited<ReturnType<typeof start>>;
+    try {
+      run = await start(entry, ids, parsed, ac.signal);
+    } catch (e) {
+      active.delete(ac);
+      throw e;
+    }
+    const id = `${kind === "chat" ? "chatcmpl" : "cmpl"}-${crypto.randomUUID().replaceAll("-", "")}`;
+    const head = {
+      id,
+      object: kind === "chat" ? "chat.completion" : "text_completion",
+      created: Math.floor(Date.now() / 1000),
+      model: entry.id,
+    };
+    const usage = () => usageObject(ids.length, run.reuse, run.gen.stats.generatedTokens);
+    const enc = new TextEncoder();
+    const chunkHead = { ...head, object: kind === "chat" ? "chat.completion.chunk" : "text_completion" };
+    const sse = (data: unknown) => enc.encode(`data: ${JSON.stringify(data)}\n\n`);
+    const delta = (text: string | null, reason: string | null) =>
+      kind === "chat"
+        ? { index: 0, delta: text === null ? {} : { content: text }, logprobs: null, finish_reason: reason }
+        : { index: 0, text: text ?? "", logprobs: null, finish_reason: reason };
+    let ended = false;
+    const end = async (how: "completed" | "cancelled") => {
+      ended = true;
+      counters[how]++;
+      active.delete(ac);
+      await run.finish();
+    };
+    let text = "";
+    let cancelled = false;
+    let pulling: Promise<void> | undefined;
+    const step = async (controller: ReadableStreamDefaultController<Uint8Array>): Promise<void> => {
+      if (ended || cancelled) return;
+      try {
+        for (;;) {
+          await yieldToEventLoop(); // let other requests (and a cancel) in between tokens
+          if (ended || cancelled) return;
+          const t = await run.gen.next();
+          if (ended || cancelled) return;
+          if (!t) break;
+          text += t.text;
+          if (t.text && parsed.stream) {
+            controller.enqueue(sse({ ...chunkHead, choices: [delta(t.text, null)] }));
+            return;
+          }
+        }
+      } catch (e) {
+        run.gen.cancel();
+        if (cancelled) return; // cancel() ends it
+        await end("cancelled");
+        if (!parsed.stream) {
+          controller.error(e); // the status line is sent: all that is left is to break the connection
+          return;
+        }
+        // Report the error in the stream, as OpenAI does.
+        const err = e instanceof ApiError ? e : new ApiError(500, (e as Error).message, "server_error");
+        try {
+          controller.enqueue(
+            sse({ error: { message: err.message, type: err.type, param: err.param, code: err.code } }),
+          );
+          controller.close();
+        } catch { /* the client is gone */ }
+        return;
+      }
+      await end("completed");
+      const reason = finishReason(run.gen.stats.stopReason);
+      if (!parsed.stream) {
+        const choice = kind === "chat"
+          ? { index: 0, message: { role: "assistant", content: text }, logprobs: null, finish_reason: reason }
+          : { index: 0, text, logprobs: null, finish_reason: reason };
+        controller.enqueue(enc.encode(JSON.stringify({ ...head, choices: [choice], usage: usage() })));
+      } else {
+        controller.enqueue(sse({ ...chunkHead, choices: [delta(null, reason)] }));
+        if (parsed.includeUsage) controller.enqueue(sse({ ...chunkHead, choices: [], usage: usage() }));
+        controller.enqueue(enc.encode("data: [DONE]\n\n"));
+      }
+      controller.close();
+    };
+    const stream = new ReadableStream<Uint8Array>({
+      start(controller) {
+        if (kind === "chat" && parsed.stream) {
+          controller.enqueue(sse({
+            ...chunkHead,
+            choices: [{ index: 0, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null }],
+          }));
+        }
+      },
+      pull(controller) {
+        pulling = step(controller);
+        return pulling;
+      },
+      async cancel() {
+        if (ended) return;
+        cancelled = true;
+        run.gen.cancel();
+        await pulling; // the token being computed still writes to the sequence: wait before giving it back
+        if (!ended) await end("cancelled");
+      },
+    }, { highWaterMark: 0 });
+    const headers: Record<string, string> = parsed.stream
+      ? { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", "x-request-id": id }
+      : { "content-type": "application/json", "x-request-id": id };
+    return new Response(stream, { headers });
+  }
+
+  async function route(req: Request): Promise<Response> {
+    const url = new URL(req.url);
+    const path = url.pathname.replace(/\/+$/, "") || "/";
+    const method = req.method;
+    const only = (m: string) => {
+      if (method !== m) {
+        throw new ApiError(
+          405,
+          `Method ${method} is not allowed on ${path}: use ${m}`,
+          "invalid_request_error",
+          null,
+          "method_not_allowed",
+        );
+      }
+    };
+    if (closed) throw new ApiError(503, "The server is shutting down", "server_error", null, "unavailable");
+    switch (path) {
+      case "/v1/chat/completions":
+        only("POST");
+        return await complete(req, "chat");
+      case "/v1/completions":
+        only("POST");
+        return await complete(req, "completion");
+      case "/v1/models":
+        only("GET");
+        return Response.json({ object: "list", data: [...entries.keys()].map((id) => modelObject(id, created)) });
+      case "/health":
+        only("GET");
+        return Response.json({
+          status: "ok",
+          models: [...entries.keys()],
+          running: scheduler.running,
+          queued: scheduler.queued,
+        });
+      case "/debug/stats":
+        if (!options.debug) break;
+        only("GET");
+        if (url.searchParams.get("gc") === "1") collectGarbage();
+        return Response.json({ ...stats(), memory: Deno.memoryUsage(), gcExposed: hasGc() });
+    }
+    if (path.startsWith("/v1/models/")) {
+      only("GET");
+      const id = decodeURIComponent(path.slice("/v1/models/".length));
+      if (!entries.has(id)) {
+        throw new ApiError(
+          404,
+          `The model ${JSON.stringify(id)} does not exist`,
+          "invalid_request_error",
+          "model",
+          "model_not_found",
+        );
+      }
+      return Response.json(modelObject(id, created));
+    }
+    const page = web.get(path === "/index.html" ? "/" : path);
+    if (page !== undefined) {
+      only("GET");
+      return new Response(page, {
+        headers: { "content-type": WEB_FILES[path === "/index.html" ? "/" : path].type, "cache-control": "no-cache" },
+      });
+    }
+    throw new ApiError(404, `Not found: ${method} ${path}`, "invalid_request_error", null, "not_found");
+  }
+
+  const handler = async (req: Request): Promise<Response> => {
+    try {
+      return await route(req);
+    } catch (e) {
+      if (e instanceof ApiError) return e.toResponse();
+      if (e instanceof DOMException && e.name === "AbortError") {
+        return new ApiError(499, "The client disconnected", "invalid_request_error", null, "cancelled").toResponse();
+      }
+      console.error(e);
+      return new ApiError(500, `Internal error: ${(e as Error).message}`, "server_error").toResponse();
+    }
+  };
+
+  return {
+    handler,
+    stats,
+    async close() {
+      closed = true;
+      for (const ac of active) ac.abort(new DOMException("The server is closing", "AbortError"));
+      // Let aborted generations unwind and return their sequences.
+      for (let i = 0; i < 100 && (active.size > 0 || scheduler.running > 0); i++) {
+        await new Promise((r) => setTimeout(r, 10));
+      }
+      await cache.clear();
+    },
+  };
+}
+
+/**
+ * Starts the server (on 127.0.0.1:8080 unless told otherwise). `close()` stops
+ * listening, stops running generations and frees the prompt cache; the models
+ * stay loaded (the caller disposes them).
+ */
+export async function startServer(options: StartOptions): Promise<RunningServer> {
+  const h = await createHandler(options);
+  const { promise: listening, resolve } = Promise.withResolvers<Deno.NetAddr>();
+  const server = Deno.serve({
+    hostname: options.hostname ?? "127.0.0.1",
+    port: options.port ?? 8080,
+    onListen: (addr) => resolve(addr as Deno.NetAddr),
+  }, h.handler);
+  const addr = await listening;
+  options.onListen?.(addr);
+  const host = addr.hostname.includes(":") ? `[${addr.hostname}]` : addr.hostname;
+  return {
+    ...h,
+    addr,
+    url: `http://${host}:${addr.port}`,
+    finished: server.finished,
+    async close() {
+      await h.close();
+      await server.shutdown();
+    },
+  };
+}
+
+/** Resolves after pending I/O callbacks have run (a macrotask turn, with no timer clamping). */
+function yieldToEventLoop(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}
+
+function modelObject(id: string, created: number) {
+  return { id, object: "model", created, owned_by: "llm-engine" };
+}
+
+function hasGc(): boolean {
+  return typeof (globalThis as { gc?: unknown }).gc === "function";
+}
+
+function collectGarbage(): void {
+  const gc = (globalThis as { gc?: () => void }).gc;
+  if (gc) { for (let i = 0; i < 3; i++) gc(); }
+}
+
+/** The JSON body of `req`, at most `limit` bytes (`413` past it, `400` if it does not parse). */
+async function readJson(req: Request, limit: number): Promise<unknown> {
+  const declared = Number(req.headers.get("content-length") ?? NaN);
+  const tooLarge = () =>
+    new ApiError(
+      413,
+      `Request body too large: the limit is ${limit} bytes`,
+      "invalid_request_error",
+      null,
+      "request_too_large",
+    );
+  if (declared > limit) throw tooLarge();
+  if (!req.body) throw new ApiError(400, "Missing request body: expected JSON", "invalid_request_error");
+  const parts: Uint8Array[] = [];
+  let size = 0;
+  const reader = req.body.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    size += value.byteLength;
+    if (size > limit) {
+      await reader.cancel();
+      throw tooLarge();
+    }
+    parts.push(value);
+  }
+  const bytes = new Uint8Array(size);
+  let at = 0;
+  for (const p of parts) {
+    bytes.set(p, at);
+    at += p.byteLength;
+  }
+  try {
+    return JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
+  } catch (e) {
+    throw new ApiError(400, `Invalid JSON in the request body: ${(e as Error).message}`, "invalid_request_error");
+  }
+}

@@ -1,0 +1,207 @@
+/**
+ * The terminal chat (`examples/chat.ts`) used as a person would: commands fed
+ * through piped stdin, and an interactive session in a real terminal under
+ * tmux (send-keys / capture-pane) for streaming, Ctrl-C and Ctrl-D.
+ *
+ * The tmux part is skipped only when tmux is missing and `CI` is not set.
+ */
+
+import assert from "node:assert/strict";
+import { ChatSession } from "../models/chat.ts";
+import { loadModel } from "../models/model.ts";
+import { SHAPES, writeRandomModel } from "../models/random_model.ts";
+import { MINUEZA_DIR, STORY_DIR } from "./helpers.ts";
+
+const CHAT = new URL("../examples/chat.ts", import.meta.url).pathname;
+const ROOT = new URL("..", import.meta.url).pathname;
+
+/** A chat template for the story model (which has none); the same as in chat_test.ts. */
+const STORY_TEMPLATE = "{{ bos_token }}{% for m in messages %}" +
+  "{% if m.role == 'system' %}{{ m.content }}\n" +
+  "{% elif m.role == 'user' %}Question: {{ m.content }}\n" +
+  "{% else %}Answer:{{ m.content }}\n{% endif %}" +
+  "{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}";
+
+const DENO_ARGS = ["run", "--allow-read", "--allow-write", "--allow-env", "--allow-net", "--allow-ffi"];
+
+async function runChat(args: string[], stdin: string): Promise<{ code: number; stdout: string; stderr: string }> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [...DENO_ARGS, CHAT, ...args],
+    cwd: ROOT,
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const writer = child.stdin.getWriter();
+  await writer.write(new TextEncoder().encode(stdin));
+  await writer.close();
+  const out = await child.output();
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+}
+
+Deno.test("chat CLI: --help, bad flags, and a model without a template", async () => {
+  const help = await runChat(["--help"], "");
+  assert.equal(help.code, 0);
+  for (const flag of ["--model", "--backend", "--template-file", "--max-tokens", "--temperature", "--seed"]) {
+    assert.ok(help.stdout.includes(flag), `--help does not mention ${flag}`);
+  }
+  const bad = await runChat(["--temperature", "hot"], "");
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /Invalid --temperature "hot"/);
+  const unknown = await runChat(["--bogus"], "");
+  assert.equal(unknown.code, 2);
+  const noTemplate = await runChat(["--model", STORY_DIR], "");
+  assert.equal(noTemplate.code, 1);
+  assert.match(noTemplate.stderr, /has no chat template/);
+});
+
+Deno.test("chat CLI: commands through piped stdin (answers, /save, /undo, /load, /system, /retry, /reset)", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "chat_cli_" });
+  try {
+    const template = `${dir}/story.jinja`;
+    await Deno.writeTextFile(template, STORY_TEMPLATE);
+    const session = `${dir}/s.chat`;
+    const input = [
+      "Who was Tom?",
+      `/save ${session}`,
+      "/undo",
+      "/undo",
+      `/load ${session}`,
+      "What did he like?",
+      "/system Be nice.",
+      "/retry",
+      "/reset",
+      "/bogus",
+      "/help",
+      "",
+    ].join("\n");
+    const args = ["--model", STORY_DIR, "--template-file", template, "--max-tokens", "12", "--temperature", "0"];
+    const r = await runChat([...args, "--stats"], input);
+    assert.equal(r.code, 0, r.stderr);
+    const out = r.stdout;
+
+    // The first answer is the library's greedy answer.
+    const model = await loadModel(STORY_DIR);
+    try {
+      const chat = new ChatSession(model, { template: STORY_TEMPLATE, maxTokens: 12, temperature: 0 });
+      let expected = "";
+      for await (const piece of chat.send("Who was Tom?")) expected += piece;
+      chat.dispose();
+      assert.ok(out.includes(`> ${expected}\n`), `answer ${JSON.stringify(expected)} not in ${out}`);
+    } finally {
+      await model.dispose();
+    }
+
+    assert.match(out, /Saved 2 messages and \d+ cached tokens to /);
+    assert.match(out, /Removed the last exchange \(2 messages\)\./);
+    assert.match(out, /Nothing to undo\./);
+    assert.match(out, /Loaded 2 messages from /);
+    const stats = [...out.matchAll(/\[(\d+) prompt tokens \((\d+) cached\), (\d+) generated/g)].map((m) =>
+      m.slice(1).map(Number)
+    );
+    assert.equal(stats.length, 3, out);
+    assert.equal(stats[0][1], 0);
+    // The turn after /load reused the restored cache.
+    assert.ok(stats[1][1] >= stats[0][0] - 1, `second turn: ${stats[1]}`);
+    assert.match(out, /System prompt set\./);
+    assert.match(out, /Conversation cleared\./);
+    assert.match(out, /Unknown command \/bogus/);
+    assert.match(out, /\/undo +take back/);
+    const saved = await Deno.stat(session);
+    assert.ok(saved.size > 1000);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+async function hasTmux(): Promise<boolean> {
+  try {
+    return (await new Deno.Command("tmux", { args: ["-V"], stdout: "null", stderr: "null" }).output()).success;
+  } catch {
+    return false;
+  }
+}
+
+const tmuxAvailable = await hasTmux();
+const inCi = Deno.env.get("CI") !== undefined && Deno.env.get("CI") !== "false";
+
+Deno.test({
+  name:
+    "chat CLI: in a terminal (tmux) — streams, Ctrl-C stops the answer not the program, Ctrl-C twice or Ctrl-D exits",
+  ignore: !tmuxAvailable && !inCi,
+  async fn() {
+    assert.ok(tmuxAvailable, "tmux is required in CI (apt-get install tmux)");
+    const dir = await Deno.makeTempDir({ prefix: "chat_tmux_" });
+    const socket = `chat_cli_test_${Deno.pid}`;
+    const tmux = async (...args: string[]) => {
+      const out = await new Deno.Command("tmux", { args: ["-L", socket, ...args], stdout: "piped", stderr: "piped" })
+        .output();
+      const text = new TextDecoder().decode(out.stdout);
+      if (!out.success) throw new Error(`tmux ${args.join(" ")}: ${new TextDecoder().decode(out.stderr)}`);
+      return text;
+    };
+    const pane = () => tmux("capture-pane", "-p", "-J", "-t", "chat", "-S", "-200");
+    const waitFor = async (what: string, ok: (text: string) => boolean, ms = 60_000) => {
+      const end = Date.now() + ms;
+      let text = "";
+      while (!ok(text = await pane())) {
+        if (Date.now() > end) throw new Error(`Timed out waiting for ${what}; the terminal shows:\n${text}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      return text;
+    };
+    const paneState = async () =>
+      (await tmux("display", "-p", "-t", "chat", "#{pane_dead} #{pane_dead_status}")).trim();
+    const start = async () => {
+      const cmd = [Deno.execPath(), ...DENO_ARGS, CHAT, "--model", dir, "--max-tokens", "400", "--temperature", "0"]
+        .map((a) => `'${a}'`).join(" ");
+      await tmux("new-session", "-d", "-s", "chat", "-x", "160", "-y", "50", "-c", ROOT, cmd);
+      await tmux("set-option", "-t", "chat", "remain-on-exit", "on");
+      await waitFor("the banner", (t) => t.includes("Type /help"));
+    };
+    try {
+      // A random-weight model of the Minueza chat shape, with its real tokenizer and ChatML template:
+      // it rarely ends an answer by itself, so there is time to interrupt it.
+      await writeRandomModel(dir, SHAPES["minueza-32m-shape"], { tokenizerFrom: MINUEZA_DIR, seed: 11, dtype: "f16" });
+      await start();
+      await tmux("send-keys", "-t", "chat", "Hello there", "Enter");
+      // The answer streams: the text after the question grows while the program runs.
+      const answerText = (t: string) => t.slice(t.indexOf("> Hello there") + "> Hello there".length).trim();
+      const first = answerText(await waitFor("the answer to start", (t) => answerText(t).length >= 5));
+      await waitFor("more of the answer", (t) => answerText(t).length > first.length + 5);
+      await tmux("send-keys", "-t", "chat", "C-c");
+      let text = await waitFor("the answer to stop", (t) => t.includes("[stopped]"));
+      assert.ok(/\[stopped\]\n> $/.test(text.trimEnd() + " "), `no prompt after [stopped]:\n${text}`);
+      assert.equal(await paneState(), "0", "the program exited on Ctrl-C during an answer");
+      // Still alive and usable: the stopped answer is part of the conversation.
+      await tmux("send-keys", "-t", "chat", "/undo", "Enter");
+      await waitFor("/undo", (t) => t.includes("Removed the last exchange (2 messages)."));
+      // One Ctrl-C at the prompt warns; a second one exits.
+      await tmux("send-keys", "-t", "chat", "C-c");
+      text = await waitFor("the exit hint", (t) => t.includes("(Ctrl-C again or Ctrl-D to exit)"));
+      assert.equal(await paneState(), "0");
+      await tmux("send-keys", "-t", "chat", "C-c");
+      const end = Date.now() + 30_000;
+      while ((await paneState()).startsWith("0")) {
+        if (Date.now() > end) throw new Error(`Ctrl-C twice did not exit:\n${await pane()}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      assert.equal(await paneState(), "1 0");
+      await tmux("kill-session", "-t", "chat");
+
+      // Ctrl-D at the prompt exits too.
+      await start();
+      await tmux("send-keys", "-t", "chat", "C-d");
+      const end2 = Date.now() + 30_000;
+      while ((await paneState()).startsWith("0")) {
+        if (Date.now() > end2) throw new Error(`Ctrl-D did not exit:\n${await pane()}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      assert.equal(await paneState(), "1 0");
+    } finally {
+      await tmux("kill-server").catch(() => {});
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
