@@ -175,6 +175,16 @@ export function validateStep(plan: ExecutionPlan, step: StepArgs, capacity: numb
   }
 }
 
+/**
+ * Rows a node processes in a step: the first dimension of its first input, with the
+ * step's `T` for a symbolic one. Nodes after `lastRow` have a fixed single row and
+ * must not run on `T` rows (their buffers hold one).
+ */
+export function nodeRows(graph: Graph, node: Node, T: number): number {
+  const rows = graph.tensors[node.inputs[0]].shape[0];
+  return typeof rows === "number" ? rows : T;
+}
+
 /** Cache capacity (rows) of the first attention node of a plan, or Infinity without one. */
 export function cacheCapacity(plan: ExecutionPlan): number {
   const { graph } = plan;

@@ -1,5 +1,7 @@
 /**
- * Conversions between f32 and the 16-bit float types, element by element.
+ * Conversions between f32 and the 16-bit float types, element by element, on
+ * numbers or on f32 bit patterns (for loops over a `Uint32Array` view of f32 data,
+ * which skip the round trip through a scratch array).
  *
  * @module
  */
@@ -17,10 +19,28 @@ export function f16ToF32(h: number): number {
   return sign * (1 + frac / 1024) * 2 ** (exp - 15);
 }
 
+let f16Values: Float32Array | undefined;
+
+/** The f32 value of every f16 bit pattern (a 65536-entry table, built on first use and shared). */
+export function f16Table(): Float32Array {
+  if (f16Values === undefined) {
+    f16Values = new Float32Array(65536);
+    for (let h = 0; h < 65536; h++) f16Values[h] = f16ToF32(h);
+  }
+  return f16Values;
+}
+
 /** The bits of the IEEE half nearest to `x` (round to nearest even), as llama.cpp rounds. */
 export function f32ToF16(x: number): number {
   f32[0] = x;
-  const b = u32[0];
+  return f32BitsToF16(u32[0]);
+}
+
+/**
+ * The bits of the IEEE half nearest to the f32 whose bits are `b` (round to nearest
+ * even; past the range, ±Infinity; NaN stays a quiet NaN).
+ */
+export function f32BitsToF16(b: number): number {
   const sign = (b >>> 16) & 0x8000;
   const exp = (b >>> 23) & 0xff;
   let mant = b & 0x7fffff;
@@ -59,8 +79,11 @@ export function bf16ToF32(h: number): number {
 /** The bits of the bfloat16 nearest to `x` (round to nearest even; NaN stays NaN). */
 export function f32ToBf16(x: number): number {
   f32[0] = x;
-  const b = u32[0];
+  return f32BitsToBf16(u32[0]);
+}
+
+/** The bits of the bfloat16 nearest to the f32 whose bits are `b` (round to nearest even; NaN stays NaN). */
+export function f32BitsToBf16(b: number): number {
   if ((b & 0x7fffffff) > 0x7f800000) return ((b >>> 16) | 0x40) & 0xffff;
   return ((b + 0x7fff + ((b >>> 16) & 1)) >>> 16) & 0xffff;
 }
-

@@ -28,6 +28,9 @@ export function convertWeight(t: HostTensor, target: WeightDType): HostTensor {
   const dtype = chooseDType(t.shape, target);
   if (dtype === t.dtype) return t;
   const count = t.shape.reduce((a, b) => a * b, 1);
-  const values = decodeWeights(t.dtype, t.data, count);
+  // Aligned f32 bytes are read in place; anything else is decoded to a fresh f32 array first.
+  const values = t.dtype === "f32" && t.data.byteOffset % 4 === 0
+    ? new Float32Array(t.data.buffer, t.data.byteOffset, count)
+    : decodeWeights(t.dtype, t.data, count);
   return { ...t, dtype, data: encodeWeights(dtype, values, t.shape[t.shape.length - 1], `tensor "${t.name}"`) };
 }

@@ -246,3 +246,53 @@ Deno.test("conformance: every op on every backend matches the reference kernels"
     });
   }
 });
+
+Deno.test("conformance: nodes after lastRow run on one row, whatever the step's T", async (t) => {
+  const inCI = Deno.env.get("CI") === "true";
+  // x [T, 32] → lastRow → rmsNorm → matmul [1, 24], planned for T = 16 and run with T = 5.
+  const g = new GraphBuilder();
+  const x = g.input("x", "f32", ["T", 32]);
+  const norm = g.weight("norm", "f32", [32]);
+  const w = g.weight("w", "f32", [24, 32]);
+  const out = g.matmul(g.rmsNorm(g.lastRow(x, "last"), norm, 1e-6, "normed"), w, "out");
+  g.output(out);
+  const plan = planGraph(g.build(), { T: 16 });
+  const xs = randomF32(5 * 32, 21);
+  const nw = randomF32(32, 22);
+  const ww = randomF32(24 * 32, 23);
+  const last = referenceOp({ kind: "lastRow" }, [{ shape: [5, 32], data: xs }], 0);
+  const normed = referenceOp({ kind: "rmsNorm", eps: 1e-6 }, [{ shape: [1, 32], data: last }, {
+    shape: [32],
+    data: nw,
+  }], 0);
+  const expected = referenceOp(
+    { kind: "matmul" },
+    [{ shape: [1, 32], data: normed }, { shape: [24, 32], data: ww }],
+    0,
+  );
+  for (const probe of await probeBackends()) {
+    if ("skip" in probe) {
+      if (inCI) throw new Error(`Backend "${probe.name}" is unavailable in CI: ${probe.skip}`);
+      continue;
+    }
+    const { backend } = probe;
+    await t.step(probe.name, async () => {
+      const bytes = (a: Float32Array) => new Uint8Array(a.buffer);
+      const bindings = new Map<number, DeviceTensor>([
+        [norm.id, backend.upload({ name: "norm", dtype: "f32", shape: [32], data: bytes(nw) })],
+        [w.id, backend.upload({ name: "w", dtype: "f32", shape: [24, 32], data: bytes(ww) })],
+      ]);
+      const exec = await backend.compile(plan, bindings);
+      try {
+        exec.writeInput(x.id, xs, xs.length);
+        await exec.run({ dims: { T: 5 }, pos: 0 });
+        const actual = new Float32Array(24);
+        await exec.readOutput(out.id, actual, 24);
+        assertClose(actual, expected, TOLERANCE.f32, `${backend.name}: lastRow chain`);
+      } finally {
+        exec.dispose();
+        backend.dispose();
+      }
+    });
+  }
+});

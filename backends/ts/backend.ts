@@ -11,7 +11,7 @@ import type { DType } from "../../graph/dtype.ts";
 import type { Node, OpKind } from "../../graph/ir.ts";
 import type { ExecutionPlan } from "../../graph/plan.ts";
 import type { Backend, DeviceTensor, Executable, HostTensor, StepArgs } from "../contract.ts";
-import { cacheCapacity, validateBindings, validateStep } from "../contract.ts";
+import { cacheCapacity, nodeRows, validateBindings, validateStep } from "../contract.ts";
 import * as k from "./kernels.ts";
 import { EMBEDDING_KERNELS, MATMUL_KERNELS, type TsWeight } from "./matmul.ts";
 
@@ -114,7 +114,13 @@ class TsExecutable implements Executable {
         this.#f32[id] = b.f32;
       }
     });
-    this.#steps = plan.order.map((nodeId) => this.#prepare(graph.nodes[nodeId], bindings));
+    this.#steps = plan.order.map((nodeId) => {
+      const node = graph.nodes[nodeId];
+      const step = this.#prepare(node, bindings);
+      // A node whose input has a fixed row count (after lastRow: 1) runs on those rows, not on the step's T.
+      const rows = nodeRows(graph, node, -1);
+      return rows >= 0 ? (pos: number) => step(pos, rows) : step;
+    });
   }
 
   #prepare(node: Node, bindings: ReadonlyMap<number, TsTensor>): StepFn {
@@ -172,7 +178,9 @@ class TsExecutable implements Executable {
   writeInput(tensorId: number, data: Int32Array | Float32Array, count: number): void {
     const { graph } = this.#plan;
     const dst = this.#i32[tensorId] ?? this.#f32[tensorId];
-    if (!dst || !graph.inputs.includes(tensorId)) throw new TypeError(`Cannot write input ${tensorId}: it is not a graph input`);
+    if (!dst || !graph.inputs.includes(tensorId)) {
+      throw new TypeError(`Cannot write input ${tensorId}: it is not a graph input`);
+    }
     const name = graph.tensors[tensorId].name;
     if (count > dst.length || count > data.length) {
       throw new RangeError(`Cannot write ${count} values to input "${name}": it holds ${dst.length}`);
