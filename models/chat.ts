@@ -17,90 +17,21 @@
  * @module
  */
 
-import { Template } from "@huggingface/jinja";
 import type { GenerateOptions, GenerationStats, StopReason } from "./generate.ts";
 import type { Model } from "./model.ts";
 import { ContextOverflowError, type Sequence } from "./sequence.ts";
-import { safetensorsFiles } from "./weights.ts";
+import { type ChatMessage, ChatTemplate, ChatTemplateError } from "./chat_template.ts";
+import {
+  decodeSessionFile,
+  encodeSessionFile,
+  modelFingerprint,
+  serializableDefaults,
+  type SessionExchange,
+  SessionFileError,
+} from "./session_file.ts";
 
-/** One message of a conversation. */
-export interface ChatMessage {
-  /** `"system"`, `"user"` or `"assistant"` (templates may accept others). */
-  readonly role: string;
-  readonly content: string;
-}
-
-/** A chat template that is missing, does not parse, or fails to render. */
-export class ChatTemplateError extends Error {
-  /**
-   * @param message what is wrong, sentence case
-   * @param options the underlying error, if any
-   */
-  constructor(message: string, options?: ErrorOptions) {
-    super(message, options);
-    this.name = "ChatTemplateError";
-  }
-}
-
-/** A model's Jinja chat template, ready to render conversations. */
-export class ChatTemplate {
-  /** The template source. */
-  readonly source: string;
-  readonly #template: Template;
-  readonly #bos: string;
-  readonly #eos: string;
-
-  /**
-   * @param source Jinja source, as in `tokenizer_config.json`'s `chat_template`
-   * @param tokens the BOS and EOS token strings the template may use
-   */
-  constructor(source: string, tokens: { bosToken?: string; eosToken?: string } = {}) {
-    if (typeof source !== "string" || source.trim() === "") {
-      throw new ChatTemplateError(`Invalid chat template ${JSON.stringify(source)}: expected Jinja source text`);
-    }
-    try {
-      this.#template = new Template(source);
-    } catch (e) {
-      throw new ChatTemplateError(`Cannot parse the chat template: ${(e as Error).message}`, { cause: e });
-    }
-    this.source = source;
-    this.#bos = tokens.bosToken ?? "";
-    this.#eos = tokens.eosToken ?? "";
-  }
-
-  /**
-   * The template of `model`, or `override` when given. Throws a
-   * {@link ChatTemplateError} when the model has none and no override is passed.
-   */
-  static forModel(model: Model, override?: string): ChatTemplate {
-    const source = override ?? model.tokenizer.chatTemplate;
-    if (source === undefined) {
-      throw new ChatTemplateError(
-        `Model "${model.dir}" has no chat template (no "chat_template" in tokenizer_config.json): pass one`,
-      );
-    }
-    return new ChatTemplate(source, { bosToken: model.tokenizer.bosToken, eosToken: model.tokenizer.eosToken });
-  }
-
-  /** The prompt text of `messages`, ending with the assistant's header when `addGenerationPrompt` (default true). */
-  render(messages: readonly ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
-    for (const [i, m] of messages.entries()) {
-      if (typeof m !== "object" || m === null || typeof m.role !== "string" || typeof m.content !== "string") {
-        throw new TypeError(`Invalid message ${i} ${JSON.stringify(m)}: expected { role: string, content: string }`);
-      }
-    }
-    try {
-      return this.#template.render({
-        messages: messages.map((m) => ({ role: m.role, content: m.content })),
-        add_generation_prompt: options.addGenerationPrompt ?? true,
-        bos_token: this.#bos,
-        eos_token: this.#eos,
-      });
-    } catch (e) {
-      throw new ChatTemplateError(`Cannot render the chat template: ${(e as Error).message}`, { cause: e });
-    }
-  }
-}
+export { type ChatMessage, ChatTemplate, ChatTemplateError } from "./chat_template.ts";
+export { modelFingerprint, SessionFileError, SessionModelMismatchError } from "./session_file.ts";
 
 /** What to do when a conversation no longer fits in the context. */
 export type ContextPolicy = "error" | "drop-oldest";
@@ -153,99 +84,8 @@ export class SessionBusyError extends Error {
   }
 }
 
-/** A session file that cannot be used; `reason` says why. */
-export class SessionFileError extends Error {
-  /** `"magic"` (not a session file), `"version"`, `"corrupt"` (truncated or damaged) or `"model"` (another model). */
-  readonly reason: "magic" | "version" | "corrupt" | "model";
-  /**
-   * @param reason what kind of problem
-   * @param message what is wrong, sentence case
-   */
-  constructor(reason: SessionFileError["reason"], message: string) {
-    super(message);
-    this.name = "SessionFileError";
-    this.reason = reason;
-  }
-}
-
-/** A session file written for another model (or another build of its files). */
-export class SessionModelMismatchError extends SessionFileError {
-  /**
-   * @param expected fingerprint of the loaded model
-   * @param found fingerprint stored in the file
-   */
-  constructor(readonly expected: string, readonly found: string) {
-    super(
-      "model",
-      `Cannot restore a session saved for model ${found.slice(0, 16)}… into model ${expected.slice(0, 16)}…`,
-    );
-    this.name = "SessionModelMismatchError";
-  }
-}
-
-/** The magic bytes that open a session file. */
-export const SESSION_MAGIC = "LLMCHAT\0";
-/** The session file format version this code writes and reads. */
-export const SESSION_VERSION = 1;
-
 /** A sequence for the next session constructed to take over (set by `fork`). */
 let adopted: Sequence | undefined;
-
-const fingerprints = new WeakMap<Model, Promise<string>>();
-
-/**
- * The identity of a model for session files: SHA-256 (hex) over its config,
- * KV cache shape, tokenizer files, and each weight file's size plus its first
- * and last MiB.
- */
-export function modelFingerprint(model: Model): Promise<string> {
-  let p = fingerprints.get(model);
-  if (!p) {
-    p = computeFingerprint(model);
-    fingerprints.set(model, p);
-  }
-  return p;
-}
-
-async function computeFingerprint(model: Model): Promise<string> {
-  const enc = new TextEncoder();
-  const parts: Uint8Array[] = [];
-  const c = model.config;
-  parts.push(enc.encode(JSON.stringify({ config: c, kvRow: c.numKvHeads * c.headDim })));
-  for (const f of ["tokenizer.json", "tokenizer_config.json"]) {
-    try {
-      parts.push(enc.encode(f), await Deno.readFile(`${model.dir}/${f}`));
-    } catch (e) {
-      if (!(e instanceof Deno.errors.NotFound)) throw e;
-    }
-  }
-  for (const path of await safetensorsFiles(model.dir)) {
-    const name = path.slice(path.lastIndexOf("/") + 1);
-    using file = await Deno.open(path);
-    const size = (await file.stat()).size;
-    parts.push(enc.encode(`${name}:${size}`));
-    const MiB = 1 << 20;
-    for (const at of size > 2 * MiB ? [0, size - MiB] : [0]) {
-      const buf = new Uint8Array(Math.min(size, size > 2 * MiB ? MiB : size));
-      await file.seek(at, Deno.SeekMode.Start);
-      let read = 0;
-      while (read < buf.length) {
-        const n = await file.read(buf.subarray(read));
-        if (n === null) break;
-        read += n;
-      }
-      parts.push(buf.subarray(0, read));
-    }
-  }
-  return hex(await sha256(concat(parts)));
-}
-
-interface Exchange {
-  /** Index of the exchange's user message. */
-  readonly messageIndex: number;
-  /** Cache length when the exchange began (the saved position `undo` returns to). */
-  readonly cachePosition: number;
-}
 
 /**
  * A conversation with a model that keeps its KV cache between turns.
@@ -264,7 +104,7 @@ export class ChatSession {
   readonly #reserve: number | undefined;
   #seq: Sequence;
   #messages: ChatMessage[] = [];
-  #exchanges: Exchange[] = [];
+  #exchanges: SessionExchange[] = [];
   #busy = false;
   #turns = 0;
   #disposed = false;
@@ -339,7 +179,7 @@ export class ChatSession {
     if (typeof content !== "string") {
       throw new TypeError(`Invalid message ${JSON.stringify(content)}: expected a string`);
     }
-    const exchange: Exchange = { messageIndex: this.#messages.length, cachePosition: this.#seq.length };
+    const exchange: SessionExchange = { messageIndex: this.#messages.length, cachePosition: this.#seq.length };
     this.#messages.push({ role: "user", content });
     this.#exchanges.push(exchange);
     try {
@@ -425,28 +265,24 @@ export class ChatSession {
   /** The session as bytes (see {@link ChatSession.deserialize}); the format is versioned and checksummed. */
   async serialize(): Promise<Uint8Array> {
     this.#check();
-    const enc = new TextEncoder();
     const tokens = Int32Array.from(this.#seq.tokens);
     const kv = await this.#seq.kv.save();
-    const header = enc.encode(JSON.stringify({
-      model: await modelFingerprint(this.model),
-      messages: this.#messages,
-      exchanges: this.#exchanges,
-      turns: this.#turns,
-      template: this.#templateOverride ?? null,
-      policy: this.#policy,
-      reserveTokens: this.#reserve ?? null,
-      defaults: serializableDefaults(this.#defaults),
-      tokens: tokens.length,
-      kvBytes: kv.byteLength,
-    }));
-    const fixed = new Uint8Array(16);
-    fixed.set(enc.encode(SESSION_MAGIC), 0);
-    const view = new DataView(fixed.buffer);
-    view.setUint32(8, SESSION_VERSION, true);
-    view.setUint32(12, header.byteLength, true);
-    const body = concat([fixed, header, new Uint8Array(tokens.buffer), kv]);
-    return concat([body, await sha256(body)]);
+    return await encodeSessionFile(
+      {
+        model: await modelFingerprint(this.model),
+        messages: this.#messages,
+        exchanges: this.#exchanges,
+        turns: this.#turns,
+        template: this.#templateOverride ?? null,
+        policy: this.#policy,
+        reserveTokens: this.#reserve ?? null,
+        defaults: serializableDefaults(this.#defaults),
+        tokens: tokens.length,
+        kvBytes: kv.byteLength,
+      },
+      tokens,
+      kv,
+    );
   }
 
   /** Writes the session to `path` (see {@link ChatSession.serialize}). */
@@ -462,49 +298,8 @@ export class ChatSession {
    * policy and reserve saved in the file apply unless `options` override them.
    */
   static async deserialize(model: Model, bytes: Uint8Array, options: ChatSessionOptions = {}): Promise<ChatSession> {
-    const dec = new TextDecoder("utf-8", { fatal: true });
-    if (bytes.byteLength < 8 || dec.decode(bytes.subarray(0, 8), { stream: false }) !== SESSION_MAGIC) {
-      throw new SessionFileError("magic", "Cannot restore the session: not a session file (bad magic bytes)");
-    }
-    if (bytes.byteLength < 16 + 32) {
-      throw new SessionFileError(
-        "corrupt",
-        `Cannot restore the session: the file is truncated (${bytes.byteLength} bytes)`,
-      );
-    }
-    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    const version = view.getUint32(8, true);
-    if (version !== SESSION_VERSION) {
-      throw new SessionFileError(
-        "version",
-        `Cannot restore the session: file format version ${version}, expected ${SESSION_VERSION}`,
-      );
-    }
-    const body = bytes.subarray(0, bytes.byteLength - 32);
-    const sum = await sha256(body);
-    if (!equalBytes(sum, bytes.subarray(bytes.byteLength - 32))) {
-      throw new SessionFileError("corrupt", "Cannot restore the session: the file is truncated or damaged (checksum)");
-    }
-    const headerLength = view.getUint32(12, true);
-    if (16 + headerLength > body.byteLength) {
-      throw new SessionFileError("corrupt", `Cannot restore the session: header length ${headerLength} past the end`);
-    }
-    let h: SessionHeader;
-    try {
-      h = parseHeader(JSON.parse(dec.decode(body.subarray(16, 16 + headerLength))));
-    } catch (e) {
-      throw new SessionFileError("corrupt", `Cannot restore the session: bad header: ${(e as Error).message}`);
-    }
-    const expected = await modelFingerprint(model);
-    if (h.model !== expected) throw new SessionModelMismatchError(expected, h.model);
-    const tokStart = 16 + headerLength;
-    if (tokStart + h.tokens * 4 + h.kvBytes !== body.byteLength) {
-      throw new SessionFileError("corrupt", "Cannot restore the session: sizes in the header do not match the file");
-    }
+    const { header: h, tokens, kv } = await decodeSessionFile(bytes, await modelFingerprint(model));
     if (h.tokens > model.contextLength) throw new ContextOverflowError(h.tokens, model.contextLength);
-
-    const tokens = Array.from(new Int32Array(body.slice(tokStart, tokStart + h.tokens * 4).buffer));
-    const kv = body.slice(tokStart + h.tokens * 4);
     const session = new ChatSession(model, {
       template: h.template ?? undefined,
       contextPolicy: h.policy,
@@ -676,113 +471,4 @@ export class ChatSession {
     }, { highWaterMark: 0 });
     return Object.assign(stream, { stats: gen.stats, usage });
   }
-}
-
-interface SessionHeader {
-  model: string;
-  messages: ChatMessage[];
-  exchanges: Exchange[];
-  turns: number;
-  template: string | null;
-  policy: ContextPolicy;
-  reserveTokens: number | null;
-  defaults: GenerateOptions;
-  tokens: number;
-  kvBytes: number;
-}
-
-function parseHeader(v: unknown): SessionHeader {
-  const h = v as Record<string, unknown>;
-  const fail = (field: string): never => {
-    throw new TypeError(`field "${field}" is ${JSON.stringify(h?.[field])}`);
-  };
-  if (typeof h !== "object" || h === null) throw new TypeError("expected a JSON object");
-  const nat = (f: string) => (Number.isInteger(h[f]) && (h[f] as number) >= 0 ? h[f] as number : fail(f));
-  if (typeof h.model !== "string") fail("model");
-  if (!Array.isArray(h.messages)) fail("messages");
-  for (const m of h.messages as unknown[]) {
-    const r = m as Record<string, unknown>;
-    if (typeof r !== "object" || r === null || typeof r.role !== "string" || typeof r.content !== "string") {
-      fail("messages");
-    }
-  }
-  const messages = (h.messages as ChatMessage[]).map((m) => ({ role: m.role, content: m.content }));
-  if (!Array.isArray(h.exchanges)) fail("exchanges");
-  const exchanges = (h.exchanges as Record<string, unknown>[]).map((e) => {
-    const i = e?.messageIndex, p = e?.cachePosition;
-    if (!Number.isInteger(i) || !Number.isInteger(p) || (i as number) < 0 || (p as number) < 0) fail("exchanges");
-    if ((i as number) >= messages.length || messages[i as number].role !== "user") fail("exchanges");
-    return { messageIndex: i as number, cachePosition: p as number };
-  });
-  if (h.template !== null && typeof h.template !== "string") fail("template");
-  if (h.policy !== "error" && h.policy !== "drop-oldest") fail("policy");
-  if (h.reserveTokens !== null) nat("reserveTokens");
-  const d = h.defaults ?? {};
-  if (typeof d !== "object" || d === null || Array.isArray(d)) fail("defaults");
-  for (const [k, v] of Object.entries(d as Record<string, unknown>)) {
-    const ok = SAVED_OPTIONS.includes(k) &&
-      (typeof v === "number" || typeof v === "boolean" || (k === "stop" && Array.isArray(v)) ||
-        (k === "logitBias" && typeof v === "object" && v !== null));
-    if (!ok) throw new TypeError(`field "defaults.${k}" is ${JSON.stringify(v)}`);
-  }
-  return {
-    model: h.model as string,
-    messages,
-    exchanges,
-    turns: nat("turns"),
-    template: h.template as string | null,
-    policy: h.policy as ContextPolicy,
-    reserveTokens: h.reserveTokens as number | null,
-    defaults: d as GenerateOptions,
-    tokens: nat("tokens"),
-    kvBytes: nat("kvBytes"),
-  };
-}
-
-/** Generation defaults a session file keeps (not `signal`). */
-const SAVED_OPTIONS = [
-  "maxTokens",
-  "stop",
-  "ignoreEos",
-  "addSpecialTokens",
-  "temperature",
-  "topK",
-  "topP",
-  "minP",
-  "repetitionPenalty",
-  "presencePenalty",
-  "frequencyPenalty",
-  "penaltyLastN",
-  "logitBias",
-  "seed",
-];
-
-function serializableDefaults(o: GenerateOptions): GenerateOptions {
-  const out: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(o)) if (SAVED_OPTIONS.includes(k) && v !== undefined) out[k] = v;
-  return out as GenerateOptions;
-}
-
-function concat(parts: readonly Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((a, p) => a + p.byteLength, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.byteLength;
-  }
-  return out;
-}
-
-async function sha256(data: Uint8Array): Promise<Uint8Array> {
-  return new Uint8Array(await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>));
-}
-
-function hex(bytes: Uint8Array): string {
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-}
-
-function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
-  if (a.byteLength !== b.byteLength) return false;
-  for (let i = 0; i < a.byteLength; i++) if (a[i] !== b[i]) return false;
-  return true;
 }

@@ -1,0 +1,87 @@
+/**
+ * Chat templates: a model's Jinja `chat_template` rendered with `@huggingface/jinja`.
+ *
+ * @module
+ */
+
+import { Template } from "@huggingface/jinja";
+import type { Model } from "./model.ts";
+
+/** One message of a conversation. */
+export interface ChatMessage {
+  /** `"system"`, `"user"` or `"assistant"` (templates may accept others). */
+  readonly role: string;
+  readonly content: string;
+}
+
+/** A chat template that is missing, does not parse, or fails to render. */
+export class ChatTemplateError extends Error {
+  /**
+   * @param message what is wrong, sentence case
+   * @param options the underlying error, if any
+   */
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "ChatTemplateError";
+  }
+}
+
+/** A model's Jinja chat template, ready to render conversations. */
+export class ChatTemplate {
+  /** The template source. */
+  readonly source: string;
+  readonly #template: Template;
+  readonly #bos: string;
+  readonly #eos: string;
+
+  /**
+   * @param source Jinja source, as in `tokenizer_config.json`'s `chat_template`
+   * @param tokens the BOS and EOS token strings the template may use
+   */
+  constructor(source: string, tokens: { bosToken?: string; eosToken?: string } = {}) {
+    if (typeof source !== "string" || source.trim() === "") {
+      throw new ChatTemplateError(`Invalid chat template ${JSON.stringify(source)}: expected Jinja source text`);
+    }
+    try {
+      this.#template = new Template(source);
+    } catch (e) {
+      throw new ChatTemplateError(`Cannot parse the chat template: ${(e as Error).message}`, { cause: e });
+    }
+    this.source = source;
+    this.#bos = tokens.bosToken ?? "";
+    this.#eos = tokens.eosToken ?? "";
+  }
+
+  /**
+   * The template of `model`, or `override` when given. Throws a
+   * {@link ChatTemplateError} when the model has none and no override is passed.
+   */
+  static forModel(model: Model, override?: string): ChatTemplate {
+    const source = override ?? model.tokenizer.chatTemplate;
+    if (source === undefined) {
+      throw new ChatTemplateError(
+        `Model "${model.dir}" has no chat template (no "chat_template" in tokenizer_config.json): pass one`,
+      );
+    }
+    return new ChatTemplate(source, { bosToken: model.tokenizer.bosToken, eosToken: model.tokenizer.eosToken });
+  }
+
+  /** The prompt text of `messages`, ending with the assistant's header when `addGenerationPrompt` (default true). */
+  render(messages: readonly ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
+    for (const [i, m] of messages.entries()) {
+      if (typeof m !== "object" || m === null || typeof m.role !== "string" || typeof m.content !== "string") {
+        throw new TypeError(`Invalid message ${i} ${JSON.stringify(m)}: expected { role: string, content: string }`);
+      }
+    }
+    try {
+      return this.#template.render({
+        messages: messages.map((m) => ({ role: m.role, content: m.content })),
+        add_generation_prompt: options.addGenerationPrompt ?? true,
+        bos_token: this.#bos,
+        eos_token: this.#eos,
+      });
+    } catch (e) {
+      throw new ChatTemplateError(`Cannot render the chat template: ${(e as Error).message}`, { cause: e });
+    }
+  }
+}

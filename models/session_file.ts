@@ -1,0 +1,291 @@
+/**
+ * The chat session file format: a versioned, checksummed container for a
+ * conversation, its tokens and its KV cache rows, tied to one model by a
+ * fingerprint of the model's files.
+ *
+ * Layout: 8 magic bytes, u32 version, u32 header length, the JSON header, the
+ * tokens as i32, the KV cache bytes, then a SHA-256 of everything before it.
+ *
+ * @module
+ */
+
+import type { ChatMessage } from "./chat_template.ts";
+import type { ContextPolicy } from "./chat.ts";
+import type { GenerateOptions } from "./generate.ts";
+import type { Model } from "./model.ts";
+import { safetensorsFiles } from "./weights.ts";
+
+/** A session file that cannot be used; `reason` says why. */
+export class SessionFileError extends Error {
+  /** `"magic"` (not a session file), `"version"`, `"corrupt"` (truncated or damaged) or `"model"` (another model). */
+  readonly reason: "magic" | "version" | "corrupt" | "model";
+  /**
+   * @param reason what kind of problem
+   * @param message what is wrong, sentence case
+   */
+  constructor(reason: SessionFileError["reason"], message: string) {
+    super(message);
+    this.name = "SessionFileError";
+    this.reason = reason;
+  }
+}
+
+/** A session file written for another model (or another build of its files). */
+export class SessionModelMismatchError extends SessionFileError {
+  /**
+   * @param expected fingerprint of the loaded model
+   * @param found fingerprint stored in the file
+   */
+  constructor(readonly expected: string, readonly found: string) {
+    super(
+      "model",
+      `Cannot restore a session saved for model ${found.slice(0, 16)}… into model ${expected.slice(0, 16)}…`,
+    );
+    this.name = "SessionModelMismatchError";
+  }
+}
+
+/** The magic bytes that open a session file. */
+export const SESSION_MAGIC = "LLMCHAT\0";
+/** The session file format version this code writes and reads. */
+export const SESSION_VERSION = 1;
+
+const fingerprints = new WeakMap<Model, Promise<string>>();
+
+/**
+ * The identity of a model for session files: SHA-256 (hex) over its config,
+ * KV cache shape, tokenizer files, and each weight file's size plus its first
+ * and last MiB.
+ */
+export function modelFingerprint(model: Model): Promise<string> {
+  let p = fingerprints.get(model);
+  if (!p) {
+    p = computeFingerprint(model);
+    fingerprints.set(model, p);
+  }
+  return p;
+}
+
+async function computeFingerprint(model: Model): Promise<string> {
+  const enc = new TextEncoder();
+  const parts: Uint8Array[] = [];
+  const c = model.config;
+  parts.push(enc.encode(JSON.stringify({ config: c, kvRow: c.numKvHeads * c.headDim })));
+  for (const f of ["tokenizer.json", "tokenizer_config.json"]) {
+    try {
+      parts.push(enc.encode(f), await Deno.readFile(`${model.dir}/${f}`));
+    } catch (e) {
+      if (!(e instanceof Deno.errors.NotFound)) throw e;
+    }
+  }
+  for (const path of await safetensorsFiles(model.dir)) {
+    const name = path.slice(path.lastIndexOf("/") + 1);
+    using file = await Deno.open(path);
+    const size = (await file.stat()).size;
+    parts.push(enc.encode(`${name}:${size}`));
+    const MiB = 1 << 20;
+    for (const at of size > 2 * MiB ? [0, size - MiB] : [0]) {
+      const buf = new Uint8Array(Math.min(size, size > 2 * MiB ? MiB : size));
+      await file.seek(at, Deno.SeekMode.Start);
+      let read = 0;
+      while (read < buf.length) {
+        const n = await file.read(buf.subarray(read));
+        if (n === null) break;
+        read += n;
+      }
+      parts.push(buf.subarray(0, read));
+    }
+  }
+  return hex(await sha256(concat(parts)));
+}
+
+/** An exchange of a conversation, as a session remembers it. */
+export interface SessionExchange {
+  /** Index of the exchange's user message. */
+  readonly messageIndex: number;
+  /** Cache length when the exchange began (the saved position `undo` returns to). */
+  readonly cachePosition: number;
+}
+
+/** What a session file's JSON header holds. */
+export interface SessionHeader {
+  model: string;
+  messages: ChatMessage[];
+  exchanges: SessionExchange[];
+  turns: number;
+  template: string | null;
+  policy: ContextPolicy;
+  reserveTokens: number | null;
+  defaults: GenerateOptions;
+  tokens: number;
+  kvBytes: number;
+}
+
+/** Validates a parsed header, throwing a `TypeError` naming the bad field. */
+function parseHeader(v: unknown): SessionHeader {
+  const h = v as Record<string, unknown>;
+  const fail = (field: string): never => {
+    throw new TypeError(`field "${field}" is ${JSON.stringify(h?.[field])}`);
+  };
+  if (typeof h !== "object" || h === null) throw new TypeError("expected a JSON object");
+  const nat = (f: string) => (Number.isInteger(h[f]) && (h[f] as number) >= 0 ? h[f] as number : fail(f));
+  if (typeof h.model !== "string") fail("model");
+  if (!Array.isArray(h.messages)) fail("messages");
+  for (const m of h.messages as unknown[]) {
+    const r = m as Record<string, unknown>;
+    if (typeof r !== "object" || r === null || typeof r.role !== "string" || typeof r.content !== "string") {
+      fail("messages");
+    }
+  }
+  const messages = (h.messages as ChatMessage[]).map((m) => ({ role: m.role, content: m.content }));
+  if (!Array.isArray(h.exchanges)) fail("exchanges");
+  const exchanges = (h.exchanges as Record<string, unknown>[]).map((e) => {
+    const i = e?.messageIndex, p = e?.cachePosition;
+    if (!Number.isInteger(i) || !Number.isInteger(p) || (i as number) < 0 || (p as number) < 0) fail("exchanges");
+    if ((i as number) >= messages.length || messages[i as number].role !== "user") fail("exchanges");
+    return { messageIndex: i as number, cachePosition: p as number };
+  });
+  if (h.template !== null && typeof h.template !== "string") fail("template");
+  if (h.policy !== "error" && h.policy !== "drop-oldest") fail("policy");
+  if (h.reserveTokens !== null) nat("reserveTokens");
+  const d = h.defaults ?? {};
+  if (typeof d !== "object" || d === null || Array.isArray(d)) fail("defaults");
+  for (const [k, v] of Object.entries(d as Record<string, unknown>)) {
+    const ok = SAVED_OPTIONS.includes(k) &&
+      (typeof v === "number" || typeof v === "boolean" || (k === "stop" && Array.isArray(v)) ||
+        (k === "logitBias" && typeof v === "object" && v !== null));
+    if (!ok) throw new TypeError(`field "defaults.${k}" is ${JSON.stringify(v)}`);
+  }
+  return {
+    model: h.model as string,
+    messages,
+    exchanges,
+    turns: nat("turns"),
+    template: h.template as string | null,
+    policy: h.policy as ContextPolicy,
+    reserveTokens: h.reserveTokens as number | null,
+    defaults: d as GenerateOptions,
+    tokens: nat("tokens"),
+    kvBytes: nat("kvBytes"),
+  };
+}
+
+/** Generation defaults a session file keeps (not `signal`). */
+const SAVED_OPTIONS = [
+  "maxTokens",
+  "stop",
+  "ignoreEos",
+  "addSpecialTokens",
+  "temperature",
+  "topK",
+  "topP",
+  "minP",
+  "repetitionPenalty",
+  "presencePenalty",
+  "frequencyPenalty",
+  "penaltyLastN",
+  "logitBias",
+  "seed",
+];
+
+/** The generation defaults a session file can keep. */
+export function serializableDefaults(o: GenerateOptions): GenerateOptions {
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(o)) if (SAVED_OPTIONS.includes(k) && v !== undefined) out[k] = v;
+  return out as GenerateOptions;
+}
+
+function concat(parts: readonly Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((a, p) => a + p.byteLength, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.byteLength;
+  }
+  return out;
+}
+
+async function sha256(data: Uint8Array): Promise<Uint8Array> {
+  return new Uint8Array(await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>));
+}
+
+function hex(bytes: Uint8Array): string {
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.byteLength !== b.byteLength) return false;
+  for (let i = 0; i < a.byteLength; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+/** Encodes a session file. */
+export async function encodeSessionFile(
+  header: SessionHeader,
+  tokens: Int32Array,
+  kv: Uint8Array,
+): Promise<Uint8Array> {
+  const enc = new TextEncoder();
+  const json = enc.encode(JSON.stringify(header));
+  const fixed = new Uint8Array(16);
+  fixed.set(enc.encode(SESSION_MAGIC), 0);
+  const view = new DataView(fixed.buffer);
+  view.setUint32(8, SESSION_VERSION, true);
+  view.setUint32(12, json.byteLength, true);
+  const body = concat([fixed, json, new Uint8Array(tokens.buffer, tokens.byteOffset, tokens.byteLength), kv]);
+  return concat([body, await sha256(body)]);
+}
+
+/** A decoded session file. */
+export interface SessionFile {
+  readonly header: SessionHeader;
+  readonly tokens: number[];
+  readonly kv: Uint8Array;
+}
+
+/**
+ * Decodes and checks a session file: magic, version, checksum, header, sizes,
+ * and that it was written for the model whose fingerprint is `expectedModel`.
+ */
+export async function decodeSessionFile(bytes: Uint8Array, expectedModel: string): Promise<SessionFile> {
+  const dec = new TextDecoder("utf-8", { fatal: true });
+  const magic = bytes.byteLength >= 8 ? dec.decode(bytes.subarray(0, 8).slice(), { stream: false }) : "";
+  if (magic !== SESSION_MAGIC) {
+    throw new SessionFileError("magic", "Cannot restore the session: not a session file (bad magic bytes)");
+  }
+  if (bytes.byteLength < 16 + 32) {
+    throw new SessionFileError(
+      "corrupt",
+      `Cannot restore the session: the file is truncated (${bytes.byteLength} bytes)`,
+    );
+  }
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const version = view.getUint32(8, true);
+  if (version !== SESSION_VERSION) {
+    throw new SessionFileError(
+      "version",
+      `Cannot restore the session: file format version ${version}, expected ${SESSION_VERSION}`,
+    );
+  }
+  const body = bytes.subarray(0, bytes.byteLength - 32);
+  if (!equalBytes(await sha256(body), bytes.subarray(bytes.byteLength - 32))) {
+    throw new SessionFileError("corrupt", "Cannot restore the session: the file is truncated or damaged (checksum)");
+  }
+  const headerLength = view.getUint32(12, true);
+  if (16 + headerLength > body.byteLength) {
+    throw new SessionFileError("corrupt", `Cannot restore the session: header length ${headerLength} past the end`);
+  }
+  let header: SessionHeader;
+  try {
+    header = parseHeader(JSON.parse(dec.decode(body.subarray(16, 16 + headerLength))));
+  } catch (e) {
+    throw new SessionFileError("corrupt", `Cannot restore the session: bad header: ${(e as Error).message}`);
+  }
+  if (header.model !== expectedModel) throw new SessionModelMismatchError(expectedModel, header.model);
+  const tokStart = 16 + headerLength;
+  if (tokStart + header.tokens * 4 + header.kvBytes !== body.byteLength) {
+    throw new SessionFileError("corrupt", "Cannot restore the session: sizes in the header do not match the file");
+  }
+  const tokens = Array.from(new Int32Array(body.slice(tokStart, tokStart + header.tokens * 4).buffer));
+  return { header, tokens, kv: body.slice(tokStart + header.tokens * 4) };
+}
