@@ -41,6 +41,13 @@ export { SamplingOptionError, type SamplingOptions } from "./models/sampler.ts";
 export { ConfigError, type LlamaConfig, parseConfig } from "./models/config.ts";
 export { SafetensorsError } from "./models/safetensors.ts";
 export { type LoadProgress, WeightsError } from "./models/weights.ts";
+export {
+  DEFAULT_MODEL_ID,
+  ModelDownloadError,
+  ModelNotFoundError,
+  resolveModelSource,
+  type ResolveOptions,
+} from "./models/hub.ts";
 export { TextTokenizer } from "./models/tokenizer.ts";
 export { KvCache } from "./models/kv_cache.ts";
 export { backendNames, createBackend, registerBackend, UnknownBackendError } from "./backends/registry.ts";

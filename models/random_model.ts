@@ -87,7 +87,11 @@ export interface RandomModelOptions {
  * shape always give the same bytes. Weights are uniform with the standard
  * deviation of a typical initialisation (0.02), norms are 1.
  */
-export async function writeRandomModel(dir: string, shape: ShapeConfig, options: RandomModelOptions): Promise<LlamaConfig> {
+export async function writeRandomModel(
+  dir: string,
+  shape: ShapeConfig,
+  options: RandomModelOptions,
+): Promise<LlamaConfig> {
   const config = parseConfig(shape, "shape");
   const dtype = options.dtype ?? "f32";
   const seed = options.seed ?? 1;
@@ -105,10 +109,18 @@ export async function writeRandomModel(dir: string, shape: ShapeConfig, options:
     }
     index++;
     const stored = dims.length === 1 ? "f32" : dtype;
-    tensors.push({ name, dtype: stored, shape: dims, data: encodeWeights(stored, values, dims[dims.length - 1], name) });
+    tensors.push({
+      name,
+      dtype: stored,
+      shape: dims,
+      data: encodeWeights(stored, values, dims[dims.length - 1], name),
+    });
   }
   await Deno.writeFile(`${dir}/model.safetensors`, encodeSafetensors(tensors, { format: "pt" }));
-  await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify({ ...shape, torch_dtype: dtype === "f16" ? "float16" : "float32" }, null, 2));
+  await Deno.writeTextFile(
+    `${dir}/config.json`,
+    JSON.stringify({ ...shape, torch_dtype: dtype === "f16" ? "float16" : "float32" }, null, 2),
+  );
   for (const f of ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]) {
     try {
       await Deno.copyFile(`${options.tokenizerFrom}/${f}`, `${dir}/${f}`);
