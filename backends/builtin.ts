@@ -6,6 +6,8 @@
  */
 
 import { createTsBackend } from "./ts/backend.ts";
-import { registerBackend } from "./registry.ts";
+import { registerBackend, registerLazyBackend } from "./registry.ts";
 
 registerBackend("ts", createTsBackend);
+registerLazyBackend("native", () => import("./native/mod.ts"));
+registerLazyBackend("webgpu", () => import("./webgpu/mod.ts"));

@@ -1,0 +1,29 @@
+/**
+ * The WebGPU backend's entry point: importing it registers the backend as
+ * `"webgpu"`. The core registers it lazily (`backends/builtin.ts`), so importing
+ * the engine needs no GPU; `createBackend("webgpu")` or
+ * `loadModel(dir, { backend: "webgpu" })` loads this module on first use.
+ *
+ * @example
+ * ```ts ignore
+ * import { loadModel } from "@llm/engine";
+ * const model = await loadModel("../shared/models/story", { backend: "webgpu" });
+ * ```
+ *
+ * @module
+ */
+
+import { registerBackend } from "../registry.ts";
+import { createWebGpuBackend } from "./backend.ts";
+
+export {
+  createWebGpuBackend,
+  type DecodeKernel,
+  setNavigatorGpu,
+  WebGpuBackend,
+  type WebGpuBackendOptions,
+  WebGpuDeviceLostError,
+  WebGpuUnavailableError,
+} from "./backend.ts";
+
+registerBackend("webgpu", () => createWebGpuBackend());

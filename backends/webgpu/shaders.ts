@@ -1,0 +1,548 @@
+/**
+ * WGSL sources of the WebGPU backend, one compute shader per op (two for
+ * attention: the KV-cache write, then the fused attention), generated per weight
+ * dtype so that the matmul and embedding shaders unpack f16, bf16, q8_0 and q4_0
+ * weights themselves. Everything is computed in f32.
+ *
+ * Matmul shaders write output rows with stride `p.outN`, so a weight split by rows
+ * across several bindings runs as one dispatch per part, each writing its columns.
+ *
+ * Every shader shares one binding scheme:
+ * - `@binding(0)` the node's parameters (a uniform struct written once at compile;
+ *   its first field `rows` is the operand's row count when the graph fixes it, as
+ *   after `lastRow`, or 0 for the step's `T`),
+ * - `@binding(1)` the step's values `T` and `pos` (a uniform written before each step),
+ * - `@binding(2)` the activation arena (`array<f32>`, offsets in elements),
+ * - `@binding(3..4)` the weight, token ids or KV caches, when the op has them.
+ *
+ * Work too large for one dimension of dispatch is spread over `x` and `y`
+ * (see {@link gridOf}), so each shader recovers a linear workgroup index.
+ *
+ * @module
+ */
+
+import type { DType } from "../../graph/dtype.ts";
+
+/** Invocations of a one-dimensional workgroup. */
+export const WG = 64;
+/** Output rows per workgroup of the matrix-vector kernel. */
+export const MATVEC_ROWS = 4;
+/** Most tokens the matrix-vector kernel handles in one step; more use the tiled kernel. */
+export const MATVEC_MAX_T = 4;
+/** Tile edge of the tiled matrix-matrix kernel (tokens, weight rows and K per tile). */
+export const TILE = 32;
+
+/** Largest workgroup count per dispatch dimension that every adapter allows. */
+const MAX_GROUPS_PER_DIM = 65535;
+
+/**
+ * Splits `groups` workgroups over x and y so that no dimension exceeds the limit. The
+ * grid may then hold up to x - 1 spare workgroups, which every shader leaves idle.
+ */
+export function gridOf(groups: number): [number, number] {
+  if (groups <= MAX_GROUPS_PER_DIM) return [groups, 1];
+  return [MAX_GROUPS_PER_DIM, Math.ceil(groups / MAX_GROUPS_PER_DIM)];
+}
+
+const HEADER = /* wgsl */ `
+struct Step { T: u32, pos: u32, pad0: u32, pad1: u32 }
+@group(0) @binding(1) var<uniform> st: Step;
+@group(0) @binding(2) var<storage, read_write> arena: array<f32>;
+
+// Rows of the node's operand: p.rows when fixed in the graph, else the step's T.
+fn rowCount() -> u32 {
+  return select(p.rows, st.T, p.rows == 0u);
+}
+
+fn groupIndex(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
+  return wg.x + wg.y * nwg.x;
+}
+`;
+
+/**
+ * WGSL that declares the weight at `@binding(3)` and `fn wAt(i: u32) -> f32`, the
+ * value of element `i` (row-major). Quantized weights read their f16 scales from
+ * word `p.wScale` on (the planar layout of `graph/dtype.ts`).
+ */
+function weightAccess(dtype: DType): string {
+  switch (dtype) {
+    case "f32":
+      return `@group(0) @binding(3) var<storage, read> w: array<f32>;
+fn wAt(i: u32) -> f32 { return w[i]; }`;
+    case "f16":
+      return `@group(0) @binding(3) var<storage, read> w: array<u32>;
+fn wAt(i: u32) -> f32 { return unpack2x16float(w[i >> 1u])[i & 1u]; }`;
+    case "bf16":
+      return `@group(0) @binding(3) var<storage, read> w: array<u32>;
+fn wAt(i: u32) -> f32 {
+  let word = w[i >> 1u];
+  return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (i & 1u) == 1u));
+}`;
+    case "q8_0":
+      return `@group(0) @binding(3) var<storage, read> w: array<u32>;
+fn blockScale(b: u32) -> f32 { return unpack2x16float(w[p.wScale + (b >> 1u)])[b & 1u]; }
+fn wAt(i: u32) -> f32 {
+  let q = (bitcast<i32>(w[i >> 2u]) << (24u - (i & 3u) * 8u)) >> 24u;
+  return f32(q) * blockScale(i >> 5u);
+}`;
+    case "q4_0":
+      return `@group(0) @binding(3) var<storage, read> w: array<u32>;
+fn blockScale(b: u32) -> f32 { return unpack2x16float(w[p.wScale + (b >> 1u)])[b & 1u]; }
+fn wAt(i: u32) -> f32 {
+  let b = i >> 5u;
+  let j = i & 31u;
+  let byteIndex = b * 16u + (j & 15u);
+  let byte = (w[byteIndex >> 2u] >> ((byteIndex & 3u) * 8u)) & 0xffu;
+  let q = select(byte & 15u, byte >> 4u, j >= 16u);
+  return (f32(q) - 8.0) * blockScale(b);
+}`;
+    case "i32":
+      throw new TypeError(`Cannot read "i32" as weights`);
+  }
+}
+
+/**
+ * WGSL for `fn wQuad(i: u32) -> vec4<f32>`: elements `i .. i + 3` of the weight, for `i`
+ * a multiple of 4 within one row (rows of a multiple of 4 elements). One or two word
+ * loads and one scale per call; a quantized block never splits a quad.
+ */
+function weightQuad(dtype: DType): string {
+  switch (dtype) {
+    case "f32":
+      return `fn wQuad(i: u32) -> vec4<f32> { return vec4<f32>(w[i], w[i + 1u], w[i + 2u], w[i + 3u]); }`;
+    case "f16":
+      return `fn wQuad(i: u32) -> vec4<f32> {
+  return vec4<f32>(unpack2x16float(w[i >> 1u]), unpack2x16float(w[(i >> 1u) + 1u]));
+}`;
+    case "bf16":
+      return `fn wQuad(i: u32) -> vec4<f32> {
+  let a = w[i >> 1u];
+  let b = w[(i >> 1u) + 1u];
+  return bitcast<vec4<f32>>(vec4<u32>(a << 16u, a & 0xffff0000u, b << 16u, b & 0xffff0000u));
+}`;
+    case "q8_0":
+      return `fn wQuad(i: u32) -> vec4<f32> {
+  let q = vec4<i32>(bitcast<i32>(w[i >> 2u]));
+  let v = (q << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u);
+  return vec4<f32>(v) * blockScale(i >> 5u);
+}`;
+    case "q4_0":
+      return `fn wQuad(i: u32) -> vec4<f32> {
+  let b = i >> 5u;
+  let j = i & 31u;
+  let word = w[b * 4u + ((j & 15u) >> 2u)];
+  let nib = (vec4<u32>(word) >> (vec4<u32>(0u, 8u, 16u, 24u) + select(0u, 4u, j >= 16u))) & vec4<u32>(15u);
+  return (vec4<f32>(nib) - 8.0) * blockScale(b);
+}`;
+    case "i32":
+      throw new TypeError(`Cannot read "i32" as weights`);
+  }
+}
+
+/**
+ * out (T, D) = table rows ids (T), for the ids in `first .. first + count - 1` (the
+ * rows held by this part of a table split across bindings). Workgroups: T × ceil(D / WG).
+ */
+export function embeddingShader(dtype: DType): string {
+  return `
+struct Params { rows: u32, table: u32, out: u32, D: u32, wScale: u32, first: u32, count: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+${HEADER}
+${weightAccess(dtype)}
+@group(0) @binding(4) var<storage, read> ids: array<i32>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let per = (p.D + ${WG - 1}u) / ${WG}u;
+  let g = groupIndex(wg, nwg);
+  let t = g / per;
+  let d = (g % per) * ${WG}u + lid.x;
+  if (t >= rowCount() || d >= p.D) { return; }
+  let id = u32(ids[t]);
+  if (id < p.first || id >= p.first + p.count) { return; }
+  arena[p.out + t * p.D + d] = wAt((id - p.first) * p.D + d);
+}
+`;
+}
+
+/** out (T, D) = x / rms(x row) * w (D). One workgroup per row. */
+export function rmsNormShader(): string {
+  return `
+struct Params { rows: u32, x: u32, out: u32, D: u32, eps: f32 }
+@group(0) @binding(0) var<uniform> p: Params;
+${HEADER}
+@group(0) @binding(3) var<storage, read> w: array<f32>;
+var<workgroup> red: array<f32, ${WG}>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let t = groupIndex(wg, nwg);
+  if (t >= rowCount()) { return; } // a spare workgroup of a two-dimensional grid
+  let xo = p.x + t * p.D;
+  var s = 0.0;
+  for (var d = lid.x; d < p.D; d += ${WG}u) {
+    let v = arena[xo + d];
+    s += v * v;
+  }
+  red[lid.x] = s;
+  workgroupBarrier();
+  for (var k = ${WG / 2}u; k > 0u; k >>= 1u) {
+    if (lid.x < k) { red[lid.x] += red[lid.x + k]; }
+    workgroupBarrier();
+  }
+  let inv = 1.0 / sqrt(red[0] / f32(p.D) + p.eps);
+  let oo = p.out + t * p.D;
+  for (var d = lid.x; d < p.D; d += ${WG}u) {
+    arena[oo + d] = arena[xo + d] * inv * w[d];
+  }
+}
+`;
+}
+
+/**
+ * Matrix-vector product for a few tokens (decode): out (T, N) = x (T, K) · W (N, K)ᵀ
+ * with T ≤ {@link MATVEC_MAX_T}. Each workgroup computes {@link MATVEC_ROWS} weight
+ * rows; the 64 lanes of a row stride over K (adjacent lanes read adjacent weights),
+ * each weight is read once for all T tokens (one `vec4` accumulator lane per token),
+ * and the lanes sum in workgroup memory. Workgroups: ceil(N / MATVEC_ROWS).
+ */
+export function matvecShader(dtype: DType, quad: boolean): string {
+  const step = quad ? 4 * WG : WG;
+  const x = (t: number) =>
+    quad
+      ? `dot(wv, vec4<f32>(arena[xo${t}], arena[xo${t} + 1u], arena[xo${t} + 2u], arena[xo${t} + 3u]))`
+      : `wv * arena[xo${t}]`;
+  const lane = ["x", "y", "z", "w"];
+  const tokens = [0, 1, 2, 3].map((t) =>
+    `${t > 0 ? `if (T > ${t}u) ` : ""}{ let xo${t} = p.x + ${t}u * p.K + k; acc.${lane[t]} += ${x(t)}; }`
+  ).join("\n      ");
+  return `
+struct Params { rows: u32, x: u32, out: u32, K: u32, N: u32, wScale: u32, outN: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+${HEADER}
+${weightAccess(dtype)}
+${quad ? weightQuad(dtype) : ""}
+var<workgroup> red: array<vec4<f32>, ${WG * MATVEC_ROWS}>;
+
+@compute @workgroup_size(${WG}, ${MATVEC_ROWS})
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let n = groupIndex(wg, nwg) * ${MATVEC_ROWS}u + lid.y;
+  let T = rowCount();
+  var acc = vec4<f32>();
+  if (n < p.N) {
+    let wo = n * p.K;
+    for (var k = lid.x${quad ? " * 4u" : ""}; k < p.K; k += ${step}u) {
+      let wv = ${quad ? "wQuad" : "wAt"}(wo + k);
+      ${tokens}
+    }
+  }
+  let i = lid.y * ${WG}u + lid.x;
+  red[i] = acc;
+  // One barrier, then one lane per row adds the row's 64 partial sums (for long
+  // rows these adds cost less than the six more barriers of a tree).
+  workgroupBarrier();
+  if (lid.x == 0u && n < p.N) {
+    var r = vec4<f32>();
+    for (var j = 0u; j < ${WG}u; j++) { r += red[i + j]; }
+    arena[p.out + n] = r.x;
+    if (T > 1u) { arena[p.out + p.outN + n] = r.y; }
+    if (T > 2u) { arena[p.out + 2u * p.outN + n] = r.z; }
+    if (T > 3u) { arena[p.out + 3u * p.outN + n] = r.w; }
+  }
+}
+`;
+}
+
+/**
+ * Matrix-vector product for software adapters: the same contract as
+ * {@link matvecShader}, one invocation per weight row looping over K in quads, no
+ * workgroup memory and no barrier. On Mesa's lavapipe (a CPU) the cost of a
+ * dispatch grows with its invocations, and this runs decode about 7× faster than
+ * the cooperative kernel; on a GPU the cooperative one reads memory far better.
+ * Workgroups: ceil(N / WG).
+ */
+export function matvecRowsShader(dtype: DType, quad: boolean): string {
+  const step = quad ? 4 : 1;
+  const x = (t: number) =>
+    quad
+      ? `dot(wv, vec4<f32>(arena[xo${t}], arena[xo${t} + 1u], arena[xo${t} + 2u], arena[xo${t} + 3u]))`
+      : `wv * arena[xo${t}]`;
+  const lane = ["x", "y", "z", "w"];
+  const tokens = [0, 1, 2, 3].map((t) =>
+    `${t > 0 ? `if (T > ${t}u) ` : ""}{ let xo${t} = p.x + ${t}u * p.K + k; acc.${lane[t]} += ${x(t)}; }`
+  ).join("\n      ");
+  return `
+struct Params { rows: u32, x: u32, out: u32, K: u32, N: u32, wScale: u32, outN: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+${HEADER}
+${weightAccess(dtype)}
+${quad ? weightQuad(dtype) : ""}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let n = groupIndex(wg, nwg) * ${WG}u + lid.x;
+  let T = rowCount();
+  if (n >= p.N) { return; }
+  var acc = vec4<f32>();
+  let wo = n * p.K;
+  for (var k = 0u; k < p.K; k += ${step}u) {
+    let wv = ${quad ? "wQuad" : "wAt"}(wo + k);
+    ${tokens}
+  }
+  arena[p.out + n] = acc.x;
+  if (T > 1u) { arena[p.out + p.outN + n] = acc.y; }
+  if (T > 2u) { arena[p.out + 2u * p.outN + n] = acc.z; }
+  if (T > 3u) { arena[p.out + 3u * p.outN + n] = acc.w; }
+}
+`;
+}
+
+/**
+ * Tiled matrix-matrix product (prefill): out (T, N) = x (T, K) · W (N, K)ᵀ. A
+ * workgroup of 8×8 invocations computes a 32×32 output tile, 4×4 per invocation
+ * held in four `vec4` accumulators (register tiling): each K step loads four
+ * quads of x rows and four quads of (unpacked) weight rows and does 16 dot
+ * products, so every loaded value is used four times, and the tile's 32 rows of
+ * x and W are shared between the invocations through the cache. Edge tiles clamp
+ * their reads and skip their writes.
+ *
+ * Barrier-free by design: staging the tiles in workgroup memory instead (a K loop
+ * with two barriers) made Mesa's lavapipe take 30 to 90 s to compile each variant,
+ * against 0.3 s for this one. Workgroups: ceil(T / 32) × ceil(N / 32).
+ */
+export function matmulTiledShader(dtype: DType, quad: boolean): string {
+  const rows = [0, 1, 2, 3];
+  const body = quad
+    ? `for (var k = 0u; k < p.K; k += 4u) {
+    ${rows.map((i) => `let w${i} = wQuad(wr.${"xyzw"[i]} + k);`).join(" ")}
+    ${rows.map((i) => `let x${i} = xQuad(xr.${"xyzw"[i]} + k);`).join(" ")}
+    ${
+      rows.map((i) => `a${i} += vec4<f32>(dot(x${i}, w0), dot(x${i}, w1), dot(x${i}, w2), dot(x${i}, w3));`).join(
+        "\n    ",
+      )
+    }
+  }`
+    : `for (var k = 0u; k < p.K; k++) {
+    let wq = vec4<f32>(wAt(wr.x + k), wAt(wr.y + k), wAt(wr.z + k), wAt(wr.w + k));
+    ${rows.map((i) => `a${i} += arena[xr.${"xyzw"[i]} + k] * wq;`).join("\n    ")}
+  }`;
+  const store = rows.map((i) =>
+    `if (t + ${i}u < T) {
+    let o = p.out + (t + ${i}u) * p.outN + n;
+    if (n < p.N) { arena[o] = a${i}.x; }
+    if (n + 1u < p.N) { arena[o + 1u] = a${i}.y; }
+    if (n + 2u < p.N) { arena[o + 2u] = a${i}.z; }
+    if (n + 3u < p.N) { arena[o + 3u] = a${i}.w; }
+  }`
+  ).join("\n  ");
+  return `
+struct Params { rows: u32, x: u32, out: u32, K: u32, N: u32, wScale: u32, outN: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+${HEADER}
+${weightAccess(dtype)}
+${quad ? weightQuad(dtype) : ""}
+fn xQuad(i: u32) -> vec4<f32> { return vec4<f32>(arena[i], arena[i + 1u], arena[i + 2u], arena[i + 3u]); }
+
+@compute @workgroup_size(8, 8)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let tilesN = (p.N + ${TILE - 1}u) / ${TILE}u;
+  let g = groupIndex(wg, nwg);
+  let T = rowCount();
+  let t = (g / tilesN) * ${TILE}u + lid.y * 4u;
+  let n = (g % tilesN) * ${TILE}u + lid.x * 4u;
+  let tc = min(vec4<u32>(t) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(T - 1u));
+  let nc = min(vec4<u32>(n) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.N - 1u));
+  let xr = vec4<u32>(p.x) + tc * p.K;
+  let wr = nc * p.K;
+  var a0 = vec4<f32>(); var a1 = vec4<f32>(); var a2 = vec4<f32>(); var a3 = vec4<f32>();
+  ${body}
+  ${store}
+}
+`;
+}
+
+/**
+ * Rotate-half rotary embedding: one invocation per (token, head, i < headDim / 2).
+ * The angle is reduced to [-π, π] before `cos`/`sin`, where WGSL bounds their error.
+ * Workgroups: ceil(T × heads × headDim / 2 / WG).
+ */
+export function ropeShader(): string {
+  return `
+struct Params { rows: u32, x: u32, out: u32, heads: u32, headDim: u32, log2Theta: f32 }
+@group(0) @binding(0) var<uniform> p: Params;
+${HEADER}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let half = p.headDim / 2u;
+  let idx = groupIndex(wg, nwg) * ${WG}u + lid.x;
+  if (idx >= rowCount() * p.heads * half) { return; }
+  let i = idx % half;
+  let th = idx / half;
+  let t = th / p.heads;
+  let invFreq = exp2(-f32(2u * i) / f32(p.headDim) * p.log2Theta);
+  let angle = f32(st.pos + t) * invFreq;
+  let a = angle - 6.2831853071795862 * round(angle * 0.15915494309189535);
+  let c = cos(a);
+  let s = sin(a);
+  let b = th * p.headDim + i;
+  let x0 = arena[p.x + b];
+  let x1 = arena[p.x + b + half];
+  arena[p.out + b] = x0 * c - x1 * s;
+  arena[p.out + b + half] = x1 * c + x0 * s;
+}
+`;
+}
+
+/** Elementwise ops over T rows of `width`: `siluMul` or `add`. Workgroups: ceil(T × width / WG). */
+export function elementwiseShader(kind: "siluMul" | "add"): string {
+  const expr = kind === "add" ? "arena[p.a + i] + arena[p.b + i]" : "g / (1.0 + exp(-g)) * arena[p.b + i]";
+  return `
+struct Params { rows: u32, a: u32, b: u32, out: u32, width: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+${HEADER}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let i = groupIndex(wg, nwg) * ${WG}u + lid.x;
+  if (i >= rowCount() * p.width) { return; }
+  let g = arena[p.a + i];
+  arena[p.out + i] = ${expr};
+}
+`;
+}
+
+/** out (1, D) = x row T - 1. Workgroups: ceil(D / WG). */
+export function lastRowShader(): string {
+  return `
+struct Params { rows: u32, x: u32, out: u32, D: u32, pad: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+${HEADER}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let d = groupIndex(wg, nwg) * ${WG}u + lid.x;
+  if (d >= p.D) { return; }
+  arena[p.out + d] = arena[p.x + (rowCount() - 1u) * p.D + d];
+}
+`;
+}
+
+const CACHE_BINDINGS = `
+@group(0) @binding(3) var<storage, read_write> kc: array<f32>;
+@group(0) @binding(4) var<storage, read_write> vc: array<f32>;
+`;
+
+/** Writes k and v (T, kvDim) to cache rows pos .. pos + T - 1. Workgroups: ceil(T × kvDim / WG). */
+export function kvWriteShader(): string {
+  return `
+struct Params { rows: u32, k: u32, v: u32, kvDim: u32, pad: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+${HEADER}
+${CACHE_BINDINGS}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let i = groupIndex(wg, nwg) * ${WG}u + lid.x;
+  if (i >= rowCount() * p.kvDim) { return; }
+  let dst = st.pos * p.kvDim + i;
+  kc[dst] = arena[p.k + i];
+  vc[dst] = arena[p.v + i];
+}
+`;
+}
+
+/**
+ * Fused causal attention with grouped-query heads, one workgroup per (token, head),
+ * reading the KV cache after {@link kvWriteShader} has run. The visible rows are
+ * taken 64 at a time: each lane scores one row, the workgroup reduces the chunk's
+ * maximum and sum, and an online softmax rescales the running output, which the
+ * lanes hold split by dimension. No score buffer, so any context length fits.
+ * Workgroups: T × heads.
+ */
+export function attentionShader(headDim: number): string {
+  const perLane = Math.ceil(headDim / WG);
+  return `
+struct Params { rows: u32, q: u32, out: u32, heads: u32, kvHeads: u32, window: u32, scale: f32 }
+@group(0) @binding(0) var<uniform> p: Params;
+${HEADER}
+${CACHE_BINDINGS}
+const HD = ${headDim}u;
+var<workgroup> qs: array<f32, ${headDim}>;
+var<workgroup> ps: array<f32, ${WG}>;
+var<workgroup> red: array<f32, ${WG}>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let g = groupIndex(wg, nwg);
+  let t = g / p.heads;
+  let h = g % p.heads;
+  if (t >= rowCount()) { return; } // a spare workgroup of a two-dimensional grid
+  let pp = st.pos + t;
+  var start = 0u;
+  if (p.window > 0u && pp + 1u > p.window) { start = pp + 1u - p.window; }
+  let kvDim = p.kvHeads * HD;
+  let kvo = (h / (p.heads / p.kvHeads)) * HD;
+  let qo = p.q + (t * p.heads + h) * HD;
+  for (var d = lid.x; d < HD; d += ${WG}u) { qs[d] = arena[qo + d]; }
+  workgroupBarrier();
+  var m = -3.0e38;
+  var l = 0.0;
+  var acc = array<f32, ${perLane}>();
+  for (var j0 = start; j0 <= pp; j0 += ${WG}u) {
+    let j = j0 + lid.x;
+    var s = -3.0e38;
+    if (j <= pp) {
+      let ko = j * kvDim + kvo;
+      var dot = 0.0;
+      for (var d = 0u; d < HD; d++) { dot += qs[d] * kc[ko + d]; }
+      s = dot * p.scale;
+    }
+    red[lid.x] = s;
+    workgroupBarrier();
+    for (var k = ${WG / 2}u; k > 0u; k >>= 1u) {
+      if (lid.x < k) { red[lid.x] = max(red[lid.x], red[lid.x + k]); }
+      workgroupBarrier();
+    }
+    let mNew = max(m, red[0]);
+    workgroupBarrier();
+    var e = 0.0;
+    if (j <= pp) { e = exp(s - mNew); }
+    ps[lid.x] = e;
+    red[lid.x] = e;
+    workgroupBarrier();
+    for (var k = ${WG / 2}u; k > 0u; k >>= 1u) {
+      if (lid.x < k) { red[lid.x] += red[lid.x + k]; }
+      workgroupBarrier();
+    }
+    let corr = exp(m - mNew);
+    l = l * corr + red[0];
+    m = mNew;
+    let count = min(${WG}u, pp + 1u - j0);
+    for (var r = 0u; r < ${perLane}u; r++) {
+      let d = lid.x + r * ${WG}u;
+      if (d < HD) {
+        var a = acc[r] * corr;
+        for (var jj = 0u; jj < count; jj++) { a += ps[jj] * vc[(j0 + jj) * kvDim + kvo + d]; }
+        acc[r] = a;
+      }
+    }
+    workgroupBarrier();
+  }
+  for (var r = 0u; r < ${perLane}u; r++) {
+    let d = lid.x + r * ${WG}u;
+    if (d < HD) { arena[p.out + (t * p.heads + h) * HD + d] = acc[r] / l; }
+  }
+}
+`;
+}
