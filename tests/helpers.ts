@@ -46,7 +46,9 @@ export function assertClose(actual: ArrayLike<number>, expected: ArrayLike<numbe
   }
   if (!(worst <= tol * scale)) {
     throw new Error(
-      `${what}: element ${at} is ${actual[at]}, expected ${expected[at]} (difference ${worst}, tolerance ${tol * scale})`,
+      `${what}: element ${at} is ${actual[at]}, expected ${expected[at]} (difference ${worst}, tolerance ${
+        tol * scale
+      })`,
     );
   }
 }

@@ -1,0 +1,238 @@
+/*
+ * Row-wise kernels: embedding, RMSNorm, RoPE, SwiGLU, add, and fused attention.
+ * Each takes a range of rows (or elements) so the caller can split it between
+ * threads. All arithmetic stays f32 except where noted (RoPE angles in f64, as the
+ * reference computes them).
+ */
+#include <math.h>
+#include <string.h>
+
+#include "llm.h"
+
+#ifdef LLM_AVX2
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+/*
+ * exp(x) for 8 lanes: range reduction x = n ln2 + r, |r| <= ln2/2, then a degree-6
+ * polynomial (Cephes expf), relative error about 2e-7, same as libm's expf to
+ * the tolerance the kernels need. Inputs are clamped to the finite range.
+ */
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  __m256 r2 = _mm256_mul_ps(r, r);
+  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* Dot product of two f32 vectors of length n. */
+static inline float dot_f32(const float *a, const float *b, int n) {
+  int i = 0;
+  float s = 0;
+#ifdef LLM_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  s = hsum8(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+/* y += a * x over n floats. */
+static inline void axpy_f32(float *y, float a, const float *x, int n) {
+  int i = 0;
+#ifdef LLM_AVX2
+  __m256 va = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* out (T, D) = table (V, D) rows ids[t], decoded to f32. Ids were range-checked by the caller. */
+void k_embedding(float *out, const int32_t *ids, const uint8_t *table, int dtype, int V, int D, int t0, int t1) {
+  for (int t = t0; t < t1; t++) {
+    int id = ids[t];
+    if (id < 0 || id >= V) id = 0; /* unreachable after the caller's check; keeps reads in bounds */
+    float *o = out + (size_t)t * D;
+    size_t base = (size_t)id * D;
+    switch (dtype) {
+      case DT_F32:
+        memcpy(o, (const float *)table + base, (size_t)D * 4);
+        break;
+      case DT_F16:
+        for (int d = 0; d < D; d++) o[d] = f16_to_f32(((const uint16_t *)table)[base + d]);
+        break;
+      case DT_BF16:
+        for (int d = 0; d < D; d++) o[d] = bf16_to_f32(((const uint16_t *)table)[base + d]);
+        break;
+      case DT_Q8_0: {
+        const int8_t *q = (const int8_t *)table + base;
+        const uint16_t *sc = (const uint16_t *)(table + (size_t)V * D) + base / QK;
+        for (int d = 0; d < D; d++) o[d] = q[d] * f16_to_f32(sc[d / QK]);
+        break;
+      }
+      case DT_Q4_0: {
+        const uint8_t *q = table + base / 2;
+        const uint16_t *sc = (const uint16_t *)(table + (size_t)V * D / 2) + base / QK;
+        for (int b = 0; b < D / QK; b++) {
+          float s = f16_to_f32(sc[b]);
+          for (int j = 0; j < QK / 2; j++) {
+            uint8_t byte = q[b * QK / 2 + j];
+            o[b * QK + j] = ((int)(byte & 15) - 8) * s;
+            o[b * QK + j + QK / 2] = ((int)(byte >> 4) - 8) * s;
+          }
+        }
+        break;
+      }
+    }
+  }
+}
+
+/* out (T, D) = x / sqrt(mean(x^2) + eps) * w, rows [t0, t1). */
+void k_rmsnorm(float *out, const float *x, const float *w, int D, float eps, int t0, int t1) {
+  for (int t = t0; t < t1; t++) {
+    const float *xr = x + (size_t)t * D;
+    float *o = out + (size_t)t * D;
+    float inv = (float)(1.0 / sqrt((double)dot_f32(xr, xr, D) / D + eps));
+    int d = 0;
+#ifdef LLM_AVX2
+    __m256 vi = _mm256_set1_ps(inv);
+    for (; d + 8 <= D; d += 8)
+      _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + d), vi), _mm256_loadu_ps(w + d)));
+#endif
+    for (; d < D; d++) o[d] = xr[d] * inv * w[d];
+  }
+}
+
+/*
+ * Rotate-half RoPE on x (T, heads * head_dim), rows [t0, t1): element i < d/2 of
+ * each head pairs with i + d/2, angle (pos + t) * theta^(-2i/d). The angle and its
+ * cos/sin are computed in f64 once per (t, i) and shared by all heads.
+ */
+void k_rope(float *out, const float *x, int heads, int head_dim, double theta, int pos, int t0, int t1) {
+  int half = head_dim / 2, width = heads * head_dim;
+  float cs[512], sn[512]; /* half <= 512 is checked by the TypeScript side */
+  for (int t = t0; t < t1; t++) {
+    for (int i = 0; i < half; i++) {
+      double angle = (double)(pos + t) * pow(theta, -2.0 * i / head_dim);
+      cs[i] = (float)cos(angle);
+      sn[i] = (float)sin(angle);
+    }
+    const float *xr = x + (size_t)t * width;
+    float *o = out + (size_t)t * width;
+    for (int h = 0; h < heads; h++) {
+      const float *a = xr + h * head_dim;
+      float *oa = o + h * head_dim;
+      for (int i = 0; i < half; i++) {
+        float x0 = a[i], x1 = a[i + half];
+        oa[i] = x0 * cs[i] - x1 * sn[i];
+        oa[i + half] = x1 * cs[i] + x0 * sn[i];
+      }
+    }
+  }
+}
+
+/* out = silu(g) * u over elements [i0, i1). */
+void k_silumul(float *out, const float *g, const float *u, size_t i0, size_t i1) {
+  size_t i = i0;
+#ifdef LLM_AVX2
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= i1; i += 8) {
+    __m256 vg = _mm256_loadu_ps(g + i);
+    __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), vg));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(vg, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < i1; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* out = a + b over elements [i0, i1). */
+void k_add(float *out, const float *a, const float *b, size_t i0, size_t i1) {
+  size_t i = i0;
+#ifdef LLM_AVX2
+  for (; i + 8 <= i1; i += 8) _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+#endif
+  for (; i < i1; i++) out[i] = a[i] + b[i];
+}
+
+/* In-place exp(x - max) over n scores; returns their sum. */
+static float softmax_exp(float *s, int n, float max) {
+  int i = 0;
+  float sum = 0;
+#ifdef LLM_AVX2
+  __m256 vm = _mm256_set1_ps(max), acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
+    _mm256_storeu_ps(s + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = hsum8(acc);
+#endif
+  for (; i < n; i++) {
+    s[i] = expf(s[i] - max);
+    sum += s[i];
+  }
+  return sum;
+}
+
+/*
+ * Fused causal attention for work items [w0, w1): item = t * kvHeads + g, i.e. one
+ * new token t and one kv head g with the `heads / kvHeads` query heads that share
+ * it, so each cache row is loaded once for the whole group. For query head h:
+ *   out[t, h] = softmax(scale * q[t, h] · K[rows]ᵀ) · V[rows],
+ *   rows = max(0, p - window + 1) .. p, p = pos + t (all rows up to p if window is 0).
+ * K and V are the caches (capacity, kvHeads * head_dim), already holding this
+ * step's rows. scratch: group * (rows) scores + group * head_dim accumulators.
+ */
+void k_attention(const llm_attn *a, int T, int w0, int w1, float *scratch) {
+  (void)T;
+  int group = a->heads / a->kv_heads, hd = a->head_dim, kv_dim = a->kv_heads * hd;
+  for (int w = w0; w < w1; w++) {
+    int t = w / a->kv_heads, g = w % a->kv_heads;
+    int p = a->pos + t;
+    int start = a->window > 0 && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
+    int n = p - start + 1;
+    float *scores = scratch;          /* group * n */
+    float *acc = scratch + (size_t)group * n; /* group * hd */
+    const float *q0 = a->q + ((size_t)t * a->heads + (size_t)g * group) * hd;
+    for (int j = 0; j < n; j++) {
+      const float *kr = a->k_cache + (size_t)(start + j) * kv_dim + (size_t)g * hd;
+      for (int hh = 0; hh < group; hh++) scores[hh * n + j] = dot_f32(q0 + hh * hd, kr, hd) * a->scale;
+    }
+    for (int hh = 0; hh < group; hh++) {
+      float *s = scores + (size_t)hh * n;
+      float max = s[0];
+      for (int j = 1; j < n; j++) max = s[j] > max ? s[j] : max;
+      float sum = softmax_exp(s, n, max);
+      float inv = 1.0f / sum;
+      for (int j = 0; j < n; j++) s[j] *= inv;
+      memset(acc + (size_t)hh * hd, 0, (size_t)hd * sizeof(float));
+    }
+    for (int j = 0; j < n; j++) {
+      const float *vr = a->v_cache + (size_t)(start + j) * kv_dim + (size_t)g * hd;
+      for (int hh = 0; hh < group; hh++) axpy_f32(acc + (size_t)hh * hd, scores[hh * n + j], vr, hd);
+    }
+    float *o = a->out + ((size_t)t * a->heads + (size_t)g * group) * hd;
+    memcpy(o, acc, (size_t)group * hd * sizeof(float));
+  }
+}

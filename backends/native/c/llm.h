@@ -1,0 +1,143 @@
+/*
+ * Internal declarations of the native kernel library (libllm_native).
+ *
+ * The library runs whole execution plans: the TypeScript side encodes a plan once
+ * (one fixed-size record per node, plus a table of tensor addresses) and then runs
+ * each step with one foreign call. Everything here is C11; SIMD paths are chosen
+ * at build time from the compiler's target macros, with a portable scalar path
+ * that any C11 compiler builds (define LLM_PORTABLE to force it).
+ */
+#ifndef LLM_H
+#define LLM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if !defined(LLM_PORTABLE) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LLM_AVX2 1
+#include <immintrin.h>
+#endif
+
+#if defined(_MSC_VER)
+#define LLM_EXPORT __declspec(dllexport)
+#else
+#define LLM_EXPORT __attribute__((visibility("default")))
+#endif
+
+/* ---- Op codes and dtype codes: must match backends/native/backend.ts. ---- */
+enum {
+  OP_EMBEDDING = 0,
+  OP_RMSNORM = 1,
+  OP_MATMUL = 2,
+  OP_ROPE = 3,
+  OP_SILUMUL = 4,
+  OP_ADD = 5,
+  OP_ATTENTION = 6,
+  OP_LASTROW = 7,
+};
+
+enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2, DT_Q8_0 = 3, DT_Q4_0 = 4, DT_I32 = 5 };
+
+/* Quant block length (graph/dtype.ts QUANT_BLOCK). */
+#define QK 32
+
+/*
+ * One node of an encoded plan: 24 int32 slots (floats are stored bit for bit).
+ * Tensor fields index the executable's address table. `rows` is the row count of
+ * the output: a fixed number, or -1 for the step's T.
+ */
+typedef struct {
+  int32_t op, dtype, out, rows;
+  int32_t in[5];
+  int32_t p[7]; /* op parameters, see exec.c */
+  float f[4];   /* float parameters (eps, theta, scale) */
+  int32_t pad[4];
+} llm_node;
+
+#define LLM_NODE_INTS 24
+
+/* ---- Thread pool (pool.c). ---- */
+typedef struct llm_pool llm_pool;
+typedef void (*llm_task)(void *arg, int ith, int nth);
+
+llm_pool *pool_create(int nthreads);
+void pool_destroy(llm_pool *p);
+int pool_size(const llm_pool *p);
+/* Runs task(arg, ith, nth) on threads 0..nth-1 (0 is the caller) and waits. */
+void pool_run(llm_pool *p, llm_task task, void *arg, int nth);
+/* Spin barrier among the nth threads of the running task. */
+void pool_barrier(llm_pool *p, int nth);
+
+/* Splits [0, n) into nth parts: part ith is [*lo, *hi), each rounded to `align`. */
+static inline void split_range(int n, int ith, int nth, int align, int *lo, int *hi) {
+  int units = (n + align - 1) / align;
+  int per = units / nth, extra = units % nth;
+  int u0 = ith * per + (ith < extra ? ith : extra);
+  int u1 = u0 + per + (ith < extra ? 1 : 0);
+  *lo = u0 * align < n ? u0 * align : n;
+  *hi = u1 * align < n ? u1 * align : n;
+}
+
+/* ---- Scalar conversions. ---- */
+static inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else { /* subnormal: normalise */
+      int e = -1;
+      do {
+        e++;
+        man <<= 1;
+      } while (!(man & 0x400));
+      bits = sign | (uint32_t)(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | man << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+/* ---- Kernels (kernels.c, matmul.c). Shapes in comments: rows x columns. ---- */
+void k_embedding(float *out, const int32_t *ids, const uint8_t *table, int dtype, int V, int D, int t0, int t1);
+void k_rmsnorm(float *out, const float *x, const float *w, int D, float eps, int t0, int t1);
+void k_rope(float *out, const float *x, int heads, int head_dim, double theta, int pos, int t0, int t1);
+void k_silumul(float *out, const float *g, const float *u, size_t i0, size_t i1);
+void k_add(float *out, const float *a, const float *b, size_t i0, size_t i1);
+
+/* Attention for work items [w0, w1) of T * kvHeads (token-major); see kernels.c. */
+typedef struct {
+  const float *q;
+  float *k_cache, *v_cache;
+  float *out;
+  int heads, kv_heads, head_dim, window, pos;
+  float scale;
+} llm_attn;
+void k_attention(const llm_attn *a, int T, int w0, int w1, float *scratch);
+
+/* Quantized activations: x (T, K) as q8_0 blocks, for quantized matmuls. */
+typedef struct {
+  int8_t *q;  /* T * K quants */
+  float *d;   /* T * K / 32 scales */
+  int32_t *s; /* T * K / 32 sums of each block's quants (for q4_0's -8 offset) */
+} llm_xq;
+void quantize_rows_q8(const float *x, int K, int t0, int t1, llm_xq *xq);
+
+/* out (T, N) = x (T, K) · W (N, K)ᵀ for rows n in [n0, n1). */
+void mm_float(float *out, const float *x, const uint8_t *w, int dtype, int T, int K, int N, int n0, int n1);
+void mm_quant(float *out, const llm_xq *xq, const uint8_t *w, int dtype, int T, int K, int N, int n0, int n1);
+
+#endif
