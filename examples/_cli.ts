@@ -6,9 +6,17 @@
  */
 
 import { DEFAULT_MODEL_ID, ModelNotFoundError, resolveModelSource } from "../models/hub.ts";
+import { loadModel, type LoadOptions, type Model } from "../models/model.ts";
 import { type LoadProgress, WeightsError } from "../models/weights.ts";
 import { ConfigError } from "../models/config.ts";
 import { SafetensorsError } from "../models/safetensors.ts";
+import { SamplingOptionError, type SamplingOptions } from "../models/sampler.ts";
+
+/** The default model of the chat tools (`chat`, `serve`). */
+export const DEFAULT_CHAT_MODEL_ID = "Felladrin/Minueza-32M-UltraChat";
+
+/** The weight dtypes `--dtype` takes. */
+export const WEIGHT_DTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"] as const;
 
 /** A user error: printed as one line, exits with `code` (2 for bad flags, 1 otherwise). */
 export class CliError extends Error {
@@ -72,6 +80,24 @@ export function loadError(source: string, e: unknown): CliError {
     e instanceof SafetensorsError || e instanceof SyntaxError;
   const hint = !fileError || reason.includes("--model") ? "" : " (pass a model folder with --model DIR)";
   return new CliError(`Cannot load model "${source}": ${reason}${hint}`, 1);
+}
+
+/**
+ * Finds `--model` with {@link resolveCliModel} and loads it, showing progress on `progress`; a
+ * failure clears the progress and becomes a {@link loadError} (exit 1).
+ */
+export async function loadCliModel(
+  source: string,
+  options: Omit<LoadOptions, "onProgress"> = {},
+  progress?: ProgressDisplay,
+): Promise<Model> {
+  const onProgress = progress?.onProgress;
+  try {
+    return await loadModel(await resolveCliModel(source, onProgress), { ...options, onProgress });
+  } catch (e) {
+    progress?.clear();
+    throw loadError(source, e);
+  }
 }
 
 /** Bytes in B, KiB, MiB or GiB. */
@@ -175,6 +201,49 @@ export function choiceFlag<T extends string>(
     throw new CliError(`Invalid --${name} "${value}": expected one of ${choices.join(", ")}`);
   }
   return value as T;
+}
+
+/** The sampling flags of the generating tools: the flag, its option in `SamplingOptions`, its bounds. */
+const SAMPLING_FLAGS = [
+  ["temperature", "temperature", { min: 0 }],
+  ["top-k", "topK", { integer: true, min: 0 }],
+  ["top-p", "topP", { min: 0, max: 1 }],
+  ["min-p", "minP", { min: 0, max: 1 }],
+  ["repeat-penalty", "repetitionPenalty", { min: 0 }],
+  ["seed", "seed", { integer: true, min: 0, max: 2 ** 32 - 1 }],
+] as const;
+
+/** A sampling flag's name, without the dashes. */
+export type SamplingFlag = typeof SAMPLING_FLAGS[number][0];
+
+/** The parseArgs declarations of the sampling flags (`--temperature`, `--top-k`, …), to spread into `options`. */
+export const SAMPLING_OPTIONS = Object.fromEntries(
+  SAMPLING_FLAGS.map(([flag]) => [flag, { type: "string" }]),
+) as Record<
+  SamplingFlag,
+  { type: "string" }
+>;
+
+/**
+ * Parses the sampling flags that are given (see {@link SAMPLING_OPTIONS}) into sampling options; the
+ * others are left out, so the library's defaults apply. Throws a {@link CliError} naming a bad flag.
+ */
+export function samplingFlags(
+  values: Partial<Record<SamplingFlag, string>>,
+): Pick<SamplingOptions, typeof SAMPLING_FLAGS[number][1]> {
+  const options: Partial<Record<typeof SAMPLING_FLAGS[number][1], number>> = {};
+  for (const [flag, option, bounds] of SAMPLING_FLAGS) {
+    const n = numberFlag(flag, values[flag], bounds);
+    if (n !== undefined) options[option] = n;
+  }
+  return options;
+}
+
+/** Turns a {@link SamplingOptionError} into a {@link CliError} that names the flag; other errors give undefined. */
+export function samplingError(e: unknown): CliError | undefined {
+  if (!(e instanceof SamplingOptionError)) return undefined;
+  const flag = SAMPLING_FLAGS.find(([, option]) => option === e.option)?.[0];
+  return new CliError(`Invalid ${flag ? `--${flag}` : e.option}: ${e.message}`);
 }
 
 /** Turns `node:util` parseArgs errors into a one-line {@link CliError}. */

@@ -12,16 +12,31 @@
 
 import { setImmediate } from "node:timers";
 import { parseArgs } from "node:util";
-import { type ChatReply, ChatSession, type ChatSessionOptions, type ContextPolicy } from "../models/chat.ts";
+import { type ChatReply, ChatSession, type ChatSessionOptions } from "../models/chat.ts";
 import type { GenerateOptions } from "../models/generate.ts";
-import { loadModel, type Model } from "../models/model.ts";
+import { resolveSampling } from "../models/sampler.ts";
+import { backendNames } from "../backends/registry.ts";
+import {
+  choiceFlag,
+  DEFAULT_CHAT_MODEL_ID,
+  loadCliModel,
+  numberFlag,
+  ProgressDisplay,
+  runCli,
+  SAMPLING_OPTIONS,
+  samplingError,
+  samplingFlags,
+  WEIGHT_DTYPES,
+} from "./_cli.ts";
 
 const HELP = `Usage: deno task chat [options]
 
 Chats with a model in the terminal.
 
 Options:
-  --model SOURCE          model folder or Hugging Face id (default Felladrin/Minueza-32M-UltraChat)
+  --model SOURCE          a model folder, a name in LLM_MODELS_DIR, or a Hugging Face id
+                          (default ${DEFAULT_CHAT_MODEL_ID}: LLM_MODELS_DIR, the Hugging Face cache,
+                          then a download into the Hugging Face cache)
   --template-file FILE    Jinja chat template (for models without one, or to override theirs)
   --system TEXT           system prompt
   --load FILE             start from a saved session
@@ -49,243 +64,209 @@ const COMMANDS = `Commands:
   /help         show this list
 Ctrl-C stops an answer; Ctrl-C twice at the prompt, or Ctrl-D, exits.`;
 
-function fail(message: string): never {
-  console.error(`chat: ${message}\nRun with --help for usage.`);
-  Deno.exit(2);
-}
-
-function num(name: string, v: string | undefined, integer = false): number | undefined {
-  if (v === undefined) return undefined;
-  const n = Number(v);
-  if (v.trim() === "" || !Number.isFinite(n) || (integer && !Number.isInteger(n))) {
-    fail(`Invalid --${name} "${v}": expected ${integer ? "an integer" : "a number"}`);
-  }
-  return n;
-}
-
-function parse() {
-  try {
-    return parseArgs({
-      args: Deno.args,
-      options: {
-        model: { type: "string", default: "Felladrin/Minueza-32M-UltraChat" },
-        "template-file": { type: "string" },
-        system: { type: "string" },
-        load: { type: "string" },
-        backend: { type: "string" },
-        threads: { type: "string" },
-        "context-length": { type: "string" },
-        "context-policy": { type: "string", default: "drop-oldest" },
-        dtype: { type: "string" },
-        "max-tokens": { type: "string", default: "256" },
-        temperature: { type: "string" },
-        "top-k": { type: "string" },
-        "top-p": { type: "string" },
-        "min-p": { type: "string" },
-        "repeat-penalty": { type: "string" },
-        seed: { type: "string" },
-        stats: { type: "boolean", default: false },
-        help: { type: "boolean", short: "h", default: false },
-      },
-      allowPositionals: false,
-    }).values;
-  } catch (e) {
-    return fail((e as Error).message);
-  }
-}
-const args = parse();
-if (args.help) {
-  console.log(HELP);
-  Deno.exit(0);
-}
-const policy = args["context-policy"];
-if (policy !== "drop-oldest" && policy !== "error") {
-  fail(`Invalid --context-policy "${policy}": expected drop-oldest or error`);
-}
-
-const enc = new TextEncoder();
-const write = (s: string): void => void Deno.stdout.writeSync(enc.encode(s));
-const say = (s: string): void => write(`${s}\n`);
-
-const sampling: GenerateOptions = {
-  maxTokens: num("max-tokens", args["max-tokens"], true),
-  temperature: num("temperature", args.temperature),
-  topK: num("top-k", args["top-k"], true),
-  topP: num("top-p", args["top-p"]),
-  minP: num("min-p", args["min-p"]),
-  repetitionPenalty: num("repeat-penalty", args["repeat-penalty"]),
-  seed: num("seed", args.seed, true),
-};
-for (const k of Object.keys(sampling) as (keyof GenerateOptions)[]) if (sampling[k] === undefined) delete sampling[k];
-
-let model: Model;
-let session: ChatSession;
-try {
-  const template = args["template-file"] !== undefined ? await Deno.readTextFile(args["template-file"]) : undefined;
-  model = await loadModel(args.model, {
-    backend: args.backend,
-    threads: num("threads", args.threads, true),
-    contextLength: num("context-length", args["context-length"], true),
-    dtype: args.dtype as never,
+async function main(progress: ProgressDisplay): Promise<void> {
+  const { values: args } = parseArgs({
+    args: Deno.args,
+    strict: true,
+    options: {
+      model: { type: "string", default: DEFAULT_CHAT_MODEL_ID },
+      "template-file": { type: "string" },
+      system: { type: "string" },
+      load: { type: "string" },
+      backend: { type: "string" },
+      threads: { type: "string" },
+      "context-length": { type: "string" },
+      "context-policy": { type: "string" },
+      dtype: { type: "string" },
+      "max-tokens": { type: "string" },
+      ...SAMPLING_OPTIONS,
+      stats: { type: "boolean", default: false },
+      help: { type: "boolean", short: "h", default: false },
+    },
   });
-  const options: ChatSessionOptions = { ...sampling, template, contextPolicy: policy as ContextPolicy };
+  if (args.help) {
+    console.log(HELP);
+    return;
+  }
+  const contextPolicy = choiceFlag("context-policy", args["context-policy"], ["drop-oldest", "error"] as const) ??
+    "drop-oldest";
+  const backend = choiceFlag("backend", args.backend, backendNames()) ?? "ts";
+  const dtype = choiceFlag("dtype", args.dtype, WEIGHT_DTYPES);
+  const threads = numberFlag("threads", args.threads, { integer: true, min: 1 });
+  const contextLength = numberFlag("context-length", args["context-length"], { integer: true, min: 2 });
+  const sampling: GenerateOptions = {
+    maxTokens: numberFlag("max-tokens", args["max-tokens"], { integer: true, min: 0 }) ?? 256,
+    ...samplingFlags(args),
+  };
+
+  const enc = new TextEncoder();
+  const write = (s: string): void => void Deno.stdout.writeSync(enc.encode(s));
+  const say = (s: string): void => write(`${s}\n`);
+
+  const template = args["template-file"] !== undefined ? await Deno.readTextFile(args["template-file"]) : undefined;
+  const model = await loadCliModel(args.model, { backend, threads, contextLength, dtype }, progress);
+  let session: ChatSession;
   try {
+    resolveSampling(sampling, model.config.vocabSize); // a bad combination fails here, naming its flag
+    const options: ChatSessionOptions = { ...sampling, template, contextPolicy };
     session = args.load !== undefined
       ? await ChatSession.load(model, args.load, options)
       : new ChatSession(model, { ...options, system: args.system });
   } catch (e) {
     await model.dispose();
-    throw e;
+    throw samplingError(e) ?? e;
   }
-} catch (e) {
-  console.error(`chat: ${(e as Error).message}`);
-  Deno.exit(1);
-}
 
-// Ctrl-C: stops the answer being generated; at the prompt, a second press in a row exits.
-let answering: AbortController | undefined;
-let interruptsAtPrompt = 0;
-let exiting = false;
-async function exit(code = 0): Promise<never> {
-  if (!exiting) {
-    exiting = true;
-    session.dispose();
-    await model.dispose();
-  }
-  Deno.exit(code);
-}
-Deno.addSignalListener("SIGINT", () => {
-  if (answering) {
-    answering.abort(new DOMException("Stopped", "AbortError"));
-    return;
-  }
-  if (++interruptsAtPrompt >= 2) {
-    say("");
-    void exit(0);
-    return;
-  }
-  write("\n(Ctrl-C again or Ctrl-D to exit)\n> ");
-});
-
-async function answer(start: (opts: GenerateOptions) => ChatReply): Promise<void> {
-  const ac = new AbortController();
-  answering = ac;
-  try {
-    const reply = start({ signal: ac.signal });
-    for await (const piece of reply) {
-      write(piece);
-      await new Promise((resolve) => setImmediate(resolve)); // let Ctrl-C (a signal event) in between tokens
+  // Ctrl-C: stops the answer being generated; at the prompt, a second press in a row exits.
+  let answering: AbortController | undefined;
+  let interruptsAtPrompt = 0;
+  let exiting = false;
+  async function exit(code = 0): Promise<never> {
+    if (!exiting) {
+      exiting = true;
+      session.dispose();
+      await model.dispose();
     }
-    say("");
-    if (args.stats) {
-      const u = await reply.usage;
-      const s = reply.stats;
-      say(
-        `[${u.promptTokens} prompt tokens (${u.cachedTokens} cached), ${u.completionTokens} generated, ` +
-          `${s.decodeTokensPerSecond.toFixed(1)} tokens/s${
-            u.droppedMessages ? `, ${u.droppedMessages} old messages dropped` : ""
-          }]`,
-      );
-    }
-  } catch (e) {
-    if (ac.signal.aborted) {
-      const last = session.messages.at(-1);
-      say(last?.role === "assistant" ? "\n[stopped]" : "[stopped before the answer began: the message was not sent]");
-    } else say(`\nError: ${(e as Error).message}`);
-  } finally {
-    answering = undefined;
+    Deno.exit(code);
   }
-}
-
-async function command(line: string): Promise<void> {
-  const space = line.indexOf(" ");
-  const name = space < 0 ? line : line.slice(0, space);
-  const rest = space < 0 ? "" : line.slice(space + 1).trim();
-  switch (name) {
-    case "/help":
-      say(COMMANDS);
-      return;
-    case "/undo": {
-      const removed = session.undo();
-      say(removed.length ? `Removed the last exchange (${removed.length} messages).` : "Nothing to undo.");
+  Deno.addSignalListener("SIGINT", () => {
+    if (answering) {
+      answering.abort(new DOMException("Stopped", "AbortError"));
       return;
     }
-    case "/retry":
-      if (session.messages.at(-1)?.role !== "assistant") {
-        say("Nothing to retry.");
+    if (++interruptsAtPrompt >= 2) {
+      say("");
+      void exit(0);
+      return;
+    }
+    write("\n(Ctrl-C again or Ctrl-D to exit)\n> ");
+  });
+
+  async function answer(start: (opts: GenerateOptions) => ChatReply): Promise<void> {
+    const ac = new AbortController();
+    answering = ac;
+    try {
+      const reply = start({ signal: ac.signal });
+      for await (const piece of reply) {
+        write(piece);
+        await new Promise((resolve) => setImmediate(resolve)); // let Ctrl-C (a signal event) in between tokens
+      }
+      say("");
+      if (args.stats) {
+        const u = await reply.usage;
+        const s = reply.stats;
+        say(
+          `[${u.promptTokens} prompt tokens (${u.cachedTokens} cached), ${u.completionTokens} generated, ` +
+            `${s.decodeTokensPerSecond.toFixed(1)} tokens/s${
+              u.droppedMessages ? `, ${u.droppedMessages} old messages dropped` : ""
+            }]`,
+        );
+      }
+    } catch (e) {
+      if (ac.signal.aborted) {
+        const last = session.messages.at(-1);
+        say(last?.role === "assistant" ? "\n[stopped]" : "[stopped before the answer began: the message was not sent]");
+      } else say(`\nError: ${(e as Error).message}`);
+    } finally {
+      answering = undefined;
+    }
+  }
+
+  async function command(line: string): Promise<void> {
+    const space = line.indexOf(" ");
+    const name = space < 0 ? line : line.slice(0, space);
+    const rest = space < 0 ? "" : line.slice(space + 1).trim();
+    switch (name) {
+      case "/help":
+        say(COMMANDS);
+        return;
+      case "/undo": {
+        const removed = session.undo();
+        say(removed.length ? `Removed the last exchange (${removed.length} messages).` : "Nothing to undo.");
         return;
       }
-      await answer((o) => session.regenerate(o));
-      return;
-    case "/reset":
-      session.reset();
-      say("Conversation cleared.");
-      return;
-    case "/system":
-      session.setSystem(rest === "" ? undefined : rest);
-      say(rest === "" ? "System prompt removed." : "System prompt set.");
-      return;
-    case "/save":
-      if (!rest) return say("Usage: /save FILE");
-      try {
-        await session.save(rest);
-        say(`Saved ${session.messages.length} messages and ${session.cachedTokens.length} cached tokens to ${rest}.`);
-      } catch (e) {
-        say(`Error: ${(e as Error).message}`);
-      }
-      return;
-    case "/load":
-      if (!rest) return say("Usage: /load FILE");
-      try {
-        const loaded = await ChatSession.load(model, rest, { ...sampling, contextPolicy: policy as ContextPolicy });
-        session.dispose();
-        session = loaded;
-        say(`Loaded ${session.messages.length} messages from ${rest}.`);
-      } catch (e) {
-        say(`Error: ${(e as Error).message}`);
-      }
-      return;
-    default:
-      say(`Unknown command ${name}: type /help for the list.`);
+      case "/retry":
+        if (session.messages.at(-1)?.role !== "assistant") {
+          say("Nothing to retry.");
+          return;
+        }
+        await answer((o) => session.regenerate(o));
+        return;
+      case "/reset":
+        session.reset();
+        say("Conversation cleared.");
+        return;
+      case "/system":
+        session.setSystem(rest === "" ? undefined : rest);
+        say(rest === "" ? "System prompt removed." : "System prompt set.");
+        return;
+      case "/save":
+        if (!rest) return say("Usage: /save FILE");
+        try {
+          await session.save(rest);
+          say(`Saved ${session.messages.length} messages and ${session.cachedTokens.length} cached tokens to ${rest}.`);
+        } catch (e) {
+          say(`Error: ${(e as Error).message}`);
+        }
+        return;
+      case "/load":
+        if (!rest) return say("Usage: /load FILE");
+        try {
+          const loaded = await ChatSession.load(model, rest, { ...sampling, contextPolicy });
+          session.dispose();
+          session = loaded;
+          say(`Loaded ${session.messages.length} messages from ${rest}.`);
+        } catch (e) {
+          say(`Error: ${(e as Error).message}`);
+        }
+        return;
+      default:
+        say(`Unknown command ${name}: type /help for the list.`);
+    }
   }
-}
 
-say(
-  `Chatting with ${args.model} (context ${model.contextLength} tokens). Type /help for commands, Ctrl-D to exit.`,
-);
-for (const m of session.messages) if (m.role !== "system") say(`${m.role === "user" ? ">" : ""} ${m.content}`.trim());
-const lines = Deno.stdin.readable.pipeThrough(new TextDecoderStream()).getReader();
-let buffer = "";
-async function readLine(): Promise<string | undefined> {
+  say(
+    `Chatting with ${args.model} (context ${model.contextLength} tokens). Type /help for commands, Ctrl-D to exit.`,
+  );
+  for (const m of session.messages) if (m.role !== "system") say(`${m.role === "user" ? ">" : ""} ${m.content}`.trim());
+  const lines = Deno.stdin.readable.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  async function readLine(): Promise<string | undefined> {
+    for (;;) {
+      const nl = buffer.indexOf("\n");
+      if (nl >= 0) {
+        const line = buffer.slice(0, nl).replace(/\r$/, "");
+        buffer = buffer.slice(nl + 1);
+        return line;
+      }
+      const r = await lines.read();
+      if (r.done) {
+        if (buffer === "") return undefined;
+        const line = buffer;
+        buffer = "";
+        return line;
+      }
+      buffer += r.value;
+    }
+  }
+
   for (;;) {
-    const nl = buffer.indexOf("\n");
-    if (nl >= 0) {
-      const line = buffer.slice(0, nl).replace(/\r$/, "");
-      buffer = buffer.slice(nl + 1);
-      return line;
+    write("> ");
+    const line = await readLine();
+    if (line === undefined) {
+      say("");
+      break;
     }
-    const r = await lines.read();
-    if (r.done) {
-      if (buffer === "") return undefined;
-      const line = buffer;
-      buffer = "";
-      return line;
-    }
-    buffer += r.value;
+    interruptsAtPrompt = 0;
+    const text = line.trim();
+    if (text === "") continue;
+    if (text.startsWith("/")) await command(text);
+    else await answer((o) => session.send(text, o));
   }
+  await exit(0);
 }
 
-for (;;) {
-  write("> ");
-  const line = await readLine();
-  if (line === undefined) {
-    say("");
-    break;
-  }
-  interruptsAtPrompt = 0;
-  const text = line.trim();
-  if (text === "") continue;
-  if (text.startsWith("/")) await command(text);
-  else await answer((o) => session.send(text, o));
+if (import.meta.main) {
+  const progress = new ProgressDisplay();
+  await runCli("chat", () => main(progress), () => progress.clear());
 }
-await exit(0);

@@ -11,16 +11,28 @@
  */
 
 import { parseArgs } from "node:util";
-import { loadModel, type Model } from "../models/model.ts";
+import type { Model } from "../models/model.ts";
+import { backendNames } from "../backends/registry.ts";
 import { startServer } from "../server/mod.ts";
+import {
+  choiceFlag,
+  CliError,
+  DEFAULT_CHAT_MODEL_ID,
+  loadCliModel,
+  numberFlag,
+  ProgressDisplay,
+  runCli,
+  WEIGHT_DTYPES,
+} from "./_cli.ts";
 
 const HELP = `Usage: deno task serve [options]
 
 Serves models over an OpenAI-compatible HTTP API (and a chat page at /).
 
 Options:
-  --model SOURCE        model folder or Hugging Face id; repeat to serve several
-                        (default Felladrin/Minueza-32M-UltraChat)
+  --model SOURCE        a model folder, a name in LLM_MODELS_DIR, or a Hugging Face id; repeat to
+                        serve several (default ${DEFAULT_CHAT_MODEL_ID}: LLM_MODELS_DIR,
+                        the Hugging Face cache, then a download into the Hugging Face cache)
   --name ID             id clients pass as "model", one per --model (default: the folder name)
   --template-file FILE  Jinja chat template for models without one (or to override theirs)
   --backend NAME        ts, native or webgpu (default ts)
@@ -38,99 +50,86 @@ Options:
   -h, --help            show this help
 `;
 
-function fail(message: string): never {
-  console.error(`serve: ${message}\nRun with --help for usage.`);
-  Deno.exit(2);
-}
-
-function int(name: string, v: string | undefined, min: number): number | undefined {
-  if (v === undefined) return undefined;
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min) fail(`Invalid --${name} "${v}": expected an integer ≥ ${min}`);
-  return n;
-}
-
-function parse() {
-  try {
-    return parseArgs({
-      args: Deno.args,
-      options: {
-        model: { type: "string", multiple: true },
-        name: { type: "string", multiple: true },
-        "template-file": { type: "string" },
-        backend: { type: "string" },
-        threads: { type: "string" },
-        "context-length": { type: "string" },
-        dtype: { type: "string" },
-        host: { type: "string", default: "127.0.0.1" },
-        port: { type: "string", default: "8080" },
-        parallel: { type: "string" },
-        "max-queue": { type: "string" },
-        "cache-mb": { type: "string" },
-        "max-body-kb": { type: "string" },
-        "max-tokens": { type: "string" },
-        debug: { type: "boolean", default: false },
-        help: { type: "boolean", short: "h", default: false },
-      },
-      allowPositionals: false,
-    }).values;
-  } catch (e) {
-    return fail((e as Error).message);
+async function main(): Promise<void> {
+  const { values: args } = parseArgs({
+    args: Deno.args,
+    strict: true,
+    options: {
+      model: { type: "string", multiple: true },
+      name: { type: "string", multiple: true },
+      "template-file": { type: "string" },
+      backend: { type: "string" },
+      threads: { type: "string" },
+      "context-length": { type: "string" },
+      dtype: { type: "string" },
+      host: { type: "string", default: "127.0.0.1" },
+      port: { type: "string", default: "8080" },
+      parallel: { type: "string" },
+      "max-queue": { type: "string" },
+      "cache-mb": { type: "string" },
+      "max-body-kb": { type: "string" },
+      "max-tokens": { type: "string" },
+      debug: { type: "boolean", default: false },
+      help: { type: "boolean", short: "h", default: false },
+    },
+  });
+  if (args.help) {
+    console.log(HELP);
+    return;
   }
-}
-const args = parse();
-if (args.help) {
-  console.log(HELP);
-  Deno.exit(0);
-}
-
-const sources = args.model ?? ["Felladrin/Minueza-32M-UltraChat"];
-const names = args.name ?? [];
-if (names.length > sources.length) fail(`Got ${names.length} --name options for ${sources.length} models`);
-const template = args["template-file"] !== undefined ? await Deno.readTextFile(args["template-file"]) : undefined;
-const loaded: { id: string; model: Model; template?: string }[] = [];
-const disposeAll = async () => {
-  for (const m of loaded) await m.model.dispose();
-};
-try {
-  for (const [i, source] of sources.entries()) {
-    const model = await loadModel(source, {
-      backend: args.backend,
-      threads: int("threads", args.threads, 1),
-      contextLength: int("context-length", args["context-length"], 2),
-      dtype: args.dtype as never,
-    });
-    const id = names[i] ?? source.replace(/\/+$/, "").split("/").pop()!;
-    loaded.push({ id, model, template });
-  }
-  const cacheMb = int("cache-mb", args["cache-mb"], 0);
-  const bodyKb = int("max-body-kb", args["max-body-kb"], 1);
-  const server = await startServer({
-    models: loaded,
+  const load = {
+    backend: choiceFlag("backend", args.backend, backendNames()) ?? "ts",
+    threads: numberFlag("threads", args.threads, { integer: true, min: 1 }),
+    contextLength: numberFlag("context-length", args["context-length"], { integer: true, min: 2 }),
+    dtype: choiceFlag("dtype", args.dtype, WEIGHT_DTYPES),
+  };
+  const cacheMb = numberFlag("cache-mb", args["cache-mb"], { integer: true, min: 0 });
+  const bodyKb = numberFlag("max-body-kb", args["max-body-kb"], { integer: true, min: 1 });
+  const options = {
     hostname: args.host,
-    port: int("port", args.port, 0),
-    parallel: int("parallel", args.parallel, 1),
-    maxQueue: int("max-queue", args["max-queue"], 0),
+    port: numberFlag("port", args.port, { integer: true, min: 0, max: 65535 }),
+    parallel: numberFlag("parallel", args.parallel, { integer: true, min: 1 }),
+    maxQueue: numberFlag("max-queue", args["max-queue"], { integer: true, min: 0 }),
     cacheBytes: cacheMb === undefined ? undefined : cacheMb * 1024 * 1024,
     maxBodyBytes: bodyKb === undefined ? undefined : bodyKb * 1024,
-    defaultMaxTokens: int("max-tokens", args["max-tokens"], 1),
+    defaultMaxTokens: numberFlag("max-tokens", args["max-tokens"], { integer: true, min: 1 }),
     debug: args.debug,
-  });
-  console.log(`Serving ${loaded.map((m) => m.id).join(", ")} on ${server.url} (chat page at ${server.url}/)`);
-  let stopping = false;
-  const stop = async () => {
-    if (stopping) return;
-    stopping = true;
-    console.log("Shutting down");
-    await server.close();
-    await disposeAll();
-    Deno.exit(0);
   };
-  Deno.addSignalListener("SIGINT", stop);
-  Deno.addSignalListener("SIGTERM", stop);
-  await server.finished;
-} catch (e) {
-  await disposeAll();
-  console.error(`serve: ${(e as Error).message}`);
-  Deno.exit(1);
+  const sources = args.model ?? [DEFAULT_CHAT_MODEL_ID];
+  const names = args.name ?? [];
+  if (names.length > sources.length) {
+    throw new CliError(`Got ${names.length} --name options for ${sources.length} models`);
+  }
+  const template = args["template-file"] !== undefined ? await Deno.readTextFile(args["template-file"]) : undefined;
+
+  const loaded: { id: string; model: Model; template?: string }[] = [];
+  const disposeAll = async () => {
+    for (const m of loaded) await m.model.dispose();
+  };
+  try {
+    for (const [i, source] of sources.entries()) {
+      const model = await loadCliModel(source, load, new ProgressDisplay());
+      const id = names[i] ?? source.replace(/\/+$/, "").split("/").pop()!;
+      loaded.push({ id, model, template });
+    }
+    const server = await startServer({ models: loaded, ...options });
+    console.log(`Serving ${loaded.map((m) => m.id).join(", ")} on ${server.url} (chat page at ${server.url}/)`);
+    let stopping = false;
+    const stop = async () => {
+      if (stopping) return;
+      stopping = true;
+      console.log("Shutting down");
+      await server.close();
+      await disposeAll();
+      Deno.exit(0);
+    };
+    Deno.addSignalListener("SIGINT", stop);
+    Deno.addSignalListener("SIGTERM", stop);
+    await server.finished;
+  } catch (e) {
+    await disposeAll();
+    throw e;
+  }
 }
+
+if (import.meta.main) await runCli("serve", main);
