@@ -14,7 +14,7 @@
 
 import assert from "node:assert/strict";
 import { loadModel, type Model } from "../mod.ts";
-import { createBackend } from "../backends/registry.ts";
+import { createBackend, registerBackend } from "../backends/registry.ts";
 import {
   createWebGpuBackend,
   setNavigatorGpu,
@@ -162,6 +162,85 @@ Deno.test({
 });
 
 Deno.test({
+  name: "webgpu: the shared-memory prefill kernel (the default on GPUs) matches the reference for every weight dtype",
+  ignore,
+  fn: async () => {
+    // Lavapipe defaults to the register-tiled kernel; this forces the one that stages tiles
+    // in workgroup memory. T = 70 and 33 span several 32-row tiles (the last partial), N = 45
+    // and 80 several 32-column ones, and K walks 32 at a time: 40 ends in a partial K tile,
+    // 37 takes the element-by-element path (no quads), and quantized K (whole 32-blocks)
+    // takes 2 or 3 tiles. 4096-byte bindings split the larger weights by rows, so some cases
+    // run one dispatch per part. Six distinct pipelines, each compiled once.
+    const backend = await createWebGpuBackend({ prefillKernel: "shared", maxBindingBytes: 4096 });
+    try {
+      assert.equal(backend.prefillKernel, "shared");
+      const cases: [DType, number, number][] = [
+        ["f32", 40, 45], // 7200 bytes: 2 parts
+        ["f32", 37, 45], // no quads, 2 parts
+        ["f16", 40, 45],
+        ["bf16", 40, 45],
+        ["q8_0", 64, 45],
+        ["q4_0", 96, 45],
+        ["q4_0", 96, 80], // 4320 bytes: 2 parts
+      ];
+      for (const [dtype, K, N] of cases) {
+        const g = new GraphBuilder();
+        const x = g.input("x", "f32", ["T", K]);
+        const w = g.weight("w", dtype, [N, K]);
+        const out = g.matmul(x, w, "out");
+        g.output(out);
+        const bytes = encodeWeights(dtype, randomF32(N * K, N + K, 0.5), K);
+        const device = backend.upload({ name: "w", dtype, shape: [N, K], data: bytes });
+        const decoded = decodeWeights(dtype, bytes, N * K);
+        const exec = await backend.compile(planGraph(g.build(), { T: 70 }), new Map([[w.id, device]]));
+        try {
+          for (const T of [70, 33]) {
+            const xs = randomF32(T * K, T * K);
+            exec.writeInput(x.id, xs, xs.length);
+            await exec.run({ dims: { T }, pos: 0 });
+            const actual = new Float32Array(T * N);
+            await exec.readOutput(out.id, actual, actual.length);
+            const expected = referenceOp({ kind: "matmul" }, [
+              { shape: [T, K], data: xs },
+              { shape: [N, K], data: decoded },
+            ], 0);
+            assertClose(actual, expected, 1e-5, `shared matmul ${dtype} T=${T} K=${K} N=${N}`);
+          }
+        } finally {
+          exec.dispose();
+          backend.release(device);
+        }
+      }
+    } finally {
+      backend.dispose();
+    }
+  },
+});
+
+Deno.test({
+  name: "webgpu: greedy generation with the shared-memory prefill kernel reproduces the llama.cpp reference",
+  ignore,
+  fn: async () => {
+    // The prompts (8 to 13 tokens) run as one prefill step each, through the shared kernel.
+    registerBackend("webgpu", () => createWebGpuBackend({ prefillKernel: "shared" }));
+    try {
+      await withModel(async (model) => {
+        assert.equal((model.backend as WebGpuBackend).prefillKernel, "shared");
+        const ref = JSON.parse(await Deno.readTextFile(`${SHARED}/refs/story-greedy.json`));
+        for (const c of ref.cases as GreedyCase[]) {
+          const ids: number[] = [];
+          const stream = model.generateTokens(c.prompt_ids, { temperature: 0, maxTokens: 64, ignoreEos: true });
+          for await (const t of stream) ids.push(t.id);
+          assert.deepEqual(ids, c.greedy_ids, `greedy ids of ${JSON.stringify(c.prompt)}`);
+        }
+      });
+    } finally {
+      registerBackend("webgpu", () => createWebGpuBackend());
+    }
+  },
+});
+
+Deno.test({
   name: "webgpu: weights larger than one binding are split by rows (matmul and embedding, every dtype)",
   ignore,
   fn: async () => {
@@ -274,6 +353,10 @@ Deno.test("webgpu: without an adapter, createBackend and loadModel throw WebGpuU
     );
     // Bad options are refused before any adapter is asked for.
     await assert.rejects(() => createWebGpuBackend({ decodeKernel: "fast" as "rows" }), /Invalid decodeKernel "fast"/);
+    await assert.rejects(
+      () => createWebGpuBackend({ prefillKernel: "fast" as "tiled" }),
+      /Invalid prefillKernel "fast"/,
+    );
     await assert.rejects(() => createWebGpuBackend({ maxBindingBytes: 0.5 }), RangeError);
   } finally {
     setNavigatorGpu(undefined);

@@ -14,8 +14,11 @@
  *   the f32 tolerances of the conformance suite.
  * - Decode (up to 4 rows) uses a matrix-vector kernel: on GPUs 64 invocations share
  *   each weight row and sum in workgroup memory; on software adapters (lavapipe) one
- *   invocation per row, which runs there several times faster. Prefill uses a
- *   register-tiled kernel (32×32 tiles, 4×4 outputs per invocation).
+ *   invocation per row, which runs there several times faster. Prefill uses 32×32
+ *   output tiles with 4×4 outputs per invocation: on GPUs the tiles of x and of the
+ *   unpacked weights are staged in workgroup memory (`"shared"`); on software
+ *   adapters a barrier-free register-tiled kernel (`"tiled"`) reads them through the
+ *   cache. Option `prefillKernel` forces either.
  * - The device is asked for the adapter's own `maxStorageBufferBindingSize` and
  *   `maxBufferSize`; a 2-D weight larger than one binding is split by rows into
  *   several buffers (one dispatch per part); anything else too large fails with a
@@ -41,6 +44,7 @@ import {
   gridOf,
   kvWriteShader,
   lastRowShader,
+  matmulSharedShader,
   matmulTiledShader,
   MATVEC_MAX_T,
   MATVEC_ROWS,
@@ -48,6 +52,8 @@ import {
   matvecShader,
   rmsNormShader,
   ropeShader,
+  SHARED_BYTES,
+  SHARED_INVOCATIONS,
   TILE,
   WG,
 } from "./shaders.ts";
@@ -87,6 +93,14 @@ export interface WebGpuBackendOptions {
    */
   readonly decodeKernel?: DecodeKernel;
   /**
+   * The prefill (matrix-matrix) kernel, for steps of more than 4 rows: `"shared"` (tiles
+   * of x and of the unpacked weights staged in workgroup memory: for GPUs) or `"tiled"`
+   * (register tiling only, no workgroup memory and no barrier: for software adapters such
+   * as lavapipe, which compile barriers in loops slowly). Default: `"tiled"` on a fallback
+   * adapter or one whose workgroup limits are too small for `"shared"`, else `"shared"`.
+   */
+  readonly prefillKernel?: PrefillKernel;
+  /**
    * Largest weight or state buffer bound to one shader binding, in bytes: 2-D weights above
    * it are split by rows into several buffers. Default and maximum: the device's
    * `maxStorageBufferBindingSize` (tests lower it to exercise the splitting).
@@ -96,6 +110,9 @@ export interface WebGpuBackendOptions {
 
 /** The matrix-vector kernels of {@link WebGpuBackendOptions.decodeKernel}. */
 export type DecodeKernel = "workgroup" | "rows";
+
+/** The matrix-matrix kernels of {@link WebGpuBackendOptions.prefillKernel}. */
+export type PrefillKernel = "shared" | "tiled";
 
 let gpuOverride: GPU | undefined;
 
@@ -156,6 +173,8 @@ export class WebGpuBackend implements Backend {
   readonly device: GPUDevice;
   /** The matrix-vector kernel in use. */
   readonly decodeKernel: DecodeKernel;
+  /** The matrix-matrix (prefill) kernel in use. */
+  readonly prefillKernel: PrefillKernel;
   /** Largest weight or state buffer bound to one binding; larger 2-D weights are split by rows. */
   readonly maxBindingBytes: number;
   readonly #layouts: Layouts;
@@ -170,13 +189,22 @@ export class WebGpuBackend implements Backend {
    * @param adapterName the adapter's description, for logs
    * @param decodeKernel the matrix-vector kernel to use
    * @param maxBindingBytes see {@link WebGpuBackendOptions.maxBindingBytes}
+   * @param prefillKernel the matrix-matrix kernel to use
    */
-  constructor(device: GPUDevice, adapterName: string, decodeKernel: DecodeKernel, maxBindingBytes?: number) {
+  constructor(
+    device: GPUDevice,
+    adapterName: string,
+    decodeKernel: DecodeKernel,
+    maxBindingBytes?: number,
+    prefillKernel: PrefillKernel = "tiled",
+  ) {
     this.device = device;
     this.decodeKernel = decodeKernel;
+    this.prefillKernel = prefillKernel;
     const limit = device.limits.maxStorageBufferBindingSize;
     this.maxBindingBytes = Math.min(limit, maxBindingBytes ?? limit);
     this.description = `WebGPU (${adapterName}), f32 compute, ${decodeKernel} decode kernel, ` +
+      `${prefillKernel} prefill kernel, ` +
       `max binding ${this.maxBindingBytes} bytes`;
     this.#layouts = createLayouts(device);
     this.#lost = device.lost.then((info) => {
@@ -816,7 +844,7 @@ class DispatchBuilder {
             () => ceil(part.rows, rowsKernel ? WG : MATVEC_ROWS),
           ));
           tiled.push(this.#dispatch(
-            matmulTiledShader(w.dtype, quad),
+            (this.backend.prefillKernel === "shared" ? matmulSharedShader : matmulTiledShader)(w.dtype, quad),
             "weight",
             this.#params(fixed, values),
             [part.buffer],
@@ -893,9 +921,12 @@ function scaleWord(dtype: DType, part: WeightPart, cols: number): number {
  * ```
  */
 export async function createWebGpuBackend(options: WebGpuBackendOptions = {}): Promise<WebGpuBackend> {
-  const { decodeKernel, maxBindingBytes } = options;
+  const { decodeKernel, prefillKernel, maxBindingBytes } = options;
   if (decodeKernel !== undefined && decodeKernel !== "rows" && decodeKernel !== "workgroup") {
     throw new TypeError(`Invalid decodeKernel "${decodeKernel}": expected "workgroup" or "rows"`);
+  }
+  if (prefillKernel !== undefined && prefillKernel !== "shared" && prefillKernel !== "tiled") {
+    throw new TypeError(`Invalid prefillKernel "${prefillKernel}": expected "shared" or "tiled"`);
   }
   if (maxBindingBytes !== undefined && !(Number.isInteger(maxBindingBytes) && maxBindingBytes >= 4)) {
     throw new RangeError(`Invalid maxBindingBytes ${maxBindingBytes}: expected an integer of at least 4`);
@@ -941,5 +972,18 @@ export async function createWebGpuBackend(options: WebGpuBackendOptions = {}): P
   const fallback = (info as { isFallbackAdapter?: boolean }).isFallbackAdapter ??
     (adapter as { isFallbackAdapter?: boolean }).isFallbackAdapter ?? false;
   const kernel = decodeKernel ?? (fallback ? "rows" : "workgroup");
-  return new WebGpuBackend(device, name, kernel, maxBindingBytes);
+  // The shared-memory kernel's needs, within WebGPU's default limits (the ones granted here).
+  const l = device.limits;
+  const sharedFits = l.maxComputeWorkgroupStorageSize >= SHARED_BYTES &&
+    l.maxComputeInvocationsPerWorkgroup >= SHARED_INVOCATIONS;
+  if (prefillKernel === "shared" && !sharedFits) {
+    device.destroy();
+    throw new WebGpuUnavailableError(
+      `Cannot use the "shared" prefill kernel: it needs ${SHARED_BYTES} bytes of workgroup storage and ` +
+        `${SHARED_INVOCATIONS} invocations per workgroup, the device allows ${l.maxComputeWorkgroupStorageSize} ` +
+        `and ${l.maxComputeInvocationsPerWorkgroup}`,
+    );
+  }
+  const prefill = prefillKernel ?? (fallback || !sharedFits ? "tiled" : "shared");
+  return new WebGpuBackend(device, name, kernel, maxBindingBytes, prefill);
 }

@@ -19,6 +19,7 @@ import { createWebGpuBackend } from "./backend.ts";
 export {
   createWebGpuBackend,
   type DecodeKernel,
+  type PrefillKernel,
   setNavigatorGpu,
   WebGpuBackend,
   type WebGpuBackendOptions,

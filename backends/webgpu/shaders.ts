@@ -27,9 +27,9 @@ import type { DType } from "../../graph/dtype.ts";
 export const WG = 64;
 /** Output rows per workgroup of the matrix-vector kernel. */
 export const MATVEC_ROWS = 4;
-/** Most tokens the matrix-vector kernel handles in one step; more use the tiled kernel. */
+/** Most tokens the matrix-vector kernel handles in one step; more use a matrix-matrix kernel. */
 export const MATVEC_MAX_T = 4;
-/** Tile edge of the tiled matrix-matrix kernel (tokens, weight rows and K per tile). */
+/** Tile edge of the matrix-matrix kernels (tokens and weight rows per output tile). */
 export const TILE = 32;
 
 /** Largest workgroup count per dispatch dimension that every adapter allows. */
@@ -310,9 +310,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
  * x and W are shared between the invocations through the cache. Edge tiles clamp
  * their reads and skip their writes.
  *
- * Barrier-free by design: staging the tiles in workgroup memory instead (a K loop
- * with two barriers) made Mesa's lavapipe take 30 to 90 s to compile each variant,
- * against 0.3 s for this one. Workgroups: ceil(T / 32) × ceil(N / 32).
+ * Barrier-free by design, for software adapters (the default there): Mesa's lavapipe
+ * compiles a barrier as a coroutine suspension, and a first version staging the tiles in
+ * workgroup memory took 30 to 90 s to compile each variant, against 0.3 s for this one.
+ * {@link matmulSharedShader} (GPUs) stages them in about 1 s per variant. Workgroups:
+ * ceil(T / 32) × ceil(N / 32).
  */
 export function matmulTiledShader(dtype: DType, quad: boolean): string {
   const rows = [0, 1, 2, 3];
@@ -361,6 +363,102 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
   let wr = nc * p.K;
   var a0 = vec4<f32>(); var a1 = vec4<f32>(); var a2 = vec4<f32>(); var a3 = vec4<f32>();
   ${body}
+  ${store}
+}
+`;
+}
+
+/** K elements per step of the shared-memory matrix-matrix kernel (one quantized block). */
+export const SHARED_K = 32;
+/** Quads (vec4) per padded row of a shared-memory tile: 8 quads of K and one of padding. */
+const SHARED_ROW = SHARED_K / 4 + 1;
+/** Invocations per workgroup of the shared-memory kernel (8 × 8). */
+export const SHARED_INVOCATIONS = 64;
+/** Workgroup memory of the shared-memory kernel in bytes: a 32-row tile of x and one of W. */
+export const SHARED_BYTES = 2 * TILE * SHARED_ROW * 16;
+
+/**
+ * Matrix-matrix product through workgroup memory (prefill), the same contract as
+ * {@link matmulTiledShader}: out (T, N) = x (T, K) · W (N, K)ᵀ, a 32×32 output tile per
+ * workgroup of 8×8 invocations, 4×4 outputs each in registers. K is walked 32 at a time:
+ * the 64 invocations stage a 32×32 tile of x and one of W (weights unpacked to f32 once,
+ * by one invocation, instead of by each of the 8 that use them), a barrier, then each
+ * invocation does 8 × 16 quad dot products from workgroup memory, and a second barrier.
+ *
+ * Invocation (i, j) owns rows t0 + j + 8r and columns n0 + i + 8c (r, c < 4), so adjacent
+ * invocations read adjacent padded tile rows (9 quads apart: no bank conflicts on
+ * GPUs) and write adjacent output columns. Edge tiles clamp their rows (and zero the
+ * K tail), and skip their writes. `quad`: K is a multiple of 4, so staging loads whole
+ * quads (`wQuad`, for quantized weights one block per tile row); else element by element.
+ *
+ * Kept simple for Mesa's lavapipe, which compiles a barrier as a coroutine suspension:
+ * one loop with a dynamic bound (over K) holding both barriers, the staging unrolled in
+ * the source, one constant-bound inner loop (the tile's 8 quads of K), and 16
+ * accumulators as four `vec4`; each variant compiles there in about 1 s.
+ * Workgroups: ceil(T / 32) × ceil(N / 32).
+ */
+export function matmulSharedShader(dtype: DType, quad: boolean): string {
+  const four = [0, 1, 2, 3];
+  const lane = "xyzw";
+  // Staging: invocation l loads quad l % 8 of rows l / 8 + 8r of both tiles (r < 4).
+  const load = (src: "x" | "w", r: number) => {
+    const row = `${src}r${r}`;
+    const value = quad
+      ? `select(vec4<f32>(), ${src === "x" ? "xQuad" : "wQuad"}(${row} + k), k < p.K)`
+      : `vec4<f32>(${four.map((e) => `${src}El(${row}, k + ${e}u)`).join(", ")})`;
+    return `${src}s[(lr + ${8 * r}u) * ${SHARED_ROW}u + lq] = ${value};`;
+  };
+  const dots = four.map((r) => {
+    const d = four.map((c) => `dot(x${r}, w${c})`).join(", ");
+    return `a${r} += vec4<f32>(${d});`;
+  }).join("\n      ");
+  const store = four.map((r) =>
+    `if (t0 + lid.y + ${8 * r}u < T) {
+    let o = p.out + (t0 + lid.y + ${8 * r}u) * p.outN + n0 + lid.x;
+    ${four.map((c) => `if (n0 + lid.x + ${8 * c}u < p.N) { arena[o + ${8 * c}u] = a${r}.${lane[c]}; }`).join("\n    ")}
+  }`
+  ).join("\n  ");
+  return `
+struct Params { rows: u32, x: u32, out: u32, K: u32, N: u32, wScale: u32, outN: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+${HEADER}
+${weightAccess(dtype)}
+${quad ? weightQuad(dtype) : ""}
+fn xQuad(i: u32) -> vec4<f32> { return vec4<f32>(arena[i], arena[i + 1u], arena[i + 2u], arena[i + 3u]); }
+// Element k of the row starting at o, 0 past K (reads clamped into the row).
+fn xEl(o: u32, k: u32) -> f32 { return select(0.0, arena[o + min(k, p.K - 1u)], k < p.K); }
+fn wEl(o: u32, k: u32) -> f32 { return select(0.0, wAt(o + min(k, p.K - 1u)), k < p.K); }
+var<workgroup> xs: array<vec4<f32>, ${TILE * SHARED_ROW}>;
+var<workgroup> ws: array<vec4<f32>, ${TILE * SHARED_ROW}>;
+
+@compute @workgroup_size(8, 8)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+  let tilesN = (p.N + ${TILE - 1}u) / ${TILE}u;
+  let g = groupIndex(wg, nwg);
+  let T = rowCount();
+  let t0 = (g / tilesN) * ${TILE}u;
+  let n0 = (g % tilesN) * ${TILE}u;
+  // A spare workgroup of a two-dimensional grid returns as a whole (before any barrier).
+  if (t0 >= T) { return; }
+  let l = lid.y * 8u + lid.x;
+  let lr = l / 8u;
+  let lq = l % 8u;
+  ${four.map((r) => `let xr${r} = p.x + min(t0 + lr + ${8 * r}u, T - 1u) * p.K;`).join("\n  ")}
+  ${four.map((r) => `let wr${r} = min(n0 + lr + ${8 * r}u, p.N - 1u) * p.K;`).join("\n  ")}
+  var a0 = vec4<f32>(); var a1 = vec4<f32>(); var a2 = vec4<f32>(); var a3 = vec4<f32>();
+  for (var k0 = 0u; k0 < p.K; k0 += ${SHARED_K}u) {
+    let k = k0 + lq * 4u;
+    ${four.map((r) => load("x", r)).join("\n    ")}
+    ${four.map((r) => load("w", r)).join("\n    ")}
+    workgroupBarrier();
+    for (var q = 0u; q < ${SHARED_K / 4}u; q++) {
+      ${four.map((r) => `let x${r} = xs[(lid.y + ${8 * r}u) * ${SHARED_ROW}u + q];`).join(" ")}
+      ${four.map((c) => `let w${c} = ws[(lid.x + ${8 * c}u) * ${SHARED_ROW}u + q];`).join(" ")}
+      ${dots}
+    }
+    workgroupBarrier();
+  }
   ${store}
 }
 `;
