@@ -17,11 +17,19 @@ import { SHAPES } from "../models/random_model.ts";
 import { backendNames } from "../backends/registry.ts";
 import "../backends/builtin.ts";
 import { byteSize, type DType } from "../graph/dtype.ts";
-import { CliError, formatBytes, loadError, numberFlag, resolveCliModel, runCli } from "./_cli.ts";
+import {
+  choiceFlag,
+  CliError,
+  formatBytes,
+  loadError,
+  numberFlag,
+  resolveCliModel,
+  runCli,
+  WEIGHT_DTYPES,
+} from "./_cli.ts";
 import { ensureRandomModel, modelCacheDir } from "./make_model.ts";
 
-const DTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"] as const;
-type BenchDType = typeof DTYPES[number];
+type BenchDType = typeof WEIGHT_DTYPES[number];
 const GGUF_TYPE: Partial<Record<BenchDType, string>> = { f32: "F32", f16: "F16", q8_0: "Q8_0", q4_0: "Q4_0" };
 
 const HELP = `Usage: deno task bench [options]
@@ -33,7 +41,7 @@ side by side with llama.cpp through the anchor kit (../shared/anchor).
                    model made on first use in the cache), or a model folder. Repeatable or a comma list.
                    Default: story,stories15m,minueza-32m-shape
   --backend B      ${backendNames().join(", ")} (default ts); repeatable or a comma list
-  --dtype T        weight dtype to convert to at load: ${DTYPES.join(", ")} (default: as stored, f32 here);
+  --dtype T        weight dtype to convert to at load: ${WEIGHT_DTYPES.join(", ")} (default: as stored, f32 here);
                    repeatable or a comma list
   --prompt P       prompt tokens (default 128)
   --gen N          decoded tokens after the first (default 128)
@@ -329,18 +337,8 @@ async function main(): Promise<void> {
     return;
   }
   const models = list(values.model, ["story", "stories15m", "minueza-32m-shape"]);
-  const backends = list(values.backend, ["ts"]);
-  for (const b of backends) {
-    if (!backendNames().includes(b)) {
-      throw new CliError(`Invalid --backend "${b}": expected one of ${backendNames().join(", ")}`);
-    }
-  }
-  const dtypes = list(values.dtype, ["stored"]);
-  for (const d of dtypes) {
-    if (d !== "stored" && !(DTYPES as readonly string[]).includes(d)) {
-      throw new CliError(`Invalid --dtype "${d}": expected one of ${DTYPES.join(", ")}`);
-    }
-  }
+  const backends = list(values.backend, ["ts"]).map((b) => choiceFlag("backend", b, backendNames())!);
+  const dtypes = list(values.dtype, ["stored"]).map((d) => d === "stored" ? d : choiceFlag("dtype", d, WEIGHT_DTYPES)!);
   const prompt = numberFlag("prompt", values.prompt, { integer: true, min: 1, max: 4096 }) ?? 128;
   const gen = numberFlag("gen", values.gen, { integer: true, min: 1, max: 4096 }) ?? 128;
   const threads = numberFlag("threads", values.threads, { integer: true, min: 1, max: 1024 });
@@ -426,7 +424,7 @@ async function main(): Promise<void> {
           model = await loadModel(folder.dir, {
             backend,
             threads,
-            dtype: dtype === "stored" ? undefined : dtype as BenchDType,
+            dtype: dtype === "stored" ? undefined : dtype,
             prefillChunk: Math.max(prompt, 64),
             contextLength: Math.min(prompt + gen + 16, maxPositions),
           });
@@ -472,7 +470,7 @@ async function main(): Promise<void> {
         if (kit) {
           const stored = JSON.parse(await Deno.readTextFile(`${folder.dir}/config.json`)).torch_dtype;
           const asStored = stored === "float16" ? "f16" : "f32";
-          const type = GGUF_TYPE[(dtype === "stored" ? asStored : dtype) as BenchDType];
+          const type = GGUF_TYPE[dtype === "stored" ? asStored : dtype];
           if (type) {
             if (!llamaCache.has(type)) {
               try {

@@ -8,8 +8,7 @@
 import { parseArgs } from "node:util";
 import { graphToDot, graphToText } from "../graph/format.ts";
 import { DEFAULT_MODEL_ID } from "../models/hub.ts";
-import { loadModel } from "../models/model.ts";
-import { choiceFlag, loadError, ProgressDisplay, resolveCliModel, runCli } from "./_cli.ts";
+import { choiceFlag, loadCliModel, ProgressDisplay, runCli } from "./_cli.ts";
 
 const HELP = `Usage: deno task graph [--model SRC] [--format text|dot] [--logits last|all]
 
@@ -36,15 +35,7 @@ async function main(progress: ProgressDisplay): Promise<void> {
   }
   const format = choiceFlag("format", values.format, ["text", "dot"] as const) ?? "text";
   const logits = choiceFlag("logits", values.logits, ["last", "all"] as const) ?? "last";
-  const source = values.model ?? DEFAULT_MODEL_ID;
-  let model;
-  try {
-    const dir = await resolveCliModel(source, progress.onProgress);
-    model = await loadModel(dir, { onProgress: progress.onProgress });
-  } catch (e) {
-    progress.clear();
-    throw loadError(source, e);
-  }
+  const model = await loadCliModel(values.model ?? DEFAULT_MODEL_ID, {}, progress);
   try {
     const graph = model.graph(logits);
     console.log(format === "dot" ? graphToDot(graph) : graphToText(graph));

@@ -7,14 +7,20 @@
  */
 
 import { parseArgs } from "node:util";
-import { loadModel } from "../models/model.ts";
 import { DEFAULT_MODEL_ID } from "../models/hub.ts";
-import { SamplingOptionError } from "../models/sampler.ts";
 import { backendNames } from "../backends/registry.ts";
 import "../backends/builtin.ts";
-import { choiceFlag, CliError, loadError, numberFlag, ProgressDisplay, resolveCliModel, runCli } from "./_cli.ts";
-
-const DTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"] as const;
+import {
+  choiceFlag,
+  loadCliModel,
+  numberFlag,
+  ProgressDisplay,
+  runCli,
+  SAMPLING_OPTIONS,
+  samplingError,
+  samplingFlags,
+  WEIGHT_DTYPES,
+} from "./_cli.ts";
 
 const HELP = `Usage: deno task story [options] [prompt...]
 
@@ -26,7 +32,7 @@ Model:
                        (default ${DEFAULT_MODEL_ID}: LLM_MODELS_DIR, the Hugging Face cache, the bundled
                        ../shared/models/story, then a download into the Hugging Face cache)
   --backend NAME       compute backend: ${backendNames().join(", ")} (default ts)
-  --dtype TYPE         hold the weights as ${DTYPES.join(", ")} (default: as stored)
+  --dtype TYPE         hold the weights as ${WEIGHT_DTYPES.join(", ")} (default: as stored)
   --threads N          worker threads of the backend (default: its choice)
 
 Generation:
@@ -42,15 +48,6 @@ Generation:
   --help               show this help
 
 Exit codes: 0 done, 1 the model cannot be loaded or generation failed, 2 bad options.`;
-
-const FLAG_OF_OPTION: Record<string, string> = {
-  temperature: "--temperature",
-  topK: "--top-k",
-  topP: "--top-p",
-  minP: "--min-p",
-  repetitionPenalty: "--repeat-penalty",
-  seed: "--seed",
-};
 
 async function readStdin(): Promise<string> {
   const chunks: string[] = [];
@@ -69,12 +66,7 @@ async function main(progress: ProgressDisplay): Promise<void> {
       dtype: { type: "string" },
       threads: { type: "string" },
       "max-tokens": { type: "string" },
-      temperature: { type: "string" },
-      "top-k": { type: "string" },
-      "top-p": { type: "string" },
-      "min-p": { type: "string" },
-      "repeat-penalty": { type: "string" },
-      seed: { type: "string" },
+      ...SAMPLING_OPTIONS,
       stop: { type: "string", multiple: true },
       "ignore-eos": { type: "boolean" },
       help: { type: "boolean", short: "h" },
@@ -85,33 +77,18 @@ async function main(progress: ProgressDisplay): Promise<void> {
     return;
   }
   const backend = choiceFlag("backend", values.backend, backendNames()) ?? "ts";
-  const dtype = choiceFlag("dtype", values.dtype, DTYPES);
+  const dtype = choiceFlag("dtype", values.dtype, WEIGHT_DTYPES);
   const threads = numberFlag("threads", values.threads, { integer: true, min: 1, max: 1024 });
   const maxTokens = numberFlag("max-tokens", values["max-tokens"], { integer: true, min: 0 }) ?? 256;
-  const seed = numberFlag("seed", values.seed, { integer: true, min: 0, max: 2 ** 32 - 1 }) ??
-    Math.floor(Math.random() * 2 ** 31);
-  const sampling = {
-    temperature: numberFlag("temperature", values.temperature, { min: 0 }),
-    topK: numberFlag("top-k", values["top-k"], { integer: true, min: 0 }),
-    topP: numberFlag("top-p", values["top-p"], { min: 0, max: 1 }),
-    minP: numberFlag("min-p", values["min-p"], { min: 0, max: 1 }),
-    repetitionPenalty: numberFlag("repeat-penalty", values["repeat-penalty"], { min: 0 }),
-  };
+  const sampling = samplingFlags(values);
+  // A random seed when none is given, so that the statistics line can name it.
+  const seed = sampling.seed ?? Math.floor(Math.random() * 2 ** 31);
   const stop = values.stop?.filter((s) => s !== "");
 
   let prompt = positionals.join(" ");
   if (positionals.length === 0 && !Deno.stdin.isTerminal()) prompt = await readStdin();
 
-  const source = values.model ?? DEFAULT_MODEL_ID;
-  let dir: string;
-  let model;
-  try {
-    dir = await resolveCliModel(source, progress.onProgress);
-    model = await loadModel(dir, { backend, threads, dtype, onProgress: progress.onProgress });
-  } catch (e) {
-    progress.clear();
-    throw loadError(source, e);
-  }
+  const model = await loadCliModel(values.model ?? DEFAULT_MODEL_ID, { backend, threads, dtype }, progress);
 
   const abort = new AbortController();
   const onInterrupt = () => abort.abort(new DOMException("Interrupted", "AbortError"));
@@ -129,10 +106,7 @@ async function main(progress: ProgressDisplay): Promise<void> {
         signal: abort.signal,
       });
     } catch (e) {
-      if (e instanceof SamplingOptionError) {
-        throw new CliError(`Invalid ${FLAG_OF_OPTION[e.option] ?? e.option}: ${e.message}`);
-      }
-      throw e;
+      throw samplingError(e) ?? e;
     }
     await Deno.stdout.write(enc.encode(prompt));
     try {
