@@ -128,16 +128,32 @@ typedef struct {
 } llm_attn;
 void k_attention(const llm_attn *a, int T, int w0, int w1, float *scratch);
 
-/* Quantized activations: x (T, K) as q8_0 blocks, for quantized matmuls. */
+/*
+ * Quantized activations for quantized matmuls: x (T, K) as blocks of 32 int16
+ * quants with one f32 scale each (amax / 32767). 16 bits rather than q8_0's 8:
+ * 8-bit activation rounding flips near-tie predictions of low-confidence models,
+ * while 16-bit keeps the error near f32's and the block dot products exact in int32.
+ */
 typedef struct {
-  int8_t *q;  /* T * K quants */
+  int16_t *q; /* T * K quants */
   float *d;   /* T * K / 32 scales */
-  int32_t *s; /* T * K / 32 sums of each block's quants (for q4_0's -8 offset) */
+  int32_t *s; /* T * K / 32 sums of each block's quants (q4_0 applies its -8 offset as -8 * s) */
 } llm_xq;
-void quantize_rows_q8(const float *x, int K, int t0, int t1, llm_xq *xq);
+void quantize_rows_x16(const float *x, int K, int t0, int t1, llm_xq *xq);
+
+/*
+ * Quantized matmuls with fewer tokens than this (decode) use the int16 activations
+ * (int dot products on the packed weights, which are streamed once). From this many
+ * on (prefill) they use the f32 activations x directly: panels of weights are
+ * dequantized to f32 once and shared by all tokens in the f32 GEMM micro-kernel,
+ * which is both faster there and exact in the activations.
+ */
+#define MM_X16_MAX_T 4
 
 /* out (T, N) = x (T, K) · W (N, K)ᵀ for rows n in [n0, n1). */
 void mm_float(float *out, const float *x, const uint8_t *w, int dtype, int T, int K, int N, int n0, int n1);
-void mm_quant(float *out, const llm_xq *xq, const uint8_t *w, int dtype, int T, int K, int N, int n0, int n1);
+/* Reads xq (filled by quantize_rows_x16) when T < MM_X16_MAX_T, else x. */
+void mm_quant(float *out, const float *x, const llm_xq *xq, const uint8_t *w, int dtype, int T, int K, int N, int n0,
+              int n1);
 
 #endif
