@@ -72,6 +72,9 @@ export class TokenGenerator {
   #logits: Float32Array | undefined;
   #done = false;
   #inflight: Promise<unknown> | undefined;
+  /** Reused for every decode step, so a step allocates no arrays of its own. */
+  readonly #next1 = new Int32Array(1);
+  readonly #evalOptions: { signal?: AbortSignal };
 
   /**
    * @param seq the sequence to extend
@@ -98,6 +101,7 @@ export class TokenGenerator {
     this.#eos = new Set(tokenizer.eosIds);
     this.#ignoreEos = options.ignoreEos ?? false;
     this.#signal = options.signal;
+    this.#evalOptions = { signal: options.signal };
     this.#vocab = sampler.vocabSize;
     this.#decoder = new StreamingDecoder(tokenizer, [...seq.tokens, ...prompt]);
     for (const id of [...seq.tokens, ...prompt]) sampler.accept(id);
@@ -130,7 +134,7 @@ export class TokenGenerator {
     const first = this.#logits === undefined;
     if (first) {
       this.#logits = this.#prompt.length > 0
-        ? await this.#seq.evaluate(this.#prompt, { signal: this.#signal })
+        ? await this.#seq.evaluate(this.#prompt, this.#evalOptions)
         : await this.#lastLogits();
     }
     if (this.stats.generatedTokens >= this.#max) return this.#finish("maxTokens");
@@ -146,7 +150,10 @@ export class TokenGenerator {
     else if (this.#stops.stopped) this.#done = true;
     else if (this.stats.generatedTokens >= this.#max) this.#done = true;
     else if (this.#seq.length >= this.#seq.capacity) this.#done = true;
-    else this.#logits = await this.#seq.evaluate([id], { signal: this.#signal });
+    else {
+      this.#next1[0] = id;
+      this.#logits = await this.#seq.evaluate(this.#next1, this.#evalOptions);
+    }
     if (this.#done) {
       const reason: StopReason = eos
         ? "eos"
@@ -179,7 +186,7 @@ export class TokenGenerator {
     const last = this.#seq.tokens[this.#seq.length - 1];
     if (last === undefined) throw new RangeError("Cannot generate from an empty sequence without a prompt");
     this.#seq.truncate(this.#seq.length - 1);
-    return await this.#seq.evaluate([last], { signal: this.#signal });
+    return await this.#seq.evaluate([last], this.#evalOptions);
   }
 
   #time(first: boolean, ms: number): void {

@@ -163,6 +163,8 @@ export class Sampler {
   #stampNow = 0;
   readonly #recent: Int32Array;
   #recentLen = 0;
+  /** Sorts candidate ids by working logit, descending (made once, not per token). */
+  readonly #byLogit = (a: number, b: number): number => this.#work[b] - this.#work[a] || a - b;
   #recentAt = 0;
 
   /**
@@ -213,7 +215,7 @@ export class Sampler {
       n = o.topK;
     }
     const cand = idx.subarray(0, n);
-    cand.sort((a, b) => w[b] - w[a] || a - b);
+    cand.sort(this.#byLogit);
 
     const p = this.#prob;
     const max = w[cand[0]];
