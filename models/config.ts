@@ -22,6 +22,11 @@ export interface LlamaConfig {
   readonly maxPositions: number;
   /** Whether the output projection is the embedding table (HF `tie_word_embeddings`). */
   readonly tieWordEmbeddings: boolean;
+  /**
+   * True when `config.json` does not say: the weight files decide (tied unless they hold
+   * both an embedding table and a distinct `lm_head.weight`).
+   */
+  readonly tieWordEmbeddingsInferred: boolean;
   /** Attention window (Mistral), 0 for none. */
   readonly slidingWindow: number;
   readonly bosTokenId?: number;
@@ -153,6 +158,7 @@ export function parseConfig(json: unknown, file = "config.json"): LlamaConfig {
     ropeTheta: positive("rope_theta", 10000),
     maxPositions: int("max_position_embeddings", 2048),
     tieWordEmbeddings: tie as boolean,
+    tieWordEmbeddingsInferred: raw.tie_word_embeddings === undefined,
     slidingWindow: (window as number | null) ?? 0,
     bosTokenId: tokenId("bos_token_id"),
     eosTokenIds: eos,

@@ -207,12 +207,12 @@ export async function loadModel(source: string, options: LoadOptions = {}): Prom
   const backend = await createBackend(options.backend ?? "ts", { threads: options.threads });
   const weights = new Map<string, DeviceTensor>();
   try {
-    for (const [name, t] of host) {
+    for (const [name, t] of host.tensors) {
       weights.set(name, backend.upload(options.dtype ? convertWeight(t, options.dtype) : t));
     }
   } catch (e) {
     backend.dispose();
     throw e;
   }
-  return new Model(dir, config, tokenizer, backend, weights, { contextLength, prefillChunk });
+  return new Model(dir, host.config, tokenizer, backend, weights, { contextLength, prefillChunk });
 }

@@ -47,15 +47,21 @@ export async function safetensorsFiles(dir: string): Promise<string[]> {
   return files.sort().map((f) => `${dir}/${f}`);
 }
 
+/** The weights of a model folder, and its config with embedding tying settled by the files. */
+export interface ModelWeights {
+  readonly config: LlamaConfig;
+  readonly tensors: Map<string, HostTensor>;
+}
+
 /**
  * Reads every weight the config needs from the folder's safetensors files.
  * 1-D tensors (norms) are returned as f32; the others keep their stored dtype.
  */
 export async function readWeights(
   dir: string,
-  config: LlamaConfig,
+  parsed: LlamaConfig,
   onProgress?: (p: LoadProgress) => void,
-): Promise<Map<string, HostTensor>> {
+): Promise<ModelWeights> {
   const files: SafetensorsFile[] = [];
   for (const path of await safetensorsFiles(dir)) files.push(await readSafetensors(path));
   const all = new Map<string, HostTensor>();
@@ -68,8 +74,15 @@ export async function readWeights(
     for (const [k, v] of Object.entries(f.metadata)) if (k !== v) aliases.set(k, v);
   }
 
+  // A config that does not say whether the head is tied: untied only when the files hold two distinct tables.
+  const stored = (name: string) => all.get(name) ?? all.get(aliases.get(name) ?? "");
+  const [table, head] = [stored(WEIGHT_NAMES.embedding), stored(WEIGHT_NAMES.lmHead)];
+  const config = parsed.tieWordEmbeddingsInferred
+    ? { ...parsed, tieWordEmbeddings: !(table && head && table !== head) }
+    : parsed;
+
   const find = (name: string): HostTensor | undefined => {
-    const direct = all.get(name) ?? all.get(aliases.get(name) ?? "");
+    const direct = stored(name);
     if (direct) return direct;
     // A tied table stored only as the output head.
     if (name === WEIGHT_NAMES.embedding && config.tieWordEmbeddings) return all.get(WEIGHT_NAMES.lmHead);
@@ -92,5 +105,5 @@ export async function readWeights(
     out.set(name, host);
     onProgress?.({ phase: "tensors", name, loaded: ++loaded, total: shapes.size });
   }
-  return out;
+  return { config, tensors: out };
 }

@@ -111,3 +111,44 @@ Deno.test("tokenizer: BOS/EOS and special ids come from the configs", async () =
   assert.ok(minueza.specialIds.has(32001));
   assert.match(minueza.chatTemplate ?? "", /im_start/);
 });
+
+Deno.test("config without tie_word_embeddings: the weight files decide", async () => {
+  const { writeRandomModel } = await import("../models/random_model.ts");
+  const dropTie = async (dir: string) => {
+    const c = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
+    delete c.tie_word_embeddings;
+    await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(c));
+  };
+  // The story model stores its one table as lm_head.weight, aliased in __metadata__: tied.
+  const story = await Deno.makeTempDir({ prefix: "llm-tie-" });
+  for await (const e of Deno.readDir(STORY_DIR)) await Deno.copyFile(`${STORY_DIR}/${e.name}`, `${story}/${e.name}`);
+  await dropTie(story);
+  // A model with two distinct tables: untied.
+  const untied = await Deno.makeTempDir({ prefix: "llm-tie-" });
+  const shape = {
+    hidden_size: 32,
+    intermediate_size: 64,
+    num_hidden_layers: 1,
+    num_attention_heads: 2,
+    vocab_size: 2048,
+    tie_word_embeddings: false,
+  };
+  await writeRandomModel(untied, shape, { tokenizerFrom: STORY_DIR, seed: 3 });
+  await dropTie(untied);
+  const a = await loadModel(story);
+  const b = await loadModel(untied);
+  try {
+    assert.equal(a.config.tieWordEmbeddings, true);
+    assert.equal(b.config.tieWordEmbeddings, false);
+    assert.ok(b.graph().tensors.some((t) => t.name === "lm_head.weight"));
+    const ref = await loadModel(STORY_DIR);
+    const ids = ref.tokenizer.encode("Once upon a time");
+    assertClose(await a.createSequence().evaluate(ids), await ref.createSequence().evaluate(ids), 0, "same logits");
+    await ref.dispose();
+  } finally {
+    await a.dispose();
+    await b.dispose();
+    await Deno.remove(story, { recursive: true });
+    await Deno.remove(untied, { recursive: true });
+  }
+});
