@@ -201,6 +201,28 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 `;
 }
 
+/** The uniforms, bindings and weight access the two matrix-vector kernels share. */
+function matvecPrelude(dtype: DType, quad: boolean): string {
+  return `
+struct Params { rows: u32, x: u32, out: u32, K: u32, N: u32, wScale: u32, outN: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+${HEADER}
+${weightAccess(dtype)}
+${quad ? weightQuad(dtype) : ""}`;
+}
+
+/** The mat-vec inner step: token t (up to 4) adds its product with the weight(s) `wv` into lane t of `acc`. */
+function matvecTokens(quad: boolean): string {
+  const x = (t: number) =>
+    quad
+      ? `dot(wv, vec4<f32>(arena[xo${t}], arena[xo${t} + 1u], arena[xo${t} + 2u], arena[xo${t} + 3u]))`
+      : `wv * arena[xo${t}]`;
+  const lane = ["x", "y", "z", "w"];
+  return [0, 1, 2, 3].map((t) =>
+    `${t > 0 ? `if (T > ${t}u) ` : ""}{ let xo${t} = p.x + ${t}u * p.K + k; acc.${lane[t]} += ${x(t)}; }`
+  ).join("\n      ");
+}
+
 /**
  * Matrix-vector product for a few tokens (decode): out (T, N) = x (T, K) · W (N, K)ᵀ
  * with T ≤ {@link MATVEC_MAX_T}. Each workgroup computes {@link MATVEC_ROWS} weight
@@ -210,20 +232,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
  */
 export function matvecShader(dtype: DType, quad: boolean): string {
   const step = quad ? 4 * WG : WG;
-  const x = (t: number) =>
-    quad
-      ? `dot(wv, vec4<f32>(arena[xo${t}], arena[xo${t} + 1u], arena[xo${t} + 2u], arena[xo${t} + 3u]))`
-      : `wv * arena[xo${t}]`;
-  const lane = ["x", "y", "z", "w"];
-  const tokens = [0, 1, 2, 3].map((t) =>
-    `${t > 0 ? `if (T > ${t}u) ` : ""}{ let xo${t} = p.x + ${t}u * p.K + k; acc.${lane[t]} += ${x(t)}; }`
-  ).join("\n      ");
-  return `
-struct Params { rows: u32, x: u32, out: u32, K: u32, N: u32, wScale: u32, outN: u32 }
-@group(0) @binding(0) var<uniform> p: Params;
-${HEADER}
-${weightAccess(dtype)}
-${quad ? weightQuad(dtype) : ""}
+  const tokens = matvecTokens(quad);
+  return `${matvecPrelude(dtype, quad)}
 var<workgroup> red: array<vec4<f32>, ${WG * MATVEC_ROWS}>;
 
 @compute @workgroup_size(${WG}, ${MATVEC_ROWS})
@@ -266,20 +276,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
  */
 export function matvecRowsShader(dtype: DType, quad: boolean): string {
   const step = quad ? 4 : 1;
-  const x = (t: number) =>
-    quad
-      ? `dot(wv, vec4<f32>(arena[xo${t}], arena[xo${t} + 1u], arena[xo${t} + 2u], arena[xo${t} + 3u]))`
-      : `wv * arena[xo${t}]`;
-  const lane = ["x", "y", "z", "w"];
-  const tokens = [0, 1, 2, 3].map((t) =>
-    `${t > 0 ? `if (T > ${t}u) ` : ""}{ let xo${t} = p.x + ${t}u * p.K + k; acc.${lane[t]} += ${x(t)}; }`
-  ).join("\n      ");
-  return `
-struct Params { rows: u32, x: u32, out: u32, K: u32, N: u32, wScale: u32, outN: u32 }
-@group(0) @binding(0) var<uniform> p: Params;
-${HEADER}
-${weightAccess(dtype)}
-${quad ? weightQuad(dtype) : ""}
+  const tokens = matvecTokens(quad);
+  return `${matvecPrelude(dtype, quad)}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
