@@ -119,11 +119,12 @@ function weightCount(w: TsWeight): number {
 // ---------------------------------------------------------------------------
 // Shared prefill step: one decoded weight row times every token.
 
-/** out[t, n] = row · x[t] for every t < T. */
+/** out[t, n] = row · x[t] for every t < T, the row starting at `ro` in `row`. */
 function rowTimesTokens(
   out: Float32Array,
   x: Float32Array,
   row: Float32Array,
+  ro: number,
   n: number,
   T: number,
   K: number,
@@ -134,7 +135,7 @@ function rowTimesTokens(
     const x0 = t * K, x1 = x0 + K, x2 = x1 + K, x3 = x2 + K;
     let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     for (let k = 0; k < K; k++) {
-      const wv = row[k];
+      const wv = row[ro + k];
       s0 += wv * x[x0 + k];
       s1 += wv * x[x1 + k];
       s2 += wv * x[x2 + k];
@@ -148,7 +149,7 @@ function rowTimesTokens(
   for (; t < T; t++) {
     const xo = t * K;
     let s = 0;
-    for (let k = 0; k < K; k++) s += row[k] * x[xo + k];
+    for (let k = 0; k < K; k++) s += row[ro + k] * x[xo + k];
     out[t * N + n] = s;
   }
 }
@@ -189,30 +190,16 @@ function decodeRowQ4(P: Uint8Array, S: Uint16Array, r: number, len: number, dst:
 // f32
 
 /**
- * f32 weights. Four tokens share each pass over a weight row, so prefill reads the
- * weights a quarter as often; four partial sums keep the dependency chains short.
+ * f32 weights. Prefill (T ≥ 4): four tokens share each pass over a weight row, so the
+ * weights are read a quarter as often. Decode: four weight rows share each load of x.
  */
 export function matmulF32(out: Float32Array, x: Float32Array, w: TsWeight, T: number, K: number, N: number): void {
   const W = w.f32!;
-  let t = 0;
-  for (; t + 4 <= T; t += 4) {
-    const x0 = t * K, x1 = x0 + K, x2 = x1 + K, x3 = x2 + K;
-    for (let n = 0; n < N; n++) {
-      const wo = n * K;
-      let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-      for (let k = 0; k < K; k++) {
-        const wv = W[wo + k];
-        s0 += wv * x[x0 + k];
-        s1 += wv * x[x1 + k];
-        s2 += wv * x[x2 + k];
-        s3 += wv * x[x3 + k];
-      }
-      out[t * N + n] = s0;
-      out[(t + 1) * N + n] = s1;
-      out[(t + 2) * N + n] = s2;
-      out[(t + 3) * N + n] = s3;
-    }
+  if (T >= 4) {
+    for (let n = 0; n < N; n++) rowTimesTokens(out, x, W, n * K, n, T, K, N);
+    return;
   }
+  let t = 0;
   // Single tokens (decode): four weight rows share each load of x.
   for (; t < T; t++) {
     const xo = t * K;
@@ -268,7 +255,7 @@ function matmul16(
     const row = rowScratch(K);
     for (let n = 0; n < N; n++) {
       decodeRow16(table, H, n, K, row, 0);
-      rowTimesTokens(out, x, row, n, T, K, N);
+      rowTimesTokens(out, x, row, 0, n, T, K, N);
     }
     return;
   }
@@ -329,7 +316,7 @@ export function matmulQ8_0(out: Float32Array, x: Float32Array, w: TsWeight, T: n
     const row = rowScratch(K);
     for (let n = 0; n < N; n++) {
       decodeRowQ8(Q, S, n, K, row, 0);
-      rowTimesTokens(out, x, row, n, T, K, N);
+      rowTimesTokens(out, x, row, 0, n, T, K, N);
     }
     return;
   }
@@ -390,7 +377,7 @@ export function matmulQ4_0(out: Float32Array, x: Float32Array, w: TsWeight, T: n
     const row = rowScratch(K);
     for (let n = 0; n < N; n++) {
       decodeRowQ4(P, S, n, K, row, 0);
-      rowTimesTokens(out, x, row, n, T, K, N);
+      rowTimesTokens(out, x, row, 0, n, T, K, N);
     }
     return;
   }
