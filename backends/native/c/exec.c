@@ -79,6 +79,8 @@ static inline int rows_of(const llm_exec *e, int rows) { return rows < 0 ? e->T 
  * llm_node), `addrs` the address of every tensor id (0 for ids no node uses).
  * Scratch for quantized activations and attention scores is sized here, once.
  */
+LLM_EXPORT void llm_exec_free(void *p);
+
 LLM_EXPORT void *llm_exec_new(const int32_t *nodes, int32_t nnodes, const uint64_t *addrs, int32_t ntensors,
                               int32_t max_T, int32_t threads) {
   llm_exec *e = calloc(1, sizeof *e);
@@ -121,13 +123,7 @@ LLM_EXPORT void *llm_exec_new(const int32_t *nodes, int32_t nnodes, const uint64
   }
   return e;
 fail:
-  free(e->claim);
-  free(e->nodes);
-  free(e->ptr);
-  free(e->xq.q);
-  free(e->xq.d);
-  free(e->xq.s);
-  free(e);
+  llm_exec_free(e); /* frees whatever was allocated: the rest is NULL (calloc) */
   return NULL;
 }
 
