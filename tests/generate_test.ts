@@ -4,31 +4,15 @@
  */
 
 import assert from "node:assert/strict";
-import type { Backend, Executable } from "../backends/contract.ts";
-import { registerBackend } from "../backends/registry.ts";
-import { TsBackend } from "../backends/ts/backend.ts";
 import { loadModel, type Model } from "../mod.ts";
 import { StopMatcher, StreamingDecoder } from "../models/detokenizer.ts";
 import { TextTokenizer } from "../models/tokenizer.ts";
-import { MINUEZA_DIR, SHARED, STORY_DIR } from "./helpers.ts";
+import { MINUEZA_DIR, registerInstrumentedTs, SHARED, STORY_DIR } from "./helpers.ts";
 
 /** The ts backend, counting the steps it runs. */
 let steps = 0;
-registerBackend("counting-ts", () => {
-  const ts = new TsBackend();
-  const backend: Backend = Object.assign(Object.create(ts), {
-    name: "counting-ts",
-    async compile(...args: Parameters<Backend["compile"]>): Promise<Executable> {
-      const exec = await ts.compile(...args);
-      const run = exec.run.bind(exec);
-      exec.run = (step, profile) => {
-        steps++;
-        return run(step, profile);
-      };
-      return exec;
-    },
-  });
-  return Promise.resolve(backend);
+registerInstrumentedTs("counting-ts", () => {
+  steps++;
 });
 
 async function withModel(fn: (m: Model) => Promise<void>, prefillChunk = 64): Promise<void> {

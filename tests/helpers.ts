@@ -6,8 +6,9 @@
  */
 
 import "../backends/builtin.ts";
-import type { Backend } from "../backends/contract.ts";
-import { backendNames, createBackend } from "../backends/registry.ts";
+import type { Backend, Executable } from "../backends/contract.ts";
+import { backendNames, createBackend, registerBackend } from "../backends/registry.ts";
+import { TsBackend } from "../backends/ts/backend.ts";
 import { Rng } from "../models/sampler.ts";
 
 /** The shared folder beside the project (models and references). */
@@ -67,4 +68,28 @@ export async function probeBackends(): Promise<BackendProbe[]> {
     }
   }
   return out;
+}
+
+/**
+ * Registers `name` as the ts backend with `beforeStep` called (and awaited) before
+ * every step it runs: tests count steps with it, or pace them so that a generation
+ * surely outlasts what the test does meanwhile.
+ */
+export function registerInstrumentedTs(name: string, beforeStep: () => void | Promise<void>): void {
+  registerBackend(name, () => {
+    const ts = new TsBackend();
+    const backend: Backend = Object.assign(Object.create(ts), {
+      name,
+      async compile(...args: Parameters<Backend["compile"]>): Promise<Executable> {
+        const exec = await ts.compile(...args);
+        const run = exec.run.bind(exec);
+        exec.run = async (step, profile) => {
+          await beforeStep();
+          return run(step, profile);
+        };
+        return exec;
+      },
+    });
+    return Promise.resolve(backend);
+  });
 }

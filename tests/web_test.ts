@@ -10,7 +10,7 @@ import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
 import { loadModel } from "../models/model.ts";
 import { startServer } from "../server/mod.ts";
-import { STORY_DIR } from "./helpers.ts";
+import { registerInstrumentedTs, STORY_DIR } from "./helpers.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 const CHROMIUM_ARGS = [
@@ -40,13 +40,19 @@ function exists(path: string): boolean {
   }
 }
 
+/**
+ * The story model runs a step in about a millisecond, faster than the browser's
+ * polling; 8 ms per step makes every answer last long enough to watch and to stop.
+ */
+registerInstrumentedTs("paced-ts", () => new Promise((r) => setTimeout(r, 8)));
+
 const inCi = Deno.env.get("CI") !== undefined && Deno.env.get("CI") !== "false";
 
 Deno.test({
   name: "web page: streams an answer in headless Chromium and keeps the conversation",
   ignore: !exists(CHROMIUM) && !inCi,
   async fn() {
-    const model = await loadModel(STORY_DIR, { contextLength: 512 });
+    const model = await loadModel(STORY_DIR, { contextLength: 512, backend: "paced-ts" });
     const server = await startServer({ models: [{ id: "story", model, template: STORY_TEMPLATE }], port: 0 });
     const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
     try {
@@ -67,8 +73,9 @@ Deno.test({
 
       await page.fill("#input", "Who was the fox?");
       await page.press("#input", "Enter");
-      await page.waitForSelector("body[data-state=streaming]");
-      await page.waitForSelector("body[data-state=idle]", { timeout: 30_000 });
+      // The answer's bubble is made with the class `streaming`, which it loses when the answer ends.
+      await page.waitForSelector(".msg.assistant:not(.streaming)", { timeout: 30_000 });
+      await page.waitForSelector("body[data-state=idle]");
       const answer = await page.textContent(".msg.assistant");
       const chunks = Number(await page.getAttribute(".msg.assistant", "data-chunks"));
       assert.ok(chunks > 1, `the answer arrived in ${chunks} piece(s)`);
@@ -90,8 +97,8 @@ Deno.test({
       // A second turn: the page sends the whole conversation; the server's cache supplies the prefix.
       await page.fill("#input", "What did the fox eat?");
       await page.press("#input", "Enter");
-      await page.waitForSelector(".msg.assistant >> nth=1");
-      await page.waitForSelector("body[data-state=idle]", { timeout: 30_000 });
+      await page.waitForSelector(".msg.assistant:not(.streaming) >> nth=1", { timeout: 30_000 });
+      await page.waitForSelector("body[data-state=idle]");
       const stats = await page.textContent("#stats") ?? "";
       const cached = Number(/\((\d+) cached\)/.exec(stats)?.[1]);
       assert.ok(cached > 10, `second turn: ${stats}`);
