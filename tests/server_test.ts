@@ -12,7 +12,7 @@ import assert from "node:assert/strict";
 import OpenAI from "openai";
 import { loadModel, type Model } from "../models/model.ts";
 import { PromptCache, type RunningServer, type ServerOptions, startServer } from "../server/mod.ts";
-import { STORY_DIR } from "./helpers.ts";
+import { registerInstrumentedTs, STORY_DIR } from "./helpers.ts";
 
 /** A chat template for the story model (which has none); the same as in chat_test.ts. */
 const STORY_TEMPLATE = "{{ bos_token }}{% for m in messages %}" +
@@ -23,12 +23,19 @@ const STORY_TEMPLATE = "{{ bos_token }}{% for m in messages %}" +
 
 const CONTEXT = 256;
 
+/**
+ * The ts backend at 8 ms a step at least: for the tests that must catch a generation
+ * while it runs (the queue, disconnects), however fast the machine.
+ */
+registerInstrumentedTs("paced-ts", () => new Promise((r) => setTimeout(r, 8)));
+
 async function withServer(
   options: Partial<ServerOptions>,
   fn: (s: RunningServer, client: OpenAI, model: Model) => Promise<void>,
   contextLength = CONTEXT,
+  backend = "ts",
 ): Promise<void> {
-  const model = await loadModel(STORY_DIR, { contextLength });
+  const model = await loadModel(STORY_DIR, { contextLength, backend });
   const server = await startServer({ models: [{ id: "story", model, template: STORY_TEMPLATE }], port: 0, ...options });
   const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: "unused", maxRetries: 0 });
   try {
@@ -239,94 +246,112 @@ Deno.test("server: the prompt cache stays within its budget, evicting the least 
 });
 
 Deno.test("server: a full queue answers 429; a client that disconnects cancels its generation and frees its slot", async () => {
-  await withServer({ parallel: 1, maxQueue: 1, cacheBytes: 0 }, async (server, client) => {
-    // 480 tokens with end-of-story banned: seconds of work, so the request is surely running when the
-    // others arrive and when it is cancelled.
-    const body = {
-      model: "story",
-      prompt: "Once upon a time",
-      max_tokens: 480,
-      stream: true,
-      temperature: 1,
-      seed: 1,
-      logit_bias: { "2": -100 },
-    };
-    const first = new AbortController();
-    const res1 = await post(`${server.url}/v1/completions`, body, { signal: first.signal });
-    assert.equal(res1.status, 200);
-    const reader = res1.body!.getReader();
-    const chunk = await reader.read();
-    assert.ok(!chunk.done && new TextDecoder().decode(chunk.value).startsWith("data: "));
-    assert.equal(server.stats().running, 1);
+  await withServer(
+    { parallel: 1, maxQueue: 1, cacheBytes: 0 },
+    async (server, client) => {
+      // 480 paced tokens with end-of-story banned: seconds of work, so the request is surely running when the
+      // others arrive and when it is cancelled.
+      const body = {
+        model: "story",
+        prompt: "Once upon a time",
+        max_tokens: 480,
+        stream: true,
+        temperature: 1,
+        seed: 1,
+        logit_bias: { "2": -100 },
+      };
+      const first = new AbortController();
+      const res1 = await post(`${server.url}/v1/completions`, body, { signal: first.signal });
+      assert.equal(res1.status, 200);
+      const reader = res1.body!.getReader();
+      const chunk = await reader.read();
+      assert.ok(!chunk.done && new TextDecoder().decode(chunk.value).startsWith("data: "));
+      assert.equal(server.stats().running, 1);
 
-    // The second waits in the queue; the third is refused.
-    const second = post(`${server.url}/v1/completions`, { ...body, stream: false, max_tokens: 3 });
-    await waitFor("the second request to queue", () => server.stats().queued === 1);
-    const third = await post(`${server.url}/v1/completions`, { ...body, stream: false, max_tokens: 3 });
-    assert.equal(third.status, 429);
-    assertApiError(await third.json(), null, "rate_limit_exceeded");
-    await assert.rejects(
-      client.completions.create({ model: "story", prompt: "Hi", max_tokens: 2 }),
-      (e) => e instanceof OpenAI.RateLimitError && e.status === 429,
-    );
-    assert.equal(server.stats().rejected, 2);
+      // The second waits in the queue; the third is refused.
+      const second = post(`${server.url}/v1/completions`, { ...body, stream: false, max_tokens: 3 });
+      await waitFor("the second request to queue", () => server.stats().queued === 1);
+      const third = await post(`${server.url}/v1/completions`, { ...body, stream: false, max_tokens: 3 });
+      assert.equal(third.status, 429);
+      assertApiError(await third.json(), null, "rate_limit_exceeded");
+      await assert.rejects(
+        client.completions.create({ model: "story", prompt: "Hi", max_tokens: 2 }),
+        (e) => e instanceof OpenAI.RateLimitError && e.status === 429,
+      );
+      assert.equal(server.stats().rejected, 2);
 
-    // Disconnect the first mid-stream: its generation stops and the queued one runs.
-    first.abort();
-    await reader.cancel().catch(() => {});
-    const res2 = await second;
-    assert.equal(res2.status, 200);
-    const json2 = await res2.json();
-    assert.equal(json2.usage.completion_tokens, 3);
-    await waitFor("the slot to be free", () => server.stats().running === 0 && server.stats().queued === 0);
-    const s = server.stats();
-    assert.equal(s.cancelled, 1);
-    assert.equal(s.completed, 1);
-    // Nothing is kept with a zero cache budget: every sequence was freed.
-    assert.equal(s.cache.live, 0);
-    assert.equal(s.cache.sequences, 0);
-  }, 512);
+      // Disconnect the first mid-stream: its generation stops and the queued one runs.
+      first.abort();
+      await reader.cancel().catch(() => {});
+      const res2 = await second;
+      assert.equal(res2.status, 200);
+      const json2 = await res2.json();
+      assert.equal(json2.usage.completion_tokens, 3);
+      await waitFor("the slot to be free", () => server.stats().running === 0 && server.stats().queued === 0);
+      const s = server.stats();
+      assert.equal(s.cancelled, 1);
+      assert.equal(s.completed, 1);
+      // Nothing is kept with a zero cache budget: every sequence was freed.
+      assert.equal(s.cache.live, 0);
+      assert.equal(s.cache.sequences, 0);
+    },
+    512,
+    "paced-ts",
+  );
 });
 
 Deno.test("server: parallel requests generate at the same time, interleaved token by token", async () => {
-  await withServer({ parallel: 2, maxQueue: 0, cacheBytes: 0 }, async (server) => {
-    const body = { model: "story", max_tokens: 480, stream: true, seed: 1, logit_bias: { "2": -100 } };
-    const a = await post(`${server.url}/v1/completions`, { ...body, prompt: "Once upon a time" });
-    const b = await post(`${server.url}/v1/completions`, { ...body, prompt: "The little dog" });
-    assert.deepEqual([a.status, b.status], [200, 200]);
-    assert.equal(server.stats().running, 2);
-    const ra = a.body!.getReader();
-    const rb = b.body!.getReader();
-    // Both streams keep delivering while the other is open.
-    for (let i = 0; i < 5; i++) {
-      assert.equal((await ra.read()).done, false);
-      assert.equal((await rb.read()).done, false);
-    }
-    const c = await post(`${server.url}/v1/completions`, { ...body, prompt: "Hi", stream: false, max_tokens: 2 });
-    assert.equal(c.status, 429);
-    await c.body?.cancel();
-    await ra.cancel();
-    await rb.cancel();
-    await waitFor("both generations to stop", () => server.stats().running === 0);
-    assert.equal(server.stats().cancelled, 2);
-  }, 512);
+  await withServer(
+    { parallel: 2, maxQueue: 0, cacheBytes: 0 },
+    async (server) => {
+      const body = { model: "story", max_tokens: 480, stream: true, seed: 1, logit_bias: { "2": -100 } };
+      const a = await post(`${server.url}/v1/completions`, { ...body, prompt: "Once upon a time" });
+      const b = await post(`${server.url}/v1/completions`, { ...body, prompt: "The little dog" });
+      assert.deepEqual([a.status, b.status], [200, 200]);
+      assert.equal(server.stats().running, 2);
+      const ra = a.body!.getReader();
+      const rb = b.body!.getReader();
+      // Both streams keep delivering while the other is open.
+      for (let i = 0; i < 5; i++) {
+        assert.equal((await ra.read()).done, false);
+        assert.equal((await rb.read()).done, false);
+      }
+      const c = await post(`${server.url}/v1/completions`, { ...body, prompt: "Hi", stream: false, max_tokens: 2 });
+      assert.equal(c.status, 429);
+      await c.body?.cancel();
+      await ra.cancel();
+      await rb.cancel();
+      await waitFor("both generations to stop", () => server.stats().running === 0);
+      assert.equal(server.stats().cancelled, 2);
+    },
+    512,
+    "paced-ts",
+  );
 });
 
 Deno.test("server: a client that disconnects from a non-streamed request cancels its generation", async () => {
-  await withServer({ cacheBytes: 0 }, async (server) => {
-    const ac = new AbortController();
-    const body = { model: "story", prompt: "Once upon a time", max_tokens: 480, logit_bias: { "2": -100 }, seed: 3 };
-    const pending = post(`${server.url}/v1/completions`, body, { signal: ac.signal }).catch((e) => e);
-    await waitFor("the request to run", () => server.stats().running === 1);
-    const t0 = Date.now();
-    ac.abort();
-    assert.equal((await pending as Error).name, "AbortError");
-    await waitFor("the generation to stop", () => server.stats().running === 0);
-    // 480 tokens take over a second here; the generation stopped well before.
-    assert.ok(Date.now() - t0 < 1000, `stopped after ${Date.now() - t0} ms`);
-    assert.deepEqual([server.stats().cancelled, server.stats().completed], [1, 0]);
-    assert.equal(server.stats().cache.live, 0);
-  }, 512);
+  await withServer(
+    { cacheBytes: 0 },
+    async (server) => {
+      const ac = new AbortController();
+      const body = { model: "story", prompt: "Once upon a time", max_tokens: 480, logit_bias: { "2": -100 }, seed: 3 };
+      // The status line may come before the body: the abort then ends the body's read.
+      const pending = post(`${server.url}/v1/completions`, body, { signal: ac.signal }).then((r) => r.text()).catch((
+        e,
+      ) => e);
+      await waitFor("the request to run", () => server.stats().running === 1);
+      const t0 = Date.now();
+      ac.abort();
+      assert.equal((await pending as Error).name, "AbortError");
+      await waitFor("the generation to stop", () => server.stats().running === 0);
+      // 480 paced tokens take over 3.8 s; the generation stopped well before.
+      assert.ok(Date.now() - t0 < 1000, `stopped after ${Date.now() - t0} ms`);
+      assert.deepEqual([server.stats().cancelled, server.stats().completed], [1, 0]);
+      assert.equal(server.stats().cache.live, 0);
+    },
+    512,
+    "paced-ts",
+  );
 });
 
 Deno.test("server: bad requests get OpenAI-shaped 4xx errors and the server keeps serving", async () => {
