@@ -13,7 +13,7 @@
  * @module
  */
 
-export { loadModel, type LoadOptions, Model } from "./models/model.ts";
+export { KV_DTYPES, type KvDType, loadModel, type LoadOptions, Model } from "./models/model.ts";
 export type {
   GeneratedToken,
   GenerateOptions,

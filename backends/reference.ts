@@ -6,12 +6,18 @@
  * @module
  */
 
+import type { DType } from "../graph/dtype.ts";
 import type { Op } from "../graph/ir.ts";
 
 /** A dense tensor for the reference kernels. */
 export interface RefTensor {
   readonly shape: readonly number[];
   readonly data: Float32Array | Int32Array;
+  /**
+   * How a state tensor stores its values (default `"f32"`): values written into an
+   * `"f16"` KV cache are rounded to the nearest f16, as the backends store them.
+   */
+  readonly dtype?: DType;
 }
 
 /**
@@ -92,8 +98,12 @@ function referenceAttention(
   const { heads, kvHeads, headDim, scale, window } = op;
   const T = q.shape[0];
   const kvDim = kvHeads * headDim;
-  kCache.data.set(k.data.subarray(0, T * kvDim), pos * kvDim);
-  vCache.data.set(v.data.subarray(0, T * kvDim), pos * kvDim);
+  const store = (cache: RefTensor, rows: Float32Array | Int32Array) => {
+    const values = rows.subarray(0, T * kvDim);
+    cache.data.set(cache.dtype === "f16" ? values.map(Math.f16round) : values, pos * kvDim);
+  };
+  store(kCache, k.data);
+  store(vCache, v.data);
   const out = new Float32Array(T * heads * headDim);
   for (let t = 0; t < T; t++) {
     const p = pos + t;

@@ -6,7 +6,8 @@
  */
 
 import { DEFAULT_MODEL_ID, ModelNotFoundError, resolveModelSource } from "../models/hub.ts";
-import { loadModel, type LoadOptions, type Model } from "../models/model.ts";
+import { KV_DTYPES, loadModel, type LoadOptions, type Model } from "../models/model.ts";
+import { backendNames } from "../backends/registry.ts";
 import { type LoadProgress, WeightsError } from "../models/weights.ts";
 import { ConfigError } from "../models/config.ts";
 import { SafetensorsError } from "../models/safetensors.ts";
@@ -201,6 +202,29 @@ export function choiceFlag<T extends string>(
     throw new CliError(`Invalid --${name} "${value}": expected one of ${choices.join(", ")}`);
   }
   return value as T;
+}
+
+/** The parseArgs declarations of the model-loading flags shared by the tools, to spread into `options`. */
+export const LOAD_OPTIONS = {
+  backend: { type: "string" },
+  threads: { type: "string" },
+  "context-length": { type: "string" },
+  dtype: { type: "string" },
+  "kv-dtype": { type: "string" },
+} as const;
+
+/** The values of {@link LOAD_OPTIONS} as parsed by `parseArgs`. */
+export type LoadFlagValues = Partial<Record<keyof typeof LOAD_OPTIONS, string>>;
+
+/** Parses the model-loading flags into {@link LoadOptions}; throws a {@link CliError} naming a bad flag. */
+export function loadFlags(values: LoadFlagValues): Omit<LoadOptions, "onProgress"> {
+  return {
+    backend: choiceFlag("backend", values.backend, backendNames()) ?? "ts",
+    threads: numberFlag("threads", values.threads, { integer: true, min: 1, max: 1024 }),
+    contextLength: numberFlag("context-length", values["context-length"], { integer: true, min: 2 }),
+    dtype: choiceFlag("dtype", values.dtype, WEIGHT_DTYPES),
+    kvDtype: choiceFlag("kv-dtype", values["kv-dtype"], KV_DTYPES),
+  };
 }
 
 /** The sampling flags of the generating tools: the flag, its option in `SamplingOptions`, its bounds. */

@@ -11,7 +11,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { loadModel, type Model } from "../models/model.ts";
+import { KV_DTYPES, loadModel, type Model } from "../models/model.ts";
 import { DEFAULT_MODEL_ID } from "../models/hub.ts";
 import { SHAPES } from "../models/random_model.ts";
 import { backendNames } from "../backends/registry.ts";
@@ -52,7 +52,7 @@ side by side with llama.cpp through the anchor kit (../shared/anchor).
                    converts each model to GGUF of the same type, runs its bench with 1 and 2 threads,
                    and shows llama.cpp's best prefill and decode and our ratios to them
   --llama-threads  thread counts for llama.cpp (default 1,2)
-  --kv F32|F16     llama.cpp's KV cache type (default F32, as this engine keeps its cache)
+  --kv f32|f16     KV cache dtype, of this engine and of llama.cpp alike (default f32)
   --help           show this help`;
 
 /** One benchmark result row. */
@@ -62,6 +62,8 @@ export interface BenchRow {
   backend: string;
   /** `--dtype`, or "stored". */
   dtype: string;
+  /** The KV cache dtype (`--kv`). */
+  kvDtype: string;
   /** Dtype of each tensor group, e.g. "embeddings q8_0, attention f16, ffn f16, norms f32". */
   groups: string;
   promptTokens: number;
@@ -346,8 +348,8 @@ async function main(): Promise<void> {
   const llamaThreads = list(values["llama-threads"] ? [values["llama-threads"]] : undefined, ["1", "2"]).map((t) =>
     numberFlag("llama-threads", t, { integer: true, min: 1, max: 1024 })!
   );
-  const kv = (values.kv ?? "F32").toUpperCase();
-  if (kv !== "F32" && kv !== "F16") throw new CliError(`Invalid --kv "${values.kv}": expected F32 or F16`);
+  const kvDtype = choiceFlag("kv", values.kv?.toLowerCase(), KV_DTYPES) ?? "f32";
+  const kv = kvDtype.toUpperCase();
   const kit = values.llamacpp?.replace(/\/+$/, "");
   if (kit) {
     try {
@@ -372,7 +374,9 @@ async function main(): Promise<void> {
     if (gbs) bandwidth.set(t, gbs);
   }
   if (!values.json) {
-    console.log(`# bench: prompt ${prompt} tokens, ${gen} decoded, greedy, median of ${reps} reps; ${machine}`);
+    console.log(
+      `# bench: prompt ${prompt} tokens, ${gen} decoded, greedy, ${kvDtype} KV cache, median of ${reps} reps; ${machine}`,
+    );
     console.log(
       bandwidth.size
         ? `# memory read bandwidth (native backend): ${
@@ -425,6 +429,7 @@ async function main(): Promise<void> {
             backend,
             threads,
             dtype: dtype === "stored" ? undefined : dtype,
+            kvDtype,
             prefillChunk: Math.max(prompt, 64),
             contextLength: Math.min(prompt + gen + 16, maxPositions),
           });
@@ -445,6 +450,7 @@ async function main(): Promise<void> {
             dir: folder.dir,
             backend,
             dtype,
+            kvDtype,
             groups,
             promptTokens: prompt,
             genTokens: gen,

@@ -15,18 +15,18 @@ import { parseArgs } from "node:util";
 import { type ChatReply, ChatSession, type ChatSessionOptions } from "../models/chat.ts";
 import type { GenerateOptions } from "../models/generate.ts";
 import { resolveSampling } from "../models/sampler.ts";
-import { backendNames } from "../backends/registry.ts";
 import {
   choiceFlag,
   DEFAULT_CHAT_MODEL_ID,
+  LOAD_OPTIONS,
   loadCliModel,
+  loadFlags,
   numberFlag,
   ProgressDisplay,
   runCli,
   SAMPLING_OPTIONS,
   samplingError,
   samplingFlags,
-  WEIGHT_DTYPES,
 } from "./_cli.ts";
 
 const HELP = `Usage: deno task chat [options]
@@ -45,6 +45,7 @@ Options:
   --context-length N      positions in the context (default: the model's, at most 4096)
   --context-policy P      when the context is full: drop-oldest (default) or error
   --dtype TYPE            weight dtype: f32, f16, bf16, q8_0, q4_0 (default: as stored)
+  --kv-dtype TYPE         KV cache dtype: f32 or f16 (default f32)
   --max-tokens N          longest answer in tokens (default 256)
   --temperature T         sampling temperature, 0 for greedy (default 0.8)
   --top-k N, --top-p P, --min-p P, --repeat-penalty R
@@ -73,11 +74,8 @@ async function main(progress: ProgressDisplay): Promise<void> {
       "template-file": { type: "string" },
       system: { type: "string" },
       load: { type: "string" },
-      backend: { type: "string" },
-      threads: { type: "string" },
-      "context-length": { type: "string" },
+      ...LOAD_OPTIONS,
       "context-policy": { type: "string" },
-      dtype: { type: "string" },
       "max-tokens": { type: "string" },
       ...SAMPLING_OPTIONS,
       stats: { type: "boolean", default: false },
@@ -90,10 +88,7 @@ async function main(progress: ProgressDisplay): Promise<void> {
   }
   const contextPolicy = choiceFlag("context-policy", args["context-policy"], ["drop-oldest", "error"] as const) ??
     "drop-oldest";
-  const backend = choiceFlag("backend", args.backend, backendNames()) ?? "ts";
-  const dtype = choiceFlag("dtype", args.dtype, WEIGHT_DTYPES);
-  const threads = numberFlag("threads", args.threads, { integer: true, min: 1 });
-  const contextLength = numberFlag("context-length", args["context-length"], { integer: true, min: 2 });
+  const load = loadFlags(args);
   const sampling: GenerateOptions = {
     maxTokens: numberFlag("max-tokens", args["max-tokens"], { integer: true, min: 0 }) ?? 256,
     ...samplingFlags(args),
@@ -104,7 +99,7 @@ async function main(progress: ProgressDisplay): Promise<void> {
   const say = (s: string): void => write(`${s}\n`);
 
   const template = args["template-file"] !== undefined ? await Deno.readTextFile(args["template-file"]) : undefined;
-  const model = await loadCliModel(args.model, { backend, threads, contextLength, dtype }, progress);
+  const model = await loadCliModel(args.model, load, progress);
   let session: ChatSession;
   try {
     resolveSampling(sampling, model.config.vocabSize); // a bad combination fails here, naming its flag

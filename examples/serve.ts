@@ -12,17 +12,16 @@
 
 import { parseArgs } from "node:util";
 import type { Model } from "../models/model.ts";
-import { backendNames } from "../backends/registry.ts";
 import { startServer } from "../server/mod.ts";
 import {
-  choiceFlag,
   CliError,
   DEFAULT_CHAT_MODEL_ID,
+  LOAD_OPTIONS,
   loadCliModel,
+  loadFlags,
   numberFlag,
   ProgressDisplay,
   runCli,
-  WEIGHT_DTYPES,
 } from "./_cli.ts";
 
 const HELP = `Usage: deno task serve [options]
@@ -39,6 +38,7 @@ Options:
   --threads N           worker threads for backends that have them
   --context-length N    positions per sequence (default: the model's, at most 4096)
   --dtype TYPE          weight dtype: f32, f16, bf16, q8_0, q4_0 (default: as stored)
+  --kv-dtype TYPE       KV cache dtype: f32 or f16 (default f32)
   --host HOST           address to listen on (default 127.0.0.1)
   --port N              port (default 8080; 0 picks a free one)
   --parallel N          generations at once (default 2)
@@ -58,10 +58,7 @@ async function main(): Promise<void> {
       model: { type: "string", multiple: true },
       name: { type: "string", multiple: true },
       "template-file": { type: "string" },
-      backend: { type: "string" },
-      threads: { type: "string" },
-      "context-length": { type: "string" },
-      dtype: { type: "string" },
+      ...LOAD_OPTIONS,
       host: { type: "string", default: "127.0.0.1" },
       port: { type: "string", default: "8080" },
       parallel: { type: "string" },
@@ -77,12 +74,7 @@ async function main(): Promise<void> {
     console.log(HELP);
     return;
   }
-  const load = {
-    backend: choiceFlag("backend", args.backend, backendNames()) ?? "ts",
-    threads: numberFlag("threads", args.threads, { integer: true, min: 1 }),
-    contextLength: numberFlag("context-length", args["context-length"], { integer: true, min: 2 }),
-    dtype: choiceFlag("dtype", args.dtype, WEIGHT_DTYPES),
-  };
+  const load = loadFlags(args);
   const cacheMb = numberFlag("cache-mb", args["cache-mb"], { integer: true, min: 0 });
   const bodyKb = numberFlag("max-body-kb", args["max-body-kb"], { integer: true, min: 1 });
   const options = {

@@ -11,8 +11,9 @@ import { DEFAULT_MODEL_ID } from "../models/hub.ts";
 import { backendNames } from "../backends/registry.ts";
 import "../backends/builtin.ts";
 import {
-  choiceFlag,
+  LOAD_OPTIONS,
   loadCliModel,
+  loadFlags,
   numberFlag,
   ProgressDisplay,
   runCli,
@@ -33,6 +34,8 @@ Model:
                        ../shared/models/story, then a download into the Hugging Face cache)
   --backend NAME       compute backend: ${backendNames().join(", ")} (default ts)
   --dtype TYPE         hold the weights as ${WEIGHT_DTYPES.join(", ")} (default: as stored)
+  --kv-dtype TYPE      hold the KV cache as f32 or f16 (default f32)
+  --context-length N   positions the KV cache holds (default: the model's, at most 4096)
   --threads N          worker threads of the backend (default: its choice)
 
 Generation:
@@ -62,9 +65,7 @@ async function main(progress: ProgressDisplay): Promise<void> {
     strict: true,
     options: {
       model: { type: "string" },
-      backend: { type: "string" },
-      dtype: { type: "string" },
-      threads: { type: "string" },
+      ...LOAD_OPTIONS,
       "max-tokens": { type: "string" },
       ...SAMPLING_OPTIONS,
       stop: { type: "string", multiple: true },
@@ -76,9 +77,7 @@ async function main(progress: ProgressDisplay): Promise<void> {
     console.log(HELP);
     return;
   }
-  const backend = choiceFlag("backend", values.backend, backendNames()) ?? "ts";
-  const dtype = choiceFlag("dtype", values.dtype, WEIGHT_DTYPES);
-  const threads = numberFlag("threads", values.threads, { integer: true, min: 1, max: 1024 });
+  const load = loadFlags(values);
   const maxTokens = numberFlag("max-tokens", values["max-tokens"], { integer: true, min: 0 }) ?? 256;
   const sampling = samplingFlags(values);
   // A random seed when none is given, so that the statistics line can name it.
@@ -88,7 +87,7 @@ async function main(progress: ProgressDisplay): Promise<void> {
   let prompt = positionals.join(" ");
   if (positionals.length === 0 && !Deno.stdin.isTerminal()) prompt = await readStdin();
 
-  const model = await loadCliModel(values.model ?? DEFAULT_MODEL_ID, { backend, threads, dtype }, progress);
+  const model = await loadCliModel(values.model ?? DEFAULT_MODEL_ID, load, progress);
 
   const abort = new AbortController();
   const onInterrupt = () => abort.abort(new DOMException("Interrupted", "AbortError"));

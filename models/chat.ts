@@ -18,6 +18,7 @@
  */
 
 import type { GenerateOptions, GenerationStats, StopReason } from "./generate.ts";
+import { byteSize } from "../graph/dtype.ts";
 import type { Model } from "./model.ts";
 import { ContextOverflowError, type Sequence } from "./sequence.ts";
 import { type ChatMessage, ChatTemplate, ChatTemplateError } from "./chat_template.ts";
@@ -278,6 +279,7 @@ export class ChatSession {
         reserveTokens: this.#reserve ?? null,
         defaults: serializableDefaults(this.#defaults),
         tokens: tokens.length,
+        kvDtype: this.model.kvDtype,
         kvBytes: kv.byteLength,
       },
       tokens,
@@ -307,12 +309,14 @@ export class ChatSession {
       ...h.defaults,
       ...options,
     });
-    const kvExpected = h.tokens * session.#seq.kv.rowBytes * 2 * model.config.numLayers;
+    // A session saved with the other KV cache dtype converts on restore.
+    const c = model.config;
+    const kvExpected = byteSize(h.kvDtype, h.tokens * c.numKvHeads * c.headDim) * 2 * c.numLayers;
     try {
       if (h.kvBytes !== kvExpected) throw new RangeError(`${h.kvBytes} KV bytes, expected ${kvExpected}`);
       const bad = tokens.find((id) => id < 0 || id >= model.config.vocabSize);
       if (bad !== undefined) throw new RangeError(`token id ${bad} is past the vocabulary`);
-      session.#seq.restore(tokens, kv);
+      session.#seq.restore(tokens, kv, h.kvDtype);
     } catch (e) {
       session.dispose();
       throw new SessionFileError("corrupt", `Cannot restore the session: ${(e as Error).message}`);

@@ -9,6 +9,13 @@
 import type { Backend, DeviceTensor } from "../backends/contract.ts";
 import type { DType } from "../graph/dtype.ts";
 import { byteSize } from "../graph/dtype.ts";
+import { f16ToF32, f32ToF16 } from "../graph/convert.ts";
+
+/** The KV cache dtypes a model can be loaded with. */
+export type KvDType = "f32" | "f16";
+
+/** Every {@link KvDType}, for validation and CLI flags. */
+export const KV_DTYPES: readonly KvDType[] = ["f32", "f16"];
 
 /** Keys and values of the tokens seen so far. */
 export class KvCache {
@@ -16,6 +23,8 @@ export class KvCache {
   readonly capacity: number;
   /** Per layer, the key and value state tensors. */
   readonly layers: readonly { readonly k: DeviceTensor; readonly v: DeviceTensor }[];
+  /** Element type of the tensors (`"f32"` or `"f16"`). */
+  readonly dtype: DType;
   readonly #backend: Backend;
   readonly #rowBytes: number;
   #length = 0;
@@ -31,6 +40,7 @@ export class KvCache {
   constructor(backend: Backend, numLayers: number, capacity: number, rowLength: number, dtype: DType = "f32") {
     this.#backend = backend;
     this.capacity = capacity;
+    this.dtype = dtype;
     this.#rowBytes = byteSize(dtype, rowLength);
     this.layers = Array.from({ length: numLayers }, (_, i) => ({
       k: backend.createState(`l${i}.k_cache`, dtype, [capacity, rowLength]),
@@ -93,20 +103,26 @@ export class KvCache {
     return out;
   }
 
-  /** Restores rows written by {@link KvCache.save}; `length` is the row count saved. */
-  restore(data: Uint8Array, length: number): void {
-    const bytes = length * this.#rowBytes;
+  /**
+   * Restores rows written by {@link KvCache.save}; `length` is the row count saved
+   * and `dtype` the element type they were saved in (f32 and f16 convert into this
+   * cache's type).
+   */
+  restore(data: Uint8Array, length: number, dtype: DType = this.dtype): void {
+    const bytes = byteSize(dtype, length * (this.#rowBytes / byteSize(this.dtype, 1)));
     if (
       !Number.isInteger(length) || length < 0 || length > this.capacity ||
       data.byteLength !== bytes * 2 * this.layers.length
     ) {
-      throw new RangeError(`Cannot restore ${length} KV rows from ${data.byteLength} bytes`);
+      throw new RangeError(`Cannot restore ${length} KV rows from ${data.byteLength} bytes of ${dtype}`);
     }
+    const rows = dtype === this.dtype ? data : convertValues(data, dtype, this.dtype);
+    const ownBytes = length * this.#rowBytes;
     let at = 0;
     for (const l of this.layers) {
       for (const t of [l.k, l.v]) {
-        this.#backend.writeTensor(t, 0, data.subarray(at, at + bytes));
-        at += bytes;
+        this.#backend.writeTensor(t, 0, rows.subarray(at, at + ownBytes));
+        at += ownBytes;
       }
     }
     this.#length = length;
@@ -119,4 +135,18 @@ export class KvCache {
       this.#backend.release(l.v);
     }
   }
+}
+
+/** `data` (f32 or f16 values) as `to` values, rounding to the nearest f16 when narrowing. */
+function convertValues(data: Uint8Array, from: DType, to: DType): Uint8Array {
+  const aligned = data.byteOffset % 4 === 0 ? data : data.slice();
+  if (from === "f32" && to === "f16") {
+    const src = new Float32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4);
+    return new Uint8Array(Uint16Array.from(src, f32ToF16).buffer);
+  }
+  if (from === "f16" && to === "f32") {
+    const src = new Uint16Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 2);
+    return new Uint8Array(Float32Array.from(src, f16ToF32).buffer);
+  }
+  throw new TypeError(`Cannot convert KV cache rows from "${from}" to "${to}"`);
 }

@@ -65,7 +65,7 @@ export interface LlamaGraphOptions {
   /** The stored dtype of each weight. */
   readonly weightDType: (name: string) => DType;
   /** Dtype of the KV cache. Default `"f32"`. */
-  readonly kvDType?: DType;
+  readonly kvDtype?: DType;
 }
 
 /** The graph and the tensors a caller binds or reads. */
@@ -85,7 +85,7 @@ export function buildLlamaGraph(c: LlamaConfig, o: LlamaGraphOptions): LlamaGrap
   const shapes = weightShapes(c);
   const w = (name: string) => g.weight(name, o.weightDType(name), shapes.get(name)!);
   const kvDim = c.numKvHeads * c.headDim;
-  const kvDType = o.kvDType ?? "f32";
+  const kvDtype = o.kvDtype ?? "f32";
 
   const tokens = g.input("tokens", "i32", ["T"]);
   const embedding = w(WEIGHT_NAMES.embedding);
@@ -110,8 +110,8 @@ export function buildLlamaGraph(c: LlamaConfig, o: LlamaGraphOptions): LlamaGrap
       name("k_rope"),
     );
     const v = g.matmul(n1, lw("self_attn.v_proj"), name("v"));
-    const kCache = g.state(name("k_cache"), kvDType, [o.capacity, kvDim]);
-    const vCache = g.state(name("v_cache"), kvDType, [o.capacity, kvDim]);
+    const kCache = g.state(name("k_cache"), kvDtype, [o.capacity, kvDim]);
+    const vCache = g.state(name("v_cache"), kvDtype, [o.capacity, kvDim]);
     caches.push({ k: kCache, v: vCache });
     const att = g.attention(q, k, v, kCache, vCache, {
       heads: c.numHeads,

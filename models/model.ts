@@ -6,7 +6,7 @@
  */
 
 import "../backends/builtin.ts";
-import type { Backend, DeviceTensor } from "../backends/contract.ts";
+import { type Backend, type DeviceTensor, UnsupportedError } from "../backends/contract.ts";
 import { createBackend } from "../backends/registry.ts";
 import type { Graph } from "../graph/ir.ts";
 import { type LlamaConfig, parseConfig } from "./config.ts";
@@ -23,12 +23,14 @@ import {
 import { resolveModelSource } from "./hub.ts";
 import { GraphRunner, type LogitsMode } from "./runner.ts";
 import { resolveSampling, Sampler } from "./sampler.ts";
+import { KV_DTYPES, type KvDType } from "./kv_cache.ts";
 import { ContextOverflowError, Sequence } from "./sequence.ts";
 import { TextTokenizer } from "./tokenizer.ts";
 import { type LoadProgress, readWeights } from "./weights.ts";
 import { convertWeight, type WeightDType } from "./convert_weights.ts";
 
 export type { GeneratedToken, GenerateOptions, LoadProgress, TextStream, TokenStream, WeightDType };
+export { KV_DTYPES, type KvDType };
 
 /** Options of {@link loadModel}. */
 export interface LoadOptions {
@@ -45,6 +47,11 @@ export interface LoadOptions {
    * stay f32; quantized types fall back to f16 for rows that are not whole blocks.
    */
   dtype?: WeightDType;
+  /**
+   * Dtype of the KV cache: `"f32"` (default) or `"f16"`, which halves the cache's
+   * memory and the bytes attention reads per token, at f16 rounding of keys and values.
+   */
+  kvDtype?: KvDType;
   /** Called as files download and tensors load. */
   onProgress?: (p: LoadProgress) => void;
 }
@@ -71,7 +78,7 @@ export class Model {
     tokenizer: TextTokenizer,
     backend: Backend,
     weights: Map<string, DeviceTensor>,
-    options: { contextLength: number; prefillChunk: number },
+    options: { contextLength: number; prefillChunk: number; kvDtype?: KvDType },
   ) {
     this.dir = dir;
     this.config = config;
@@ -82,8 +89,13 @@ export class Model {
     this.#runner = new GraphRunner(config, backend, weights, {
       chunk: options.prefillChunk,
       capacity: options.contextLength,
-      kvDType: "f32",
+      kvDtype: options.kvDtype ?? "f32",
     });
+  }
+
+  /** The dtype of each sequence's KV cache. */
+  get kvDtype(): KvDType {
+    return this.#runner.kvDtype as KvDType;
   }
 
   /** Positions each sequence holds. */
@@ -203,10 +215,17 @@ export async function loadModel(source: string, options: LoadOptions = {}): Prom
   if (options.dtype !== undefined && !dtypes.includes(options.dtype)) {
     throw new TypeError(`Invalid dtype "${options.dtype}": expected one of ${dtypes.join(", ")}`);
   }
+  const kvDtype = options.kvDtype ?? "f32";
+  if (!KV_DTYPES.includes(kvDtype)) {
+    throw new TypeError(`Invalid kvDtype "${kvDtype}": expected one of ${KV_DTYPES.join(", ")}`);
+  }
   const host = await readWeights(dir, config, options.onProgress);
   const backend = await createBackend(options.backend ?? "ts", { threads: options.threads });
   const weights = new Map<string, DeviceTensor>();
   try {
+    if (!backend.supports("attention", kvDtype)) {
+      throw new UnsupportedError(`Backend "${backend.name}" cannot hold a "${kvDtype}" KV cache`);
+    }
     for (const [name, t] of host.tensors) {
       weights.set(name, backend.upload(options.dtype ? convertWeight(t, options.dtype) : t));
     }
@@ -214,5 +233,5 @@ export async function loadModel(source: string, options: LoadOptions = {}): Prom
     backend.dispose();
     throw e;
   }
-  return new Model(dir, host.config, tokenizer, backend, weights, { contextLength, prefillChunk });
+  return new Model(dir, host.config, tokenizer, backend, weights, { contextLength, prefillChunk, kvDtype });
 }

@@ -30,7 +30,7 @@ export class GraphRunner {
   readonly chunk: number;
   /** KV cache rows of each sequence. */
   readonly capacity: number;
-  readonly kvDType: DType;
+  readonly kvDtype: DType;
   readonly #weights: ReadonlyMap<string, DeviceTensor>;
   readonly #planned = new Map<LogitsMode, PlannedGraph>();
 
@@ -44,14 +44,14 @@ export class GraphRunner {
     config: LlamaConfig,
     backend: Backend,
     weights: ReadonlyMap<string, DeviceTensor>,
-    options: { chunk: number; capacity: number; kvDType: DType },
+    options: { chunk: number; capacity: number; kvDtype: DType },
   ) {
     this.config = config;
     this.backend = backend;
     this.#weights = weights;
     this.chunk = options.chunk;
     this.capacity = options.capacity;
-    this.kvDType = options.kvDType;
+    this.kvDtype = options.kvDtype;
   }
 
   /** The planned graph for a logits mode (planned on first use). */
@@ -62,7 +62,7 @@ export class GraphRunner {
         capacity: this.capacity,
         logits: mode,
         weightDType: (name) => this.#weights.get(name)!.dtype,
-        kvDType: this.kvDType,
+        kvDtype: this.kvDtype,
       });
       p = { llama, plan: planGraph(llama.graph, { T: this.chunk }) };
       debugPlan(`graph with ${mode} logits`, p.plan);

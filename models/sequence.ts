@@ -7,6 +7,7 @@
  */
 
 import type { Executable } from "../backends/contract.ts";
+import type { DType } from "../graph/dtype.ts";
 import { debugLevel, debugTimings } from "./debug.ts";
 import { KvCache } from "./kv_cache.ts";
 import type { GraphRunner, LogitsMode } from "./runner.ts";
@@ -52,7 +53,7 @@ export class Sequence {
     this.#runner = runner;
     this.#onDispose = onDispose;
     const c = runner.config;
-    this.kv = new KvCache(runner.backend, c.numLayers, runner.capacity, c.numKvHeads * c.headDim, runner.kvDType);
+    this.kv = new KvCache(runner.backend, c.numLayers, runner.capacity, c.numKvHeads * c.headDim, runner.kvDtype);
     this.#ids = new Int32Array(runner.chunk);
     this.#logits = new Float32Array(c.vocabSize);
   }
@@ -137,9 +138,12 @@ export class Sequence {
     return s;
   }
 
-  /** Sets tokens and cache rows saved earlier (see {@link KvCache.save}). */
-  restore(tokens: readonly number[], kvBytes: Uint8Array): void {
-    this.kv.restore(kvBytes, tokens.length);
+  /**
+   * Sets tokens and cache rows saved earlier (see {@link KvCache.save}), from a
+   * cache of dtype `kvDtype` (default: this sequence's).
+   */
+  restore(tokens: readonly number[], kvBytes: Uint8Array, kvDtype?: DType): void {
+    this.kv.restore(kvBytes, tokens.length, kvDtype);
     this.#tokens.length = 0;
     this.#tokens.push(...tokens);
   }

@@ -12,6 +12,7 @@
 import type { ChatMessage } from "./chat_template.ts";
 import type { ContextPolicy } from "./chat.ts";
 import type { GenerateOptions } from "./generate.ts";
+import { KV_DTYPES, type KvDType } from "./kv_cache.ts";
 import type { Model } from "./model.ts";
 import { safetensorsFiles } from "./weights.ts";
 
@@ -118,6 +119,8 @@ export interface SessionHeader {
   reserveTokens: number | null;
   defaults: GenerateOptions;
   tokens: number;
+  /** The KV cache dtype the rows were saved in (files without it hold f32). */
+  kvDtype: KvDType;
   kvBytes: number;
 }
 
@@ -166,6 +169,11 @@ function parseHeader(v: unknown): SessionHeader {
     reserveTokens: h.reserveTokens as number | null,
     defaults: d as GenerateOptions,
     tokens: nat("tokens"),
+    kvDtype: h.kvDtype === undefined
+      ? "f32"
+      : KV_DTYPES.includes(h.kvDtype as KvDType)
+      ? h.kvDtype as KvDType
+      : fail("kvDtype"),
     kvBytes: nat("kvBytes"),
   };
 }

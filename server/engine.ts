@@ -17,6 +17,7 @@
  * @module
  */
 
+import { byteSize } from "../graph/dtype.ts";
 import type { Model } from "../models/model.ts";
 import type { Sequence } from "../models/sequence.ts";
 
@@ -157,10 +158,10 @@ export class PromptCache {
     this.budgetBytes = budgetBytes;
   }
 
-  /** Bytes of the (f32) KV cache of one sequence of `model`: the whole context is allocated up front. */
+  /** Bytes of the KV cache of one sequence of `model`: the whole context is allocated up front. */
   static sequenceBytes(model: Model): number {
     const c = model.config;
-    return model.contextLength * c.numKvHeads * c.headDim * 4 * 2 * c.numLayers;
+    return byteSize(model.kvDtype, model.contextLength * c.numKvHeads * c.headDim) * 2 * c.numLayers;
   }
 
   /**

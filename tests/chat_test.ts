@@ -17,6 +17,7 @@ import {
   SessionModelMismatchError,
 } from "../models/chat.ts";
 import { loadModel, type Model } from "../models/model.ts";
+import { decodeSessionFile, encodeSessionFile } from "../models/session_file.ts";
 import { SHAPES, writeRandomModel } from "../models/random_model.ts";
 import { ContextOverflowError } from "../models/sequence.ts";
 import { MINUEZA_DIR, STORY_DIR } from "./helpers.ts";
@@ -338,6 +339,66 @@ Deno.test("chat session: saved to a file and restored; bad files are refused wit
     });
   } finally {
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("chat session: an f16 KV cache takes half the bytes; a saved session moves between cache dtypes", async () => {
+  const f16 = await loadModel(STORY_DIR, { contextLength: 256, kvDtype: "f16" });
+  try {
+    await withStory(async (f32) => {
+      const c = f32.config;
+      const rowValues = c.numKvHeads * c.headDim;
+      const bytes = async (m: Model) => {
+        const seq = m.createSequence();
+        try {
+          return seq.kv.layers.map((l) => l.k.byteLength + l.v.byteLength).reduce((a, b) => a + b);
+        } finally {
+          await seq.dispose();
+        }
+      };
+      assert.deepEqual([f32.kvDtype, f16.kvDtype], ["f32", "f16"]);
+      assert.equal(await bytes(f32), 256 * rowValues * 4 * 2 * c.numLayers);
+      assert.equal(await bytes(f16), 256 * rowValues * 2 * 2 * c.numLayers);
+
+      const opts = { template: STORY_TEMPLATE, system: "Stories for kids.", maxTokens: 8, temperature: 0 };
+      const chat = new ChatSession(f16, opts);
+      try {
+        await readAll(chat.send("Who was Ben?"));
+        const saved = await chat.serialize();
+        // f16 → f32 widens exactly, and back to f16 gives the same bits: the round trip is byte-identical.
+        const wide = await ChatSession.deserialize(f32, saved);
+        try {
+          assert.deepEqual([...wide.cachedTokens], [...chat.cachedTokens]);
+          const back = await ChatSession.deserialize(f16, await wide.serialize());
+          try {
+            assert.deepEqual(await back.serialize(), saved);
+          } finally {
+            back.dispose();
+          }
+          // The widened session carries on from its cache.
+          const r = wide.send("What did Ben do?");
+          await readAll(r);
+          assert.ok((await r.usage).cachedTokens >= 10, "the restored cache was not reused");
+        } finally {
+          wide.dispose();
+        }
+        // A header naming a cache dtype that does not exist is refused, naming the field.
+        const decoded = await decodeSessionFile(saved, await modelFingerprint(f16));
+        const bad = await encodeSessionFile(
+          { ...decoded.header, kvDtype: "q4_0" as never },
+          Int32Array.from(decoded.tokens),
+          decoded.kv,
+        );
+        await assert.rejects(
+          ChatSession.deserialize(f16, bad),
+          (e) => e instanceof SessionFileError && e.reason === "corrupt" && /"kvDtype" is "q4_0"/.test(e.message),
+        );
+      } finally {
+        chat.dispose();
+      }
+    });
+  } finally {
+    await f16.dispose();
   }
 });
 

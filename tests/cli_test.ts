@@ -95,6 +95,7 @@ Deno.test("story: --help, bad flags (exit 2) and a missing model (exit 1)", asyn
       [["--max-tokens", "many"], "--max-tokens"],
       [["--backend", "quantum"], "--backend"],
       [["--dtype", "f8"], "--dtype"],
+      [["--kv-dtype", "q8_0"], "--kv-dtype"],
       [["--max-tokens"], "--max-tokens"],
     ] as const
   ) {

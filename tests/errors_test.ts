@@ -222,6 +222,10 @@ Deno.test("loadModel: bad options give typed errors", async () => {
     name: "TypeError",
     message: /dtype "q3_k"/,
   });
+  await assert.rejects(() => loadModel(STORY_DIR, { kvDtype: "q8_0" as never }), {
+    name: "TypeError",
+    message: /kvDtype "q8_0": expected one of f32, f16/,
+  });
   await assert.rejects(() => loadModel(STORY_DIR, { contextLength: 100_000 }), {
     name: "RangeError",
     message: /100000/,

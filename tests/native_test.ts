@@ -1,8 +1,9 @@
 /**
  * The native backend (C kernels through FFI): the story model's greedy ids and
  * logits against the references and the ts backend, with 1 and 2 threads; the
- * portable (scalar C11) build against the reference kernels; typed errors for
- * mismatched shapes, bad inputs and a missing or stale library.
+ * portable (scalar C11) build against the reference kernels, and its f16 KV cache
+ * against the AVX2 build's; typed errors for mismatched shapes, bad inputs and a
+ * missing or stale library.
  *
  * The optimised build is checked op by op by the conformance suite, which runs
  * every registered backend.
@@ -21,9 +22,10 @@ import {
   NativeLibraryError,
 } from "../backends/native/mod.ts";
 import { GraphBuilder } from "../graph/builder.ts";
-import type { DType } from "../graph/dtype.ts";
+import { byteSize, type DType } from "../graph/dtype.ts";
 import type { Graph, Op } from "../graph/ir.ts";
 import { planGraph } from "../graph/plan.ts";
+import { f32BitsToF16 } from "../graph/convert.ts";
 import { decodeWeights, encodeWeights } from "../graph/quant.ts";
 import { assertClose, randomF32, SHARED, STORY_DIR } from "./helpers.ts";
 
@@ -102,6 +104,7 @@ interface OpCheck {
   op: Op;
   T: number;
   pos: number;
+  /** The weight's dtype, or the KV cache's for attention. */
   dtype: DType;
   /** Matmul row length (default 96). */
   K?: number;
@@ -124,14 +127,17 @@ function opChecks(): OpCheck[] {
   out.push({ label: "siluMul", op: { kind: "siluMul" }, T: 3, pos: 0, dtype: "f32" });
   out.push({ label: "add", op: { kind: "add" }, T: 3, pos: 0, dtype: "f32" });
   out.push({ label: "lastRow", op: { kind: "lastRow" }, T: 3, pos: 0, dtype: "f32" });
-  for (const [T, pos, window] of [[5, 3, 0], [1, 12, 5], [9, 0, 3]]) {
-    out.push({
-      label: `attention T=${T} pos=${pos} window=${window}`,
-      op: { kind: "attention", heads: 6, kvHeads: 2, headDim: 13, scale: 0.3, window },
-      T,
-      pos,
-      dtype: "f32",
-    });
+  // kvDim = 26: F16C converts 8 values at a time, the rest goes through the scalar conversion.
+  for (const dtype of ["f32", "f16"] as DType[]) {
+    for (const [T, pos, window] of [[5, 3, 0], [1, 12, 5], [9, 0, 3]]) {
+      out.push({
+        label: `attention kv=${dtype} T=${T} pos=${pos} window=${window}`,
+        op: { kind: "attention", heads: 6, kvHeads: 2, headDim: 13, scale: 0.3, window },
+        T,
+        pos,
+        dtype,
+      });
+    }
   }
   return out;
 }
@@ -191,12 +197,14 @@ async function runOpCheck(backend: Backend, c: OpCheck): Promise<void> {
     const q = input("q", op.heads * op.headDim, 11, 2), k = input("k", kvDim, 12, 2), v = input("v", kvDim, 13);
     inputs.push({ id: q.spec.id, data: q.data }, { id: k.spec.id, data: k.data }, { id: v.spec.id, data: v.data });
     const cacheSpecs = ["kCache", "vCache"].map((name, i) => {
-      const spec = g.state(name, "f32", [cap, kvDim]);
-      const ref = randomF32(cap * kvDim, 14 + i);
-      const dev = backend.createState(name, "f32", [cap, kvDim]);
-      backend.writeTensor(dev, 0, new Uint8Array(ref.slice().buffer));
+      const spec = g.state(name, c.dtype, [cap, kvDim]);
+      // An f16 cache starts from values it holds exactly; the reference rounds the rows written to f16 too.
+      const ref = randomF32(cap * kvDim, 14 + i).map((x) => (c.dtype === "f16" ? Math.f16round(x) : x));
+      const dev = backend.createState(name, c.dtype, [cap, kvDim]);
+      assert.equal(dev.byteLength, byteSize(c.dtype, cap * kvDim));
+      backend.writeTensor(dev, 0, encodeWeights(c.dtype, ref, kvDim));
       bindings.set(spec.id, dev);
-      refs.push({ shape: [cap, kvDim], data: ref });
+      refs.push({ shape: [cap, kvDim], data: ref, dtype: c.dtype });
       caches.push({ id: spec.id, ref, dev });
       return spec;
     });
@@ -213,8 +221,9 @@ async function runOpCheck(backend: Backend, c: OpCheck): Promise<void> {
     await exec.readOutput(outSpec.id, actual, actual.length);
     assertClose(actual, expected, TOL[c.dtype], `${backend.description}: ${c.label}`);
     for (const cache of caches) {
-      const bytes = await backend.readTensor(cache.dev, 0, cache.ref.byteLength);
-      assertClose(new Float32Array(bytes.buffer), cache.ref, 1e-6, `${c.label}: cache after the step`);
+      const bytes = await backend.readTensor(cache.dev, 0, cache.dev.byteLength);
+      const got = decodeWeights(cache.dev.dtype, bytes, cache.ref.length);
+      assertClose(got, cache.ref, 1e-6, `${c.label}: cache after the step`);
     }
   } finally {
     exec.dispose();
@@ -268,6 +277,104 @@ async function loadModelWith(library: string) {
   return await loadModel(STORY_DIR, { backend: "native-portable-test" });
 }
 
+// ---- f16 KV cache: the portable build against the AVX2 build ----
+
+const F16_ATTN = { kind: "attention", heads: 4, kvHeads: 2, headDim: 11, scale: 0.25, window: 0 } as const;
+
+/** An attention graph over caches of `cap` rows of dtypes `kd` and `vd`, bound on `backend`. */
+function f16AttentionGraph(backend: Backend, cap: number, kd: DType = "f16", vd: DType = kd) {
+  const g = new GraphBuilder();
+  const { heads, kvHeads, headDim } = F16_ATTN;
+  const kvDim = kvHeads * headDim;
+  const q = g.input("q", "f32", ["T", heads * headDim]);
+  const k = g.input("k", "f32", ["T", kvDim]), v = g.input("v", "f32", ["T", kvDim]);
+  const kc = g.state("kCache", kd, [cap, kvDim]), vc = g.state("vCache", vd, [cap, kvDim]);
+  const out = g.attention(q, k, v, kc, vc, F16_ATTN, "out");
+  g.output(out);
+  const caches = [backend.createState("kCache", kd, [cap, kvDim]), backend.createState("vCache", vd, [cap, kvDim])];
+  const bindings = new Map<number, DeviceTensor>([[kc.id, caches[0]], [vc.id, caches[1]]]);
+  return { plan: planGraph(g.build(), { T: cap }), bindings, caches, ids: { q: q.id, k: k.id, v: v.id, out: out.id } };
+}
+
+/**
+ * Values that probe the f32 -> f16 rounding: ties to even at 1, in the subnormals and
+ * at the smallest subnormal, the largest finite half and what rounds down to it,
+ * values past the range (to ±Infinity) when `overflow`, and random values between.
+ */
+function roundingProbes(n: number, seed: number, overflow: boolean): Float32Array {
+  const ties = [1 + 2 ** -11, 1 + 3 * 2 ** -11, -(1 + 2 ** -11), 1.5 * 2 ** -24, 2 ** -25, 3 * 2 ** -25, 2 ** -26];
+  const edges = [65504, 65519, -65519, 6.1e-5, 2 ** -14 - 2 ** -25, -0, 1e-30, 0.1, -3.3333];
+  const special = overflow ? [65520, -70000, 3e38] : [];
+  const out = randomF32(n, seed, 2);
+  [...ties, ...edges, ...special].forEach((x, i) => (out[(i * 7) % n] = x));
+  return out;
+}
+
+/** Runs `steps` on a fresh f16-cache graph; returns each step's output and the final cache bytes. */
+async function runF16Attention(backend: Backend, steps: { T: number; pos: number; seed: number }[], overflow: boolean) {
+  const cap = 16;
+  const { heads, kvHeads, headDim } = F16_ATTN;
+  const { plan, bindings, caches, ids } = f16AttentionGraph(backend, cap);
+  const exec = await backend.compile(plan, bindings);
+  try {
+    const outputs: Float32Array[] = [];
+    const written: Float32Array[][] = [[], []];
+    for (const { T, pos, seed } of steps) {
+      const k = roundingProbes(T * kvHeads * headDim, seed, overflow);
+      const v = roundingProbes(T * kvHeads * headDim, seed + 1, overflow);
+      exec.writeInput(ids.q, randomF32(T * heads * headDim, seed + 2), T * heads * headDim);
+      exec.writeInput(ids.k, k, k.length);
+      exec.writeInput(ids.v, v, v.length);
+      await exec.run({ dims: { T }, pos });
+      const out = new Float32Array(T * heads * headDim);
+      await exec.readOutput(ids.out, out, out.length);
+      outputs.push(out);
+      written[0].push(k);
+      written[1].push(v);
+    }
+    const bytes = await Promise.all(caches.map((c) => backend.readTensor(c, 0, c.byteLength)));
+    return { outputs, bytes, written };
+  } finally {
+    exec.dispose();
+    for (const c of caches) backend.release(c);
+  }
+}
+
+Deno.test("native: the portable build's f16 KV cache matches the AVX2 build's bit for bit", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const library = await buildNative({ portable: true, out: `${dir}/libllm_native_portable.so` });
+    const portable = await createNativeBackend({ library, threads: 2 });
+    const simd = await createNativeBackend({ threads: 2 });
+    try {
+      assert.match(portable.description, /portable/);
+      assert.ok(portable.supports("attention", "f16"));
+      // A prefill then two decode steps, the rows of each step written in the cache's order.
+      const steps = [{ T: 5, pos: 0, seed: 21 }, { T: 1, pos: 5, seed: 31 }, { T: 2, pos: 6, seed: 41 }];
+      for (const overflow of [false, true]) {
+        const a = await runF16Attention(portable, steps, overflow);
+        const b = await runF16Attention(simd, steps, overflow);
+        const what = overflow ? "with values past the f16 range" : "";
+        for (const [i, name] of ["key", "value"].entries()) {
+          // Both round to nearest even, as graph/convert.ts does: the same bits, row by row.
+          const rows = a.written[i].flatMap((r) => Array.from(new Uint32Array(r.buffer), f32BitsToF16));
+          const expected = new Uint8Array(a.bytes[i].byteLength);
+          new Uint16Array(expected.buffer).set(rows);
+          assert.deepEqual(a.bytes[i], expected, `portable ${name} cache ${what}`);
+          assert.deepEqual(b.bytes[i], expected, `AVX2 ${name} cache ${what}`);
+        }
+        if (overflow) continue; // ±Infinity in the cache makes the outputs non-finite
+        a.outputs.forEach((out, i) => assertClose(out, b.outputs[i], 1e-5, `step ${i}: portable against AVX2`));
+      }
+    } finally {
+      portable.dispose();
+      simd.dispose();
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 // ---- Errors ----
 
 function tinyMatmul(backend: Backend, xWidth: number, wShape: number[]) {
@@ -301,8 +408,16 @@ Deno.test("native: mismatched shapes, bad steps and bad token ids give typed err
       () => backend.upload({ name: "w", dtype: "q8_0", shape: [2, 32], data: new Uint8Array(10) }),
       RangeError,
     );
-    // Unsupported state dtype.
-    assert.throws(() => backend.createState("c", "f16", [4, 4]), UnsupportedError);
+    // Unsupported state dtype, and shapes that are not positive integers.
+    assert.throws(() => backend.createState("c", "q8_0", [4, 32]), UnsupportedError);
+    assert.throws(() => backend.createState("c", "f16", [-2, -2]), RangeError);
+    assert.throws(() => backend.createState("c", "f16", [2.5, 4]), RangeError);
+    // Key and value caches of different dtypes: refused when compiling, before anything runs.
+    for (const [kd, vd] of [["f16", "f32"], ["f32", "f16"]] as [DType, DType][]) {
+      const mixed = f16AttentionGraph(backend, 8, kd, vd);
+      await assert.rejects(() => backend.compile(mixed.plan, mixed.bindings), TypeError);
+      for (const t of mixed.bindings.values()) backend.release(t);
+    }
 
     const ok = tinyMatmul(backend, 32, [8, 32]);
     const exec = await backend.compile(ok.plan, ok.bindings);

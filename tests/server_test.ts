@@ -213,7 +213,14 @@ Deno.test("server: a follow-up turn reuses the cached prefix, with the same answ
 Deno.test("server: the prompt cache stays within its budget, evicting the least recently used conversation", async () => {
   const model = await loadModel(STORY_DIR, { contextLength: CONTEXT });
   const seqBytes = PromptCache.sequenceBytes(model);
+  const seq = model.createSequence();
+  assert.equal(seqBytes, seq.kv.layers.reduce((n, l) => n + l.k.byteLength + l.v.byteLength, 0));
+  await seq.dispose();
   await model.dispose();
+  // An f16 KV cache counts half the bytes.
+  const half = await loadModel(STORY_DIR, { contextLength: CONTEXT, kvDtype: "f16" });
+  assert.equal(PromptCache.sequenceBytes(half), seqBytes / 2);
+  await half.dispose();
   await withServer({ cacheBytes: 2 * seqBytes }, async (server, client) => {
     const ask = async (topic: string, extra: string[] = []) => {
       const messages: OpenAI.ChatCompletionMessageParam[] = [

@@ -7,6 +7,8 @@
  * Without a GPU adapter (Mesa's lavapipe counts) the model tests are skipped with a
  * message, except in CI (`CI=true`), where they run and fail.
  *
+ * An f16 KV cache is checked against the reference within one f16 step (1e-3).
+ *
  * Logits tolerance: max |webgpu - ts| ≤ 1e-5 × max(1, max |ts logit|) per prompt (the conformance f32 tolerance).
  * Both run f32 arithmetic on the same weights and differ only in summation order
  * (the observed worst on lavapipe is 5e-7 relative: 8e-6 on logits up to 16).
@@ -27,6 +29,7 @@ import { GraphBuilder } from "../graph/builder.ts";
 import { planGraph } from "../graph/plan.ts";
 import { decodeWeights, encodeWeights } from "../graph/quant.ts";
 import { referenceOp } from "../backends/reference.ts";
+import { UnsupportedError } from "../backends/contract.ts";
 import { assertClose, randomF32, SHARED, STORY_DIR } from "./helpers.ts";
 
 const LOGITS_TOLERANCE = 1e-5;
@@ -305,6 +308,151 @@ Deno.test({
       assert.throws(
         () => backend.upload({ name: "big", dtype: "f32", shape: [128], data: new Uint8Array(512) }),
         /maxStorageBufferBindingSize \(256 bytes\)/,
+      );
+    } finally {
+      backend.dispose();
+    }
+  },
+});
+
+Deno.test({
+  name: "webgpu: an f16 KV cache holds the f16 keys and values of each step, and its rows copy and restore",
+  ignore,
+  fn: async () => {
+    // What KvCache.copyTo/save/restore rely on: readTensor, writeTensor and copyTensor move the
+    // f16 bytes of whole rows (kvDim 16: 32 bytes, 8 words a row), and attention reads rows put
+    // there that way as it reads its own. WGSL may round a value to f16 either way, so values
+    // are checked within one f16 step (1e-3, the conformance f16 KV tolerance).
+    const backend = await createWebGpuBackend();
+    const [heads, kvHeads, headDim, cap] = [4, 2, 8, 16];
+    const kvDim = kvHeads * headDim;
+    const rowBytes = kvDim * 2;
+    const op = { kind: "attention", heads, kvHeads, headDim, scale: 1 / Math.sqrt(headDim), window: 0 } as const;
+    const g = new GraphBuilder();
+    const q = g.input("q", "f32", ["T", heads * headDim]);
+    const k = g.input("k", "f32", ["T", kvDim]);
+    const v = g.input("v", "f32", ["T", kvDim]);
+    const kc = g.state("kc", "f16", [cap, kvDim]);
+    const vc = g.state("vc", "f16", [cap, kvDim]);
+    const out = g.attention(q, k, v, kc, vc, op, "out");
+    g.output(out);
+    const plan = planGraph(g.build(), { T: 8 });
+    // A cache pair on the device, with the reference's copy of its values.
+    const newCaches = (name: string) => {
+      const [kd, vd] = ["k", "v"].map((c) => backend.createState(`${name}.${c}`, "f16", [cap, kvDim]));
+      return { k: kd, v: vd, kRef: new Float32Array(cap * kvDim), vRef: new Float32Array(cap * kvDim) };
+    };
+    type Caches = ReturnType<typeof newCaches>;
+    const execs: { dispose(): void }[] = [];
+    const compile = async (c: Caches) => {
+      const exec = await backend.compile(plan, new Map([[kc.id, c.k], [vc.id, c.v]]));
+      execs.push(exec);
+      return exec;
+    };
+    // Runs one step on caches `c` and checks its output and both whole caches against the reference.
+    const step = async (exec: Awaited<ReturnType<typeof compile>>, c: Caches, T: number, pos: number) => {
+      const qs = randomF32(T * heads * headDim, 100 + pos, 2);
+      const ks = randomF32(T * kvDim, 200 + pos, 2);
+      const vs = randomF32(T * kvDim, 300 + pos);
+      exec.writeInput(q.id, qs, qs.length);
+      exec.writeInput(k.id, ks, ks.length);
+      exec.writeInput(v.id, vs, vs.length);
+      await exec.run({ dims: { T }, pos });
+      const actual = new Float32Array(T * heads * headDim);
+      await exec.readOutput(out.id, actual, actual.length);
+      const expected = referenceOp(op, [
+        { shape: [T, heads * headDim], data: qs },
+        { shape: [T, kvDim], data: ks },
+        { shape: [T, kvDim], data: vs },
+        { shape: [cap, kvDim], data: c.kRef, dtype: "f16" },
+        { shape: [cap, kvDim], data: c.vRef, dtype: "f16" },
+      ], pos);
+      assertClose(actual, expected, 1e-3, `attention output at pos ${pos}`);
+      for (const [device, ref] of [[c.k, c.kRef], [c.v, c.vRef]] as const) {
+        const bytes = await backend.readTensor(device, 0, device.byteLength);
+        assertClose(decodeWeights("f16", bytes, cap * kvDim), ref, 1e-3, `${device.name} after the step at ${pos}`);
+      }
+      return actual;
+    };
+    const a = newCaches("a");
+    const b = newCaches("b");
+    const c = newCaches("c");
+    try {
+      assert.equal(a.k.byteLength, cap * kvDim * 2);
+      assert.deepEqual(await backend.readTensor(a.k, 0, a.k.byteLength), new Uint8Array(cap * rowBytes));
+      const execA = await compile(a);
+      await step(execA, a, 3, 0);
+      await step(execA, a, 1, 3);
+      // Rows 1..3 read from a row offset are the f16 values of those rows.
+      const mid = await backend.readTensor(a.k, rowBytes, 3 * rowBytes);
+      assertClose(decodeWeights("f16", mid, 3 * kvDim), a.kRef.subarray(kvDim, 4 * kvDim), 1e-3, "rows 1..3");
+
+      // copyTo: the first 4 rows into b; the same next step then gives the same output there.
+      for (const [src, dst] of [[a.k, b.k], [a.v, b.v]]) backend.copyTensor(src, dst, 4 * rowBytes);
+      b.kRef.set(a.kRef.subarray(0, 4 * kvDim));
+      b.vRef.set(a.vRef.subarray(0, 4 * kvDim));
+      const execB = await compile(b);
+      const fromB = await step(execB, b, 1, 4);
+      const fromA = await step(execA, a, 1, 4);
+      assertClose(fromB, fromA, 0, "a step after copyTensor");
+
+      // save/restore: the 5 filled rows read as bytes, written back in two pieces at row offsets.
+      for (const [src, dst] of [[a.k, c.k], [a.v, c.v]]) {
+        const saved = await backend.readTensor(src, 0, 5 * rowBytes);
+        backend.writeTensor(dst, 0, saved.subarray(0, 2 * rowBytes));
+        backend.writeTensor(dst, 2 * rowBytes, saved.subarray(2 * rowBytes));
+        assert.deepEqual(await backend.readTensor(dst, 2 * rowBytes, 3 * rowBytes), saved.subarray(2 * rowBytes));
+      }
+      c.kRef.set(a.kRef.subarray(0, 5 * kvDim));
+      c.vRef.set(a.vRef.subarray(0, 5 * kvDim));
+      const execC = await compile(c);
+      const fromC = await step(execC, c, 2, 5);
+      assertClose(fromC, await step(execA, a, 2, 5), 0, "a step after writeTensor");
+    } finally {
+      for (const e of execs) e.dispose();
+      for (const t of [a, b, c].flatMap((x) => [x.k, x.v])) backend.release(t);
+      backend.dispose();
+    }
+  },
+});
+
+Deno.test({
+  name: "webgpu: KV cache dtypes other than f32 and f16, odd f16 rows and mixed caches are refused",
+  ignore,
+  fn: async () => {
+    const backend = await createWebGpuBackend();
+    try {
+      assert.equal(backend.supports("attention", "f16"), true);
+      assert.equal(backend.supports("attention", "bf16"), false);
+      for (const dtype of ["bf16", "q8_0", "i32"] as const) {
+        assert.throws(() => backend.createState("c", dtype, [4, 32]), UnsupportedError);
+      }
+      assert.throws(() => backend.createState("c", "f16", [4, 7]), RangeError);
+      // Both caches of one attention node have one dtype.
+      const g = new GraphBuilder();
+      const op = { kind: "attention", heads: 2, kvHeads: 1, headDim: 4, scale: 0.5, window: 0 } as const;
+      const qkv = ["q", "k", "v"].map((n, i) => g.input(n, "f32", ["T", i === 0 ? 8 : 4]));
+      const kc = g.state("kc", "f16", [4, 4]);
+      const vc = g.state("vc", "f32", [4, 4]);
+      g.output(g.attention(qkv[0], qkv[1], qkv[2], kc, vc, op, "out"));
+      const bindings = new Map([
+        [kc.id, backend.createState("kc", "f16", [4, 4])],
+        [vc.id, backend.createState("vc", "f32", [4, 4])],
+      ]);
+      await assert.rejects(
+        () => backend.compile(planGraph(g.build(), { T: 1 }), bindings),
+        (e: Error) => e instanceof UnsupportedError && /"f16" key cache and a "f32" value cache/.test(e.message),
+      );
+      // Heads of an odd dim would start mid-word in an f16 cache (kvDim 2 × 3 is even).
+      const h = new GraphBuilder();
+      const odd = { kind: "attention", heads: 2, kvHeads: 2, headDim: 3, scale: 0.5, window: 0 } as const;
+      const [q6, k6, v6] = ["q", "k", "v"].map((n) => h.input(n, "f32", ["T", 6]));
+      const [kc6, vc6] = ["kc", "vc"].map((n) => h.state(n, "f16", [4, 6]));
+      h.output(h.attention(q6, k6, v6, kc6, vc6, odd, "out"));
+      const oddBindings = new Map([kc6, vc6].map((t) => [t.id, backend.createState(t.name, "f16", [4, 6])]));
+      await assert.rejects(
+        () => backend.compile(planGraph(h.build(), { T: 1 }), oddBindings),
+        (e: Error) => e instanceof UnsupportedError && /head dim 3/.test(e.message),
       );
     } finally {
       backend.dispose();

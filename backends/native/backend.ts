@@ -5,8 +5,9 @@
  * of tensor addresses), and each step is one foreign call.
  *
  * Memory: weights are used in place (the bytes given to `upload`, kept alive
- * here); KV caches and the activation arena are allocated by the library (64-byte
- * aligned) and viewed from TypeScript without copies.
+ * here); KV caches (f32, or f16 to halve the bytes attention reads per step) and
+ * the activation arena are allocated by the library (64-byte aligned) and viewed
+ * from TypeScript without copies.
  *
  * Safety: every shape, offset, token id and step size is checked here before a
  * call, so the C side never reads or writes outside the buffers it was given.
@@ -152,6 +153,8 @@ const DTYPE_CODES: Record<DType, number> = { f32: 0, f16: 1, bf16: 2, q8_0: 3, q
 const NODE_INTS = 24;
 
 const WEIGHT_DTYPES: readonly DType[] = ["f32", "f16", "bf16", "q8_0", "q4_0"];
+/** KV cache (state) dtypes: attention appends rows in the cache's dtype and reads them back as f32. */
+const KV_DTYPES: readonly DType[] = ["f32", "f16"];
 const ROW_OPS: readonly OpKind[] = ["rmsNorm", "rope", "siluMul", "add", "lastRow"];
 
 /** Multiply-adds a single thread does per millisecond, for the default thread choice. */
@@ -295,7 +298,7 @@ export class NativeBackend implements Backend {
 
   supports(op: OpKind, dtype: DType): boolean {
     if (op === "matmul" || op === "embedding") return WEIGHT_DTYPES.includes(dtype);
-    if (op === "attention") return dtype === "f32";
+    if (op === "attention") return KV_DTYPES.includes(dtype);
     return (ROW_OPS.includes(op)) && dtype === "f32";
   }
 
@@ -330,11 +333,13 @@ export class NativeBackend implements Backend {
 
   createState(name: string, dtype: DType, shape: readonly number[]): DeviceTensor {
     this.#check();
-    if (dtype !== "f32") {
-      throw new UnsupportedError(`Backend "native" cannot hold state "${name}" as "${dtype}": only "f32"`);
+    if (!KV_DTYPES.includes(dtype)) {
+      throw new UnsupportedError(
+        `Backend "native" cannot hold state "${name}" as "${dtype}": only ${KV_DTYPES.map((d) => `"${d}"`).join(", ")}`,
+      );
     }
-    const byteLength = elementCountOf(shape) * 4;
-    if (!Number.isSafeInteger(byteLength) || byteLength <= 0) {
+    const byteLength = byteSize(dtype, elementCountOf(shape));
+    if (!shape.every((d) => Number.isSafeInteger(d) && d > 0) || !Number.isSafeInteger(byteLength)) {
       throw new RangeError(`Cannot allocate state "${name}" of shape [${shape}]`);
     }
     const ptr = this.#lib.lib.symbols.llm_alloc(BigInt(byteLength));
@@ -614,13 +619,19 @@ class NativeExecutable implements Executable {
         sameRows(rows, act(v, kvDim, "value"), "the value");
         sameRows(rows, act(node.output, heads * headDim, "output"), "the output");
         const kCache = bound(kc, "key cache"), vCache = bound(vc, "value cache");
+        const kv = kCache.dtype;
+        if (!KV_DTYPES.includes(kv)) fail(`key cache "${kCache.name}" is "${kv}"`);
+        const cap = kCache.shape[0];
         for (const c of [kCache, vCache]) {
-          if (c.dtype !== "f32" || c.shape.length !== 2 || c.shape[1] !== kvDim || c.shape[0] !== kCache.shape[0]) {
-            fail(`cache "${c.name}" has shape [${c.shape}], expected f32 [capacity, ${kvDim}]`);
+          // Both caches share one dtype and shape: the kernel reads them with the same element size and row count.
+          if (
+            c.dtype !== kv || c.shape.length !== 2 || c.shape[1] !== kvDim || c.shape[0] !== cap ||
+            c.byteLength !== byteSize(kv, cap * kvDim)
+          ) {
+            fail(`cache "${c.name}" is ${c.dtype} [${c.shape}], expected ${kv} [capacity, ${kvDim}]`);
           }
         }
-        const cap = kCache.shape[0];
-        set("f32", rows, [a, b, v, kc, vc], [heads, kvHeads, headDim, window, cap], [scale]);
+        set(kv, rows, [a, b, v, kc, vc], [heads, kvHeads, headDim, window, cap], [scale]);
         return cap;
       }
     }

@@ -7,21 +7,28 @@
  * @module
  */
 
-import type { DType } from "../../graph/dtype.ts";
+import { byteSize, type DType } from "../../graph/dtype.ts";
 import type { Node, OpKind } from "../../graph/ir.ts";
 import type { ExecutionPlan } from "../../graph/plan.ts";
 import type { Backend, DeviceTensor, Executable, HostTensor, StepArgs } from "../contract.ts";
-import { cacheCapacity, nodeRows, validateBindings, validateStep } from "../contract.ts";
+import { cacheCapacity, nodeRows, UnsupportedError, validateBindings, validateStep } from "../contract.ts";
 import * as k from "./kernels.ts";
 import { EMBEDDING_KERNELS, MATMUL_KERNELS, type TsWeight } from "./matmul.ts";
 
 /** A tensor held by the TypeScript backend. */
-interface TsTensor extends DeviceTensor, TsWeight {}
+interface TsTensor extends DeviceTensor, TsWeight {
+  /** The f16 bit patterns, set when dtype is f16 (an f16 KV cache reads them). */
+  readonly f16Bits?: Uint16Array;
+}
 
 function makeTensor(name: string, dtype: DType, shape: readonly number[], bytes: Uint8Array): TsTensor {
   const f32 = dtype === "f32" ? new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4) : undefined;
-  return { name, dtype, shape: [...shape], byteLength: bytes.byteLength, bytes, f32 };
+  const f16Bits = dtype === "f16" ? new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2) : undefined;
+  return { name, dtype, shape: [...shape], byteLength: bytes.byteLength, bytes, f32, f16Bits };
 }
+
+/** The dtypes a KV cache (state) can have here. */
+const STATE_DTYPES: readonly DType[] = ["f32", "f16"];
 
 /** Copies into fresh memory when a view would be misaligned for its element size. */
 function aligned(data: Uint8Array, align: number): Uint8Array {
@@ -38,7 +45,7 @@ export class TsBackend implements Backend {
   supports(op: OpKind, dtype: DType): boolean {
     if (op === "matmul") return MATMUL_KERNELS[dtype] !== undefined;
     if (op === "embedding") return EMBEDDING_KERNELS[dtype] !== undefined;
-    if (op === "attention") return dtype === "f32";
+    if (op === "attention") return STATE_DTYPES.includes(dtype);
     return ELEMENTWISE.includes(op) && dtype === "f32";
   }
 
@@ -47,8 +54,10 @@ export class TsBackend implements Backend {
   }
 
   createState(name: string, dtype: DType, shape: readonly number[]): DeviceTensor {
-    if (dtype !== "f32") throw new TypeError(`Backend "ts" cannot hold state "${name}" as "${dtype}": only "f32"`);
-    return makeTensor(name, dtype, shape, new Uint8Array(shape.reduce((a, b) => a * b, 4)));
+    if (!STATE_DTYPES.includes(dtype)) {
+      throw new UnsupportedError(`Backend "ts" cannot hold state "${name}" as "${dtype}": only "f32" or "f16"`);
+    }
+    return makeTensor(name, dtype, shape, new Uint8Array(byteSize(dtype, shape.reduce((a, b) => a * b, 1))));
   }
 
   readTensor(t: DeviceTensor, byteOffset: number, byteLength: number): Promise<Uint8Array> {
@@ -168,9 +177,21 @@ class TsExecutable implements Executable {
       }
       case "attention": {
         const { heads, kvHeads, headDim, scale, window } = op;
-        const [q, kk, v, kc, vc] = [f(0), f(1), f(2), f(3), f(4)];
-        const scores = new Float32Array(kc.length / (kvHeads * headDim));
-        return (pos, T) => k.attention(out, q, kk, v, kc, vc, scores, T, pos, heads, kvHeads, headDim, scale, window);
+        const [q, kk, v] = [f(0), f(1), f(2)];
+        const [kc, vc] = [bindings.get(node.inputs[3])!, bindings.get(node.inputs[4])!];
+        if (kc.dtype !== vc.dtype) {
+          throw new UnsupportedError(
+            `Backend "ts" cannot run attention with a "${kc.dtype}" key cache and a "${vc.dtype}" value cache`,
+          );
+        }
+        const scores = new Float32Array(kc.shape[0]);
+        if (kc.dtype === "f16") {
+          const [kb, vb] = [kc.f16Bits!, vc.f16Bits!];
+          return (pos, T) =>
+            k.attentionF16(out, q, kk, v, kb, vb, scores, T, pos, heads, kvHeads, headDim, scale, window);
+        }
+        const [kf, vf] = [kc.f32!, vc.f32!];
+        return (pos, T) => k.attention(out, q, kk, v, kf, vf, scores, T, pos, heads, kvHeads, headDim, scale, window);
       }
     }
   }

@@ -12,6 +12,10 @@
  *   shaders with core WGSL (`unpack2x16float`, bit operations), so no optional
  *   feature (`shader-f16`) is needed, and results match the other backends within
  *   the f32 tolerances of the conformance suite.
+ * - The KV cache (state) is f32, or f16 stored as in `graph/dtype.ts` and handled as
+ *   u32 words of two elements (`pack2x16float` / `unpack2x16float`, again no
+ *   `shader-f16`): attention converts each new key and value to f16 once, when the
+ *   step writes it, and reads half the bytes.
  * - Decode (up to 4 rows) uses a matrix-vector kernel: on GPUs 64 invocations share
  *   each weight row and sum in workgroup memory; on software adapters (lavapipe) one
  *   invocation per row, which runs there several times faster. Prefill uses 32×32
@@ -39,6 +43,8 @@ import type { Backend, DeviceTensor, Executable, HostTensor, StepArgs } from "..
 import { cacheCapacity, UnsupportedError, validateBindings, validateStep } from "../contract.ts";
 import {
   attentionShader,
+  type CacheDType,
+  cacheElementsPerWord,
   elementwiseShader,
   embeddingShader,
   gridOf,
@@ -159,7 +165,9 @@ const UNIFORM = 0x0040; // GPUBufferUsage.UNIFORM
 const STORAGE = 0x0080 | COPY_DST | COPY_SRC; // GPUBufferUsage.STORAGE and copies
 const COMPUTE_STAGE = 0x4; // GPUShaderStage.COMPUTE
 const WEIGHT_DTYPES: readonly DType[] = ["f32", "f16", "bf16", "q8_0", "q4_0"];
-const F32_OPS: readonly OpKind[] = ["rmsNorm", "rope", "siluMul", "add", "lastRow", "attention"];
+const F32_OPS: readonly OpKind[] = ["rmsNorm", "rope", "siluMul", "add", "lastRow"];
+/** Dtypes of state (KV caches), and so of the caches attention reads. */
+const STATE_DTYPES: readonly DType[] = ["f32", "f16"] satisfies readonly CacheDType[];
 
 function align4(n: number): number {
   return Math.ceil(n / 4) * 4;
@@ -247,6 +255,7 @@ export class WebGpuBackend implements Backend {
 
   supports(op: OpKind, dtype: DType): boolean {
     if (op === "matmul" || op === "embedding") return WEIGHT_DTYPES.includes(dtype);
+    if (op === "attention") return STATE_DTYPES.includes(dtype);
     return F32_OPS.includes(op) && dtype === "f32";
   }
 
@@ -270,8 +279,19 @@ export class WebGpuBackend implements Backend {
 
   createState(name: string, dtype: DType, shape: readonly number[]): DeviceTensor {
     this.checkHealthy();
+    if (!STATE_DTYPES.includes(dtype)) {
+      throw new UnsupportedError(`Backend "webgpu" cannot hold state "${name}" as "${dtype}": only "f32" or "f16"`);
+    }
+    const rowLength = shape[shape.length - 1] ?? 1;
+    if (rowLength % cacheElementsPerWord(dtype as CacheDType) !== 0) {
+      // The shaders write an f16 cache a u32 word (two elements) at a time, so rows must be whole words.
+      throw new RangeError(
+        `Cannot create "${name}" as "${dtype}" state with rows of ${rowLength} elements on WebGPU: ` +
+          `an f16 row must hold an even number of elements`,
+      );
+    }
     const count = shape.reduce((a, b) => a * b, 1);
-    const bytes = byteSize(dtype, count, shape[shape.length - 1] ?? 1);
+    const bytes = byteSize(dtype, count, rowLength);
     const buffer = this.#createBuffer(name, bytes, false);
     return {
       name,
@@ -884,18 +904,37 @@ class DispatchBuilder {
         }
         const kc = this.#bound(node, 3);
         const vc = this.#bound(node, 4);
+        if (kc.dtype !== vc.dtype) {
+          throw new UnsupportedError(
+            `Backend "webgpu" cannot run attention with a "${kc.dtype}" key cache and a "${vc.dtype}" value cache`,
+          );
+        }
+        // supports() admitted the key cache's dtype, so both are a CacheDType.
+        const dtype = kc.dtype as CacheDType;
+        if (headDim % cacheElementsPerWord(dtype) !== 0) {
+          // Attention reads a head's keys a whole word at a time, so a head must start on a word.
+          throw new UnsupportedError(
+            `Backend "webgpu" cannot run attention with head dim ${headDim} over a "${dtype}" cache: expected an even one`,
+          );
+        }
         const kvDim = kvHeads * headDim;
         const write = this.#dispatch(
-          kvWriteShader(),
+          kvWriteShader(dtype),
           "cache",
           this.#params(fixed, [this.#at(node, 1), this.#at(node, 2), kvDim, 0]),
           [kc.buffer, vc.buffer],
-          (T) => ceil(T * kvDim, WG),
+          (T) => ceil((T * kvDim) / cacheElementsPerWord(dtype), WG),
         );
         const params = this.#params(fixed, [this.#at(node, 0), this.#at(node, -1), heads, kvHeads, window, {
           f: scale,
         }]);
-        const att = this.#dispatch(attentionShader(headDim), "cache", params, [kc.buffer, vc.buffer], (T) => T * heads);
+        const att = this.#dispatch(
+          attentionShader(headDim, dtype),
+          "cache",
+          params,
+          [kc.buffer, vc.buffer],
+          (T) => T * heads,
+        );
         return { dispatches: [write, att] };
       }
     }

@@ -2,7 +2,8 @@
  * WGSL sources of the WebGPU backend, one compute shader per op (two for
  * attention: the KV-cache write, then the fused attention), generated per weight
  * dtype so that the matmul and embedding shaders unpack f16, bf16, q8_0 and q4_0
- * weights themselves. Everything is computed in f32.
+ * weights themselves, and per KV cache dtype (f32, or f16 packed in pairs). Everything
+ * is computed in f32.
  *
  * Matmul shaders write output rows with stride `p.outN`, so a weight split by rows
  * across several bindings runs as one dispatch per part, each writing its columns.
@@ -532,46 +533,107 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 `;
 }
 
-const CACHE_BINDINGS = `
+/** Element types a KV cache can have on WebGPU. */
+export type CacheDType = "f32" | "f16";
+
+/**
+ * How the cache shaders store a KV cache element, as WGSL over words of the `kc`/`vc`
+ * arrays. An f16 cache packs elements 2i and 2i + 1 into u32 word i with core
+ * `pack2x16float` / `unpack2x16float` (the bytes of a little-endian f16 array), so the
+ * optional `shader-f16` feature is not needed.
+ */
+interface CacheFormat {
+  /** Cache elements per word. */
+  readonly perWord: number;
+  /**
+   * The `kc`/`vc` bindings, `PER_WORD`, `packWord(src)` (the word of arena elements
+   * `src ..`), `kWord(w)` (word `w` of the key cache in f32) and `vAt(i)` (element `i`
+   * of the value cache in f32).
+   */
+  readonly wgsl: string;
+  /** Suffixes that select the elements of a `kWord` value, in element order. */
+  readonly keyElements: readonly string[];
+}
+
+const CACHE_FORMATS: Record<CacheDType, CacheFormat> = {
+  f32: {
+    perWord: 1,
+    keyElements: [""],
+    wgsl: `
 @group(0) @binding(3) var<storage, read_write> kc: array<f32>;
 @group(0) @binding(4) var<storage, read_write> vc: array<f32>;
-`;
+const PER_WORD = 1u;
+fn packWord(src: u32) -> f32 { return arena[src]; }
+fn kWord(w: u32) -> f32 { return kc[w]; }
+fn vAt(i: u32) -> f32 { return vc[i]; }
+`,
+  },
+  f16: {
+    perWord: 2,
+    keyElements: [".x", ".y"],
+    wgsl: `
+@group(0) @binding(3) var<storage, read_write> kc: array<u32>;
+@group(0) @binding(4) var<storage, read_write> vc: array<u32>;
+const PER_WORD = 2u;
+fn packWord(src: u32) -> u32 { return pack2x16float(vec2<f32>(arena[src], arena[src + 1u])); }
+fn kWord(w: u32) -> vec2<f32> { return unpack2x16float(kc[w]); }
+fn vAt(i: u32) -> f32 { return unpack2x16float(vc[i >> 1u])[i & 1u]; }
+`,
+  },
+};
 
-/** Writes k and v (T, kvDim) to cache rows pos .. pos + T - 1. Workgroups: ceil(T × kvDim / WG). */
-export function kvWriteShader(): string {
+/**
+ * Cache elements per 4-byte word of a KV cache of `dtype` (rows of an f16 cache hold an
+ * even number of elements, so a row is whole words).
+ */
+export function cacheElementsPerWord(dtype: CacheDType): number {
+  return CACHE_FORMATS[dtype].perWord;
+}
+
+/**
+ * Writes k and v (T, kvDim) to cache rows pos .. pos + T - 1, one cache word per
+ * invocation (a pair of elements for f16), so no two invocations write one word.
+ * Workgroups: ceil(T × kvDim / {@link cacheElementsPerWord} / WG).
+ */
+export function kvWriteShader(dtype: CacheDType): string {
   return `
 struct Params { rows: u32, k: u32, v: u32, kvDim: u32, pad: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 ${HEADER}
-${CACHE_BINDINGS}
+${CACHE_FORMATS[dtype].wgsl}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>) {
   let i = groupIndex(wg, nwg) * ${WG}u + lid.x;
-  if (i >= rowCount() * p.kvDim) { return; }
-  let dst = st.pos * p.kvDim + i;
-  kc[dst] = arena[p.k + i];
-  vc[dst] = arena[p.v + i];
+  if (i >= rowCount() * p.kvDim / PER_WORD) { return; }
+  let dst = st.pos * p.kvDim / PER_WORD + i;
+  kc[dst] = packWord(p.k + i * PER_WORD);
+  vc[dst] = packWord(p.v + i * PER_WORD);
 }
 `;
 }
 
 /**
  * Fused causal attention with grouped-query heads, one workgroup per (token, head),
- * reading the KV cache after {@link kvWriteShader} has run. The visible rows are
- * taken 64 at a time: each lane scores one row, the workgroup reduces the chunk's
- * maximum and sum, and an online softmax rescales the running output, which the
- * lanes hold split by dimension. No score buffer, so any context length fits.
+ * reading the KV cache (of `dtype`, summed in f32) after {@link kvWriteShader} has run.
+ * The visible rows are taken 64 at a time: each lane scores one row, the workgroup
+ * reduces the chunk's maximum and sum, and an online softmax rescales the running
+ * output, which the lanes hold split by dimension. No score buffer, so any context
+ * length fits. An f16 cache halves the bytes read; keys are unpacked a word (two
+ * elements) at a time, summed in the same order as f32 keys.
  * Workgroups: T × heads.
  */
-export function attentionShader(headDim: number): string {
+export function attentionShader(headDim: number, dtype: CacheDType): string {
   const perLane = Math.ceil(headDim / WG);
+  const format = CACHE_FORMATS[dtype];
+  // A key word's elements in order, so the dot product sums in the same order for every dtype.
+  const keyDot = format.keyElements.map((el, e) => `dot += qs[d${e ? ` + ${e}u` : ""}] * kw${el};`).join(" ");
   return `
 struct Params { rows: u32, q: u32, out: u32, heads: u32, kvHeads: u32, window: u32, scale: f32 }
 @group(0) @binding(0) var<uniform> p: Params;
 ${HEADER}
-${CACHE_BINDINGS}
+${format.wgsl}
 const HD = ${headDim}u;
 var<workgroup> qs: array<f32, ${headDim}>;
 var<workgroup> ps: array<f32, ${WG}>;
@@ -601,7 +663,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     if (j <= pp) {
       let ko = j * kvDim + kvo;
       var dot = 0.0;
-      for (var d = 0u; d < HD; d++) { dot += qs[d] * kc[ko + d]; }
+      for (var d = 0u; d < HD; d += PER_WORD) {
+        let kw = kWord((ko + d) / PER_WORD);
+        ${keyDot}
+      }
       s = dot * p.scale;
     }
     red[lid.x] = s;
@@ -629,7 +694,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
       let d = lid.x + r * ${WG}u;
       if (d < HD) {
         var a = acc[r] * corr;
-        for (var jj = 0u; jj < count; jj++) { a += ps[jj] * vc[(j0 + jj) * kvDim + kvo + d]; }
+        for (var jj = 0u; jj < count; jj++) { a += ps[jj] * vAt((j0 + jj) * kvDim + kvo + d); }
         acc[r] = a;
       }
     }

@@ -105,8 +105,7 @@ LLM_EXPORT void *llm_exec_new(const int32_t *nodes, int32_t nnodes, const uint64
       if (el > xq_elems) xq_elems = el;
     }
     if (n->op == OP_ATTENTION) {
-      size_t group = (size_t)(n->p[0] / n->p[1]);
-      size_t need = group * (size_t)n->p[4] + group * (size_t)n->p[2];
+      size_t need = k_attention_scratch(n->p[0], n->p[1], n->p[2], n->p[4], n->dtype);
       if (need > attn) attn = need;
     }
   }
@@ -240,18 +239,16 @@ static void run_node(llm_exec *e, int idx, int ith, int nth) {
       a.window = n->p[3];
       a.scale = n->f[0];
       a.pos = e->pos;
+      a.kv_dtype = n->dtype;
       a.q = (const float *)P[n->in[0]];
-      a.k_cache = (float *)P[n->in[3]];
-      a.v_cache = (float *)P[n->in[4]];
+      a.k_cache = P[n->in[3]];
+      a.v_cache = P[n->in[4]];
       a.out = out;
-      size_t kv_dim = (size_t)a.kv_heads * a.head_dim;
       int use = op_threads((double)R * (e->pos + R) * a.heads * a.head_dim * 2, nth);
       /* First the new rows into the caches, then (after a barrier) attend. */
       if (ith < use) {
         split_range(R, ith, use, 1, &lo, &hi);
-        size_t off = ((size_t)e->pos + lo) * kv_dim, bytes = (size_t)(hi - lo) * kv_dim * sizeof(float);
-        memcpy(a.k_cache + off, (const float *)P[n->in[1]] + (size_t)lo * kv_dim, bytes);
-        memcpy(a.v_cache + off, (const float *)P[n->in[2]] + (size_t)lo * kv_dim, bytes);
+        k_attention_store(&a, (const float *)P[n->in[1]], (const float *)P[n->in[2]], lo, hi);
       }
       pool_barrier(e->pool, nth);
       if (ith >= use) return;
@@ -280,6 +277,9 @@ static void step_task(void *arg, int ith, int nth) {
 LLM_EXPORT int32_t llm_run(void *exec, void *pool, int32_t pos, int32_t T, int32_t threads, int32_t from, int32_t to) {
   llm_exec *e = exec;
   if (!e || T < 1 || T > e->max_T || pos < 0 || from < 0 || to > e->nnodes || from > to) return -1;
+  /* The caller checks this too: a step past a cache's capacity would write outside it. */
+  for (int i = from; i < to; i++)
+    if (e->nodes[i].op == OP_ATTENTION && (int64_t)pos + T > e->nodes[i].p[4]) return -1;
   if (threads > e->threads) threads = e->threads;
   if (threads > pool_size(pool)) threads = pool_size(pool);
   if (threads < 1) threads = 1;

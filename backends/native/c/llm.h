@@ -104,11 +104,71 @@ static inline float f16_to_f32(uint16_t h) {
   return f;
 }
 
+/*
+ * The f16 nearest to f: round to nearest even, ±inf past the range, NaN kept a
+ * quiet NaN — bit for bit what F16C's _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)
+ * gives, so the portable build writes the same f16 KV cache bytes as the AVX2 one.
+ */
+static inline uint16_t f32_to_f16(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 | ((ax >> 13) & 0x3ff) : 0));
+  if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00); /* >= 65520 rounds past 65504 */
+  if (ax < 0x38800000u) {                                   /* below 2^-14: an f16 subnormal or zero */
+    if (ax < 0x33000000u) return (uint16_t)sign;            /* below 2^-25 (2^-25 itself ties to 0) */
+    uint32_t m = (ax & 0x7fffff) | 0x800000, shift = 126 - (ax >> 23); /* 14..24: units of 2^-24 */
+    uint32_t h = m >> shift, rest = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (h & 1))) h++; /* may carry into the smallest normal: still right */
+    return (uint16_t)(sign | h);
+  }
+  uint32_t r = ax - 0x38000000u; /* rebias the exponent from 127 to 15 */
+  uint32_t h = r >> 13, rest = r & 0x1fff;
+  if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++; /* a carry into the exponent is right too */
+  return (uint16_t)(sign | h);
+}
+
 static inline float bf16_to_f32(uint16_t h) {
   uint32_t bits = (uint32_t)h << 16;
   float f;
   memcpy(&f, &bits, 4);
   return f;
+}
+
+#ifdef LLM_AVX2
+/* The sum of the 8 lanes. */
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+/* 8 f16 values as f32 (F16C: exact). */
+static inline __m256 load_f16x8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* 8 f32 values stored as f16, rounded to nearest even. */
+static inline void store_f16x8(uint16_t *p, __m256 v) {
+  _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+#endif
+
+/* dst[0..n) = src[0..n) as f16 (round to nearest even). */
+static inline void f32_to_f16_row(uint16_t *dst, const float *src, size_t n) {
+  size_t i = 0;
+#ifdef LLM_AVX2
+  for (; i + 8 <= n; i += 8) store_f16x8(dst + i, _mm256_loadu_ps(src + i));
+#endif
+  for (; i < n; i++) dst[i] = f32_to_f16(src[i]);
+}
+
+/* dst[0..n) = src[0..n) (f16) as f32. */
+static inline void f16_to_f32_row(float *dst, const uint16_t *src, size_t n) {
+  size_t i = 0;
+#ifdef LLM_AVX2
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load_f16x8(src + i));
+#endif
+  for (; i < n; i++) dst[i] = f16_to_f32(src[i]);
 }
 
 /* ---- Kernels (kernels.c, matmul.c). Shapes in comments: rows x columns. ---- */
@@ -118,15 +178,23 @@ void k_rope(float *out, const float *x, int heads, int head_dim, double theta, i
 void k_silumul(float *out, const float *g, const float *u, size_t i0, size_t i1);
 void k_add(float *out, const float *a, const float *b, size_t i0, size_t i1);
 
-/* Attention for work items [w0, w1) of T * kvHeads (token-major); see kernels.c. */
+/*
+ * Attention over KV caches of (capacity, kvHeads * head_dim) values of kv_dtype
+ * (DT_F32, or DT_F16: written rounded to nearest even, read back as f32).
+ */
 typedef struct {
   const float *q;
-  float *k_cache, *v_cache;
+  void *k_cache, *v_cache;
   float *out;
-  int heads, kv_heads, head_dim, window, pos;
+  int heads, kv_heads, head_dim, window, pos, kv_dtype;
   float scale;
 } llm_attn;
+/* Writes rows [r0, r1) of this step's keys k and values v (T, kvHeads * head_dim) at cache rows pos + r. */
+void k_attention_store(const llm_attn *a, const float *k, const float *v, int r0, int r1);
+/* Attention for work items [w0, w1) of T * kvHeads (token-major); see kernels.c. */
 void k_attention(const llm_attn *a, int T, int w0, int w1, float *scratch);
+/* Floats of scratch k_attention needs per thread for a cache of `capacity` rows. */
+size_t k_attention_scratch(int heads, int kv_heads, int head_dim, int capacity, int kv_dtype);
 
 /*
  * Quantized activations for quantized matmuls: x (T, K) as blocks of 32 int16

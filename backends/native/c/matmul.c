@@ -96,18 +96,11 @@ void quantize_rows_x16(const float *x, int K, int t0, int t1, llm_xq *xq) {
 
 #define AI static inline __attribute__((always_inline))
 
-AI float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 /* 8 weights of a row starting at element k, as f32. */
 AI __m256 load_w8(const uint8_t *row, int dtype, int k) {
   if (dtype == DT_F32) return _mm256_loadu_ps((const float *)row + k);
+  if (dtype == DT_F16) return load_f16x8((const uint16_t *)row + k);
   __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + k));
-  if (dtype == DT_F16) return _mm256_cvtph_ps(h);
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
@@ -373,7 +366,7 @@ AI void tile_quant(float *out, const llm_xq *xq, const uint8_t *wq, const uint16
       }
     }
     __m256 dw[4];
-    for (int j = 0; j < RN; j++) dw[j] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd[j] + b)));
+    for (int j = 0; j < RN; j++) dw[j] = load_f16x8(wd[j] + b);
     for (int i = 0; i < RT; i++) {
       const int16_t *y = yr[i] + (size_t)b * QK;
       __m256 dy = _mm256_loadu_ps(yd[i] + b);
