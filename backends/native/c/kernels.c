@@ -203,8 +203,8 @@ void k_attention_store(const llm_attn *a, const float *k, const float *v, int r0
 }
 
 /*
- * Prefetching of f16 cache rows: a head's slice of consecutive rows is kv_dim
- * values apart (a new page every row or two), which the hardware prefetchers do not
+ * Prefetching of cache rows: a head's slice of consecutive rows is kv_dim values
+ * apart (a new page every row or two), which the hardware prefetchers do not
  * follow, so without it decode at long contexts waits on memory for every row
  * (measured 4x slower at 8K rows). Rows are fetched about this many multiply-adds
  * of work ahead (group * head_dim per row; measured best for 64 to 512 per row),
@@ -213,15 +213,15 @@ void k_attention_store(const llm_attn *a, const float *k, const float *v, int r0
 #define KV_AHEAD_WORK 2048
 
 /* always_inline: GCC 12 deemed a call to it free of side effects and dropped it. */
-static inline __attribute__((always_inline)) void prefetch_f16_row(const uint16_t *p, int n) {
+static inline __attribute__((always_inline)) void prefetch_bytes(const void *p, size_t bytes) {
 #ifdef LLM_AVX2
-  /* Every line the n values touch, from the one holding the first. */
+  /* Every line the bytes touch, from the one holding the first. */
   const char *s = (const char *)p;
   size_t skew = (uintptr_t)s & 63;
-  for (size_t l = 0; l < (size_t)n * 2 + skew; l += 64) _mm_prefetch(s - skew + l, _MM_HINT_T0);
+  for (size_t l = 0; l < bytes + skew; l += 64) _mm_prefetch(s - skew + l, _MM_HINT_T0);
 #else
   (void)p; /* the portable build has no portable prefetch */
-  (void)n;
+  (void)bytes;
 #endif
 }
 
@@ -239,9 +239,9 @@ size_t k_attention_scratch(int heads, int kv_heads, int head_dim, int capacity, 
  *   rows = max(0, p - window + 1) .. p, p = pos + t (all rows up to p if window is 0).
  * K and V are the caches (capacity, kvHeads * head_dim), already holding this
  * step's rows. An f16 cache row is converted to f32 once (F16C) into scratch and
- * then shared by the group's dot products and accumulations, all in f32, and rows
- * ahead are prefetched. `f16` is a constant at each call, so the f32 instance is
- * the f32 kernel as it was.
+ * then shared by the group's dot products and accumulations, all in f32. Rows
+ * ahead are prefetched. `f16` is a constant at each call, so each instance has no
+ * dtype branch in its loops.
  */
 static inline __attribute__((always_inline)) void attention_dt(const llm_attn *a, int w0, int w1, float *scratch,
                                                                const int f16) {
@@ -255,15 +255,14 @@ static inline __attribute__((always_inline)) void attention_dt(const llm_attn *a
     float *acc = scratch + (size_t)group * n; /* group * hd */
     float *row = acc + (size_t)group * hd;    /* hd, f16 only */
     const float *q0 = a->q + ((size_t)t * a->heads + (size_t)g * group) * hd;
+    const size_t esize = f16 ? 2 : 4;
     int ahead = KV_AHEAD_WORK / (group * hd);
     ahead = ahead < 4 ? 4 : ahead > 32 ? 32 : ahead;
     for (int j = 0; j < n; j++) {
       size_t at = (size_t)(start + j) * kv_dim + (size_t)g * hd;
+      if (j + ahead < n) prefetch_bytes((const char *)a->k_cache + (at + (size_t)ahead * kv_dim) * esize, hd * esize);
       const float *kr = f16 ? row : (const float *)a->k_cache + at;
-      if (f16) {
-        if (j + ahead < n) prefetch_f16_row((const uint16_t *)a->k_cache + at + (size_t)ahead * kv_dim, hd);
-        f16_to_f32_row(row, (const uint16_t *)a->k_cache + at, hd);
-      }
+      if (f16) f16_to_f32_row(row, (const uint16_t *)a->k_cache + at, hd);
       for (int hh = 0; hh < group; hh++) scores[hh * n + j] = dot_f32(q0 + hh * hd, kr, hd) * a->scale;
     }
     for (int hh = 0; hh < group; hh++) {
@@ -277,11 +276,9 @@ static inline __attribute__((always_inline)) void attention_dt(const llm_attn *a
     }
     for (int j = 0; j < n; j++) {
       size_t at = (size_t)(start + j) * kv_dim + (size_t)g * hd;
+      if (j + ahead < n) prefetch_bytes((const char *)a->v_cache + (at + (size_t)ahead * kv_dim) * esize, hd * esize);
       const float *vr = f16 ? row : (const float *)a->v_cache + at;
-      if (f16) {
-        if (j + ahead < n) prefetch_f16_row((const uint16_t *)a->v_cache + at + (size_t)ahead * kv_dim, hd);
-        f16_to_f32_row(row, (const uint16_t *)a->v_cache + at, hd);
-      }
+      if (f16) f16_to_f32_row(row, (const uint16_t *)a->v_cache + at, hd);
       for (int hh = 0; hh < group; hh++) axpy_f32(acc + (size_t)hh * hd, scores[hh * n + j], vr, hd);
     }
     float *o = a->out + ((size_t)t * a->heads + (size_t)g * group) * hd;
