@@ -185,11 +185,15 @@ export function nodeRows(graph: Graph, node: Node, T: number): number {
   return typeof rows === "number" ? rows : T;
 }
 
-/** Cache capacity (rows) of the first attention node of a plan, or Infinity without one. */
+/** The fewest cache rows any attention node of a plan holds (its key or value cache), or Infinity without one. */
 export function cacheCapacity(plan: ExecutionPlan): number {
-  const { graph } = plan;
-  const node = graph.nodes.find((n) => n.op.kind === "attention");
-  if (!node) return Infinity;
-  const shape = graph.tensors[node.inputs[3]].shape;
-  return typeof shape[0] === "number" ? shape[0] : Infinity;
+  let rows = Infinity;
+  for (const node of plan.graph.nodes) {
+    if (node.op.kind !== "attention") continue;
+    for (const cache of [node.inputs[3], node.inputs[4]]) {
+      const first = plan.graph.tensors[cache].shape[0];
+      if (typeof first === "number") rows = Math.min(rows, first);
+    }
+  }
+  return rows;
 }

@@ -323,3 +323,47 @@ Deno.test("conformance: nodes after lastRow run on one row, whatever the step's 
     });
   }
 });
+
+Deno.test("conformance: a step past the smallest KV cache of any attention node is refused", async (t) => {
+  const inCI = Deno.env.get("CI") === "true";
+  // Two attention nodes over the same q, k, v: the first with 16 cache rows, the second with 8.
+  const [heads, kvHeads, headDim] = [2, 1, 8];
+  const g = new GraphBuilder();
+  const q = g.input("q", "f32", ["T", heads * headDim]);
+  const k = g.input("k", "f32", ["T", kvHeads * headDim]);
+  const v = g.input("v", "f32", ["T", kvHeads * headDim]);
+  const op = { kind: "attention", heads, kvHeads, headDim, scale: 0.25, window: 0 } as const;
+  const caches = [16, 16, 8, 8].map((rows, i) => g.state(`c${i}`, "f32", [rows, kvHeads * headDim]));
+  const a = g.attention(q, k, v, caches[0], caches[1], op, "a");
+  const b = g.attention(q, k, v, caches[2], caches[3], op, "b");
+  g.output(g.add(a, b, "out"));
+  const plan = planGraph(g.build(), { T: 4 });
+  for (const probe of await probeBackends()) {
+    if ("skip" in probe) {
+      if (inCI) throw new Error(`Backend "${probe.name}" is unavailable in CI: ${probe.skip}`);
+      continue;
+    }
+    const { backend } = probe;
+    await t.step(probe.name, async () => {
+      const bindings = new Map<number, DeviceTensor>(
+        caches.map((c) => [c.id, backend.createState(c.name, "f32", c.shape as number[])]),
+      );
+      const exec = await backend.compile(plan, bindings);
+      try {
+        for (const x of [q, k, v]) {
+          const n = 3 * (x.shape[1] as number);
+          exec.writeInput(x.id, randomF32(n, x.id), n);
+        }
+        await exec.run({ dims: { T: 3 }, pos: 5 }); // rows 5..7 fit both caches
+        await assert.rejects(() => exec.run({ dims: { T: 3 }, pos: 6 }), (e: unknown) => {
+          assert.ok(e instanceof RangeError);
+          assert.match((e as Error).message, /holds 8 positions/);
+          return true;
+        });
+      } finally {
+        exec.dispose();
+        backend.dispose();
+      }
+    });
+  }
+});

@@ -221,7 +221,12 @@ class TsExecutable implements Executable {
   }
 
   run(step: StepArgs, profile?: Float64Array): Promise<void> {
-    validateStep(this.#plan, step, this.#capacity);
+    // A bad step rejects the promise, as on the other backends, rather than throwing.
+    try {
+      validateStep(this.#plan, step, this.#capacity);
+    } catch (e) {
+      return Promise.reject(e);
+    }
     const T = step.dims.T ?? 1;
     const steps = this.#steps;
     if (profile) {
