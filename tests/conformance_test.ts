@@ -255,27 +255,40 @@ async function runCase(backend: Backend, c: OpCase): Promise<void> {
   }
 }
 
-Deno.test("conformance: every op on every backend matches the reference kernels", async (t) => {
-  const inCI = Deno.env.get("CI") === "true";
+/**
+ * Runs `fn` as a step per backend that can be created here, disposing the backend
+ * after. One that cannot is skipped with its reason, except under `CI=true`, where
+ * that fails the test.
+ */
+async function onEachBackend(
+  t: Deno.TestContext,
+  fn: (backend: Backend, t: Deno.TestContext) => Promise<void>,
+  label = (name: string) => name,
+): Promise<void> {
   for (const probe of await probeBackends()) {
     if ("skip" in probe) {
-      if (inCI) throw new Error(`Backend "${probe.name}" is unavailable in CI: ${probe.skip}`);
+      if (Deno.env.get("CI") === "true") throw new Error(`Backend "${probe.name}" is unavailable in CI: ${probe.skip}`);
       console.log(`skipping backend "${probe.name}": ${probe.skip}`);
       continue;
     }
     const { backend } = probe;
-    await t.step(`backend ${probe.name}`, async (t) => {
+    await t.step(label(probe.name), async (t) => {
       try {
-        for (const c of cases()) await t.step(c.label, () => runCase(backend, c));
+        await fn(backend, t);
       } finally {
         backend.dispose();
       }
     });
   }
+}
+
+Deno.test("conformance: every op on every backend matches the reference kernels", async (t) => {
+  await onEachBackend(t, async (backend, t) => {
+    for (const c of cases()) await t.step(c.label, () => runCase(backend, c));
+  }, (name) => `backend ${name}`);
 });
 
 Deno.test("conformance: nodes after lastRow run on one row, whatever the step's T", async (t) => {
-  const inCI = Deno.env.get("CI") === "true";
   // x [T, 32] → lastRow → rmsNorm → matmul [1, 24], planned for T = 16 and run with T = 5.
   const g = new GraphBuilder();
   const x = g.input("x", "f32", ["T", 32]);
@@ -297,35 +310,26 @@ Deno.test("conformance: nodes after lastRow run on one row, whatever the step's 
     [{ shape: [1, 32], data: normed }, { shape: [24, 32], data: ww }],
     0,
   );
-  for (const probe of await probeBackends()) {
-    if ("skip" in probe) {
-      if (inCI) throw new Error(`Backend "${probe.name}" is unavailable in CI: ${probe.skip}`);
-      continue;
+  await onEachBackend(t, async (backend) => {
+    const bytes = (a: Float32Array) => new Uint8Array(a.buffer);
+    const bindings = new Map<number, DeviceTensor>([
+      [norm.id, backend.upload({ name: "norm", dtype: "f32", shape: [32], data: bytes(nw) })],
+      [w.id, backend.upload({ name: "w", dtype: "f32", shape: [24, 32], data: bytes(ww) })],
+    ]);
+    const exec = await backend.compile(plan, bindings);
+    try {
+      exec.writeInput(x.id, xs, xs.length);
+      await exec.run({ dims: { T: 5 }, pos: 0 });
+      const actual = new Float32Array(24);
+      await exec.readOutput(out.id, actual, 24);
+      assertClose(actual, expected, TOLERANCE.f32, `${backend.name}: lastRow chain`);
+    } finally {
+      exec.dispose();
     }
-    const { backend } = probe;
-    await t.step(probe.name, async () => {
-      const bytes = (a: Float32Array) => new Uint8Array(a.buffer);
-      const bindings = new Map<number, DeviceTensor>([
-        [norm.id, backend.upload({ name: "norm", dtype: "f32", shape: [32], data: bytes(nw) })],
-        [w.id, backend.upload({ name: "w", dtype: "f32", shape: [24, 32], data: bytes(ww) })],
-      ]);
-      const exec = await backend.compile(plan, bindings);
-      try {
-        exec.writeInput(x.id, xs, xs.length);
-        await exec.run({ dims: { T: 5 }, pos: 0 });
-        const actual = new Float32Array(24);
-        await exec.readOutput(out.id, actual, 24);
-        assertClose(actual, expected, TOLERANCE.f32, `${backend.name}: lastRow chain`);
-      } finally {
-        exec.dispose();
-        backend.dispose();
-      }
-    });
-  }
+  });
 });
 
 Deno.test("conformance: a step past the smallest KV cache of any attention node is refused", async (t) => {
-  const inCI = Deno.env.get("CI") === "true";
   // Two attention nodes over the same q, k, v: the first with 16 cache rows, the second with 8.
   const [heads, kvHeads, headDim] = [2, 1, 8];
   const g = new GraphBuilder();
@@ -338,32 +342,24 @@ Deno.test("conformance: a step past the smallest KV cache of any attention node 
   const b = g.attention(q, k, v, caches[2], caches[3], op, "b");
   g.output(g.add(a, b, "out"));
   const plan = planGraph(g.build(), { T: 4 });
-  for (const probe of await probeBackends()) {
-    if ("skip" in probe) {
-      if (inCI) throw new Error(`Backend "${probe.name}" is unavailable in CI: ${probe.skip}`);
-      continue;
-    }
-    const { backend } = probe;
-    await t.step(probe.name, async () => {
-      const bindings = new Map<number, DeviceTensor>(
-        caches.map((c) => [c.id, backend.createState(c.name, "f32", c.shape as number[])]),
-      );
-      const exec = await backend.compile(plan, bindings);
-      try {
-        for (const x of [q, k, v]) {
-          const n = 3 * (x.shape[1] as number);
-          exec.writeInput(x.id, randomF32(n, x.id), n);
-        }
-        await exec.run({ dims: { T: 3 }, pos: 5 }); // rows 5..7 fit both caches
-        await assert.rejects(() => exec.run({ dims: { T: 3 }, pos: 6 }), (e: unknown) => {
-          assert.ok(e instanceof RangeError);
-          assert.match((e as Error).message, /holds 8 positions/);
-          return true;
-        });
-      } finally {
-        exec.dispose();
-        backend.dispose();
+  await onEachBackend(t, async (backend) => {
+    const bindings = new Map<number, DeviceTensor>(
+      caches.map((c) => [c.id, backend.createState(c.name, "f32", c.shape as number[])]),
+    );
+    const exec = await backend.compile(plan, bindings);
+    try {
+      for (const x of [q, k, v]) {
+        const n = 3 * (x.shape[1] as number);
+        exec.writeInput(x.id, randomF32(n, x.id), n);
       }
-    });
-  }
+      await exec.run({ dims: { T: 3 }, pos: 5 }); // rows 5..7 fit both caches
+      await assert.rejects(() => exec.run({ dims: { T: 3 }, pos: 6 }), (e: unknown) => {
+        assert.ok(e instanceof RangeError);
+        assert.match((e as Error).message, /holds 8 positions/);
+        return true;
+      });
+    } finally {
+      exec.dispose();
+    }
+  });
 });
