@@ -100,8 +100,7 @@ LLM_EXPORT void *llm_exec_new(const int32_t *nodes, int32_t nnodes, const uint64
     const llm_node *n = &e->nodes[i];
     size_t rows = n->rows < 0 ? (size_t)max_T : (size_t)n->rows;
     if (n->op == OP_MATMUL && (n->dtype == DT_Q8_0 || n->dtype == DT_Q4_0)) {
-      /* Only decode-sized steps quantize activations (see MM_X16_MAX_T). */
-      size_t el = (rows < MM_X16_MAX_T ? rows : MM_X16_MAX_T - 1) * (size_t)n->p[0];
+      size_t el = rows * (size_t)n->p[0];
       if (el > xq_elems) xq_elems = el;
     }
     if (n->op == OP_ATTENTION) {
@@ -176,20 +175,19 @@ static void run_node(llm_exec *e, int idx, int ith, int nth) {
       int use = op_threads((double)R * K * N, nth);
       if (n->dtype == DT_Q8_0 || n->dtype == DT_Q4_0) {
         /* Quantize the activations once, split by rows, before any thread reads them. */
-        if (R < MM_X16_MAX_T) { /* prefill reads x as is: nothing to quantize, no barrier */
-          int qu = R >= nth ? use : 1;
-          if (ith < qu) {
-            split_range(R, ith, qu, 1, &lo, &hi);
-            quantize_rows_x16(x, K, lo, hi, &e->xq);
-          }
-          pool_barrier(e->pool, nth);
+        int qu = R >= nth ? use : 1;
+        if (ith < qu) {
+          split_range(R, ith, qu, 1, &lo, &hi);
+          quantize_rows_x16(x, K, lo, hi, &e->xq);
         }
+        pool_barrier(e->pool, nth);
         if (ith >= use) return;
-        int rows = chunk_rows(N, use, 16), nchunks = (N + rows - 1) / rows;
+        /* Chunks of whole 32-row panels of the int16 GEMM (MM_PANEL_ROWS). */
+        int rows = chunk_rows(N, use, MM_PANEL_ROWS), nchunks = (N + rows - 1) / rows;
         for (int c; (c = claim_chunk(e, idx, nchunks)) >= 0;) {
           lo = c * rows;
           hi = lo + rows < N ? lo + rows : N;
-          mm_quant(out, x, &e->xq, P[n->in[1]], n->dtype, R, K, N, lo, hi);
+          mm_quant(out, &e->xq, P[n->in[1]], n->dtype, R, K, N, lo, hi);
         }
         return;
       }

@@ -210,18 +210,18 @@ typedef struct {
 void quantize_rows_x16(const float *x, int K, int t0, int t1, llm_xq *xq);
 
 /*
- * Quantized matmuls with fewer tokens than this (decode) use the int16 activations
- * (int dot products on the packed weights, which are streamed once). From this many
- * on (prefill) they use the f32 activations x directly: panels of weights are
- * dequantized to f32 once and shared by all tokens in the f32 GEMM micro-kernel,
- * which is both faster there and exact in the activations.
+ * Quantized matmuls with fewer tokens than this (decode) stream each weight row once
+ * with exact int32 block dots; from this many on (prefill) they widen panels of
+ * MM_PANEL_ROWS weight rows to int16 once and share them across all tokens in an int16 GEMM
+ * micro-kernel. Both read the int16 activations xq: the same precision either way.
  */
-#define MM_X16_MAX_T 4
+#define MM_GEMM_MIN_T 4
+/* Weight rows per panel of that GEMM: threads split N in multiples of it. */
+#define MM_PANEL_ROWS 32
 
 /* out (T, N) = x (T, K) · W (N, K)ᵀ for rows n in [n0, n1). */
 void mm_float(float *out, const float *x, const uint8_t *w, int dtype, int T, int K, int N, int n0, int n1);
-/* Reads xq (filled by quantize_rows_x16) when T < MM_X16_MAX_T, else x. */
-void mm_quant(float *out, const float *x, const llm_xq *xq, const uint8_t *w, int dtype, int T, int K, int N, int n0,
-              int n1);
+/* The same for q8_0 / q4_0 W, with x given as xq (filled by quantize_rows_x16). */
+void mm_quant(float *out, const llm_xq *xq, const uint8_t *w, int dtype, int T, int K, int N, int n0, int n1);
 
 #endif
