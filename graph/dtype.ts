@@ -27,6 +27,17 @@ export type DType = "f32" | "f16" | "bf16" | "q8_0" | "q4_0" | "i32";
 /** Every dtype, in a stable order. */
 export const DTYPES: readonly DType[] = ["f32", "f16", "bf16", "q8_0", "q4_0", "i32"];
 
+/** The element types a KV cache (the state attention reads and appends to) can have. */
+export type KvDType = "f32" | "f16";
+
+/** Every {@link KvDType}: what backends may support for attention, and what a model may ask for. */
+export const KV_DTYPES: readonly KvDType[] = ["f32", "f16"];
+
+/** True when `dtype` is a {@link KvDType}. */
+export function isKvDType(dtype: string): dtype is KvDType {
+  return (KV_DTYPES as readonly string[]).includes(dtype);
+}
+
 /** Weights per block of the block-quantized types. */
 export const QUANT_BLOCK = 32;
 

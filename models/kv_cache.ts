@@ -8,14 +8,10 @@
 
 import type { Backend, DeviceTensor } from "../backends/contract.ts";
 import type { DType } from "../graph/dtype.ts";
-import { byteSize } from "../graph/dtype.ts";
+import { byteSize, KV_DTYPES, type KvDType } from "../graph/dtype.ts";
+
+export { KV_DTYPES, type KvDType };
 import { f16ToF32, f32ToF16 } from "../graph/convert.ts";
-
-/** The KV cache dtypes a model can be loaded with. */
-export type KvDType = "f32" | "f16";
-
-/** Every {@link KvDType}, for validation and CLI flags. */
-export const KV_DTYPES: readonly KvDType[] = ["f32", "f16"];
 
 /** Keys and values of the tokens seen so far. */
 export class KvCache {

@@ -9,7 +9,7 @@
  * @module
  */
 
-import type { DType } from "../graph/dtype.ts";
+import type { DType, KvDType } from "../graph/dtype.ts";
 import { GraphBuilder } from "../graph/builder.ts";
 import type { Graph, TensorSpec } from "../graph/ir.ts";
 import type { LlamaConfig } from "./config.ts";
@@ -65,7 +65,7 @@ export interface LlamaGraphOptions {
   /** The stored dtype of each weight. */
   readonly weightDType: (name: string) => DType;
   /** Dtype of the KV cache. Default `"f32"`. */
-  readonly kvDtype?: DType;
+  readonly kvDtype?: KvDType;
 }
 
 /** The graph and the tensors a caller binds or reads. */

@@ -95,7 +95,7 @@ export class Model {
 
   /** The dtype of each sequence's KV cache. */
   get kvDtype(): KvDType {
-    return this.#runner.kvDtype as KvDType;
+    return this.#runner.kvDtype;
   }
 
   /** Positions each sequence holds. */

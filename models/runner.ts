@@ -6,7 +6,7 @@
  */
 
 import type { Backend, DeviceTensor, Executable } from "../backends/contract.ts";
-import type { DType } from "../graph/dtype.ts";
+import type { KvDType } from "../graph/dtype.ts";
 import { type ExecutionPlan, planGraph } from "../graph/plan.ts";
 import type { LlamaConfig } from "./config.ts";
 import { debugPlan } from "./debug.ts";
@@ -30,7 +30,7 @@ export class GraphRunner {
   readonly chunk: number;
   /** KV cache rows of each sequence. */
   readonly capacity: number;
-  readonly kvDtype: DType;
+  readonly kvDtype: KvDType;
   readonly #weights: ReadonlyMap<string, DeviceTensor>;
   readonly #planned = new Map<LogitsMode, PlannedGraph>();
 
@@ -44,7 +44,7 @@ export class GraphRunner {
     config: LlamaConfig,
     backend: Backend,
     weights: ReadonlyMap<string, DeviceTensor>,
-    options: { chunk: number; capacity: number; kvDtype: DType },
+    options: { chunk: number; capacity: number; kvDtype: KvDType },
   ) {
     this.config = config;
     this.backend = backend;

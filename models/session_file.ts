@@ -12,7 +12,7 @@
 import type { ChatMessage } from "./chat_template.ts";
 import type { ContextPolicy } from "./chat.ts";
 import type { GenerateOptions } from "./generate.ts";
-import { KV_DTYPES, type KvDType } from "./kv_cache.ts";
+import { isKvDType, type KvDType } from "../graph/dtype.ts";
 import type { Model } from "./model.ts";
 import { safetensorsFiles } from "./weights.ts";
 
@@ -171,8 +171,8 @@ function parseHeader(v: unknown): SessionHeader {
     tokens: nat("tokens"),
     kvDtype: h.kvDtype === undefined
       ? "f32"
-      : KV_DTYPES.includes(h.kvDtype as KvDType)
-      ? h.kvDtype as KvDType
+      : typeof h.kvDtype === "string" && isKvDType(h.kvDtype)
+      ? h.kvDtype
       : fail("kvDtype"),
     kvBytes: nat("kvBytes"),
   };

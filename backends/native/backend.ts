@@ -15,7 +15,7 @@
  * @module
  */
 
-import { byteSize, type DType, isQuantized, QUANT_BLOCK } from "../../graph/dtype.ts";
+import { byteSize, type DType, isKvDType, isQuantized, KV_DTYPES, QUANT_BLOCK } from "../../graph/dtype.ts";
 import type { Dim, Node, OpKind } from "../../graph/ir.ts";
 import type { ExecutionPlan } from "../../graph/plan.ts";
 import type { Backend, BackendOptions, DeviceTensor, Executable, HostTensor, StepArgs } from "../contract.ts";
@@ -153,8 +153,6 @@ const DTYPE_CODES: Record<DType, number> = { f32: 0, f16: 1, bf16: 2, q8_0: 3, q
 const NODE_INTS = 24;
 
 const WEIGHT_DTYPES: readonly DType[] = ["f32", "f16", "bf16", "q8_0", "q4_0"];
-/** KV cache (state) dtypes: attention appends rows in the cache's dtype and reads them back as f32. */
-const KV_DTYPES: readonly DType[] = ["f32", "f16"];
 const ROW_OPS: readonly OpKind[] = ["rmsNorm", "rope", "siluMul", "add", "lastRow"];
 
 /** Multiply-adds a single thread does per millisecond, for the default thread choice. */
@@ -298,7 +296,7 @@ export class NativeBackend implements Backend {
 
   supports(op: OpKind, dtype: DType): boolean {
     if (op === "matmul" || op === "embedding") return WEIGHT_DTYPES.includes(dtype);
-    if (op === "attention") return KV_DTYPES.includes(dtype);
+    if (op === "attention") return isKvDType(dtype);
     return (ROW_OPS.includes(op)) && dtype === "f32";
   }
 
@@ -333,7 +331,7 @@ export class NativeBackend implements Backend {
 
   createState(name: string, dtype: DType, shape: readonly number[]): DeviceTensor {
     this.#check();
-    if (!KV_DTYPES.includes(dtype)) {
+    if (!isKvDType(dtype)) {
       throw new UnsupportedError(
         `Backend "native" cannot hold state "${name}" as "${dtype}": only ${KV_DTYPES.map((d) => `"${d}"`).join(", ")}`,
       );
@@ -620,7 +618,7 @@ class NativeExecutable implements Executable {
         sameRows(rows, act(node.output, heads * headDim, "output"), "the output");
         const kCache = bound(kc, "key cache"), vCache = bound(vc, "value cache");
         const kv = kCache.dtype;
-        if (!KV_DTYPES.includes(kv)) fail(`key cache "${kCache.name}" is "${kv}"`);
+        if (!isKvDType(kv)) fail(`key cache "${kCache.name}" is "${kv}"`);
         const cap = kCache.shape[0];
         for (const c of [kCache, vCache]) {
           // Both caches share one dtype and shape: the kernel reads them with the same element size and row count.

@@ -7,7 +7,7 @@
  * @module
  */
 
-import { byteSize, type DType } from "../../graph/dtype.ts";
+import { byteSize, type DType, isKvDType } from "../../graph/dtype.ts";
 import type { Node, OpKind } from "../../graph/ir.ts";
 import type { ExecutionPlan } from "../../graph/plan.ts";
 import type { Backend, DeviceTensor, Executable, HostTensor, StepArgs } from "../contract.ts";
@@ -27,9 +27,6 @@ function makeTensor(name: string, dtype: DType, shape: readonly number[], bytes:
   return { name, dtype, shape: [...shape], byteLength: bytes.byteLength, bytes, f32, f16Bits };
 }
 
-/** The dtypes a KV cache (state) can have here. */
-const STATE_DTYPES: readonly DType[] = ["f32", "f16"];
-
 /** Copies into fresh memory when a view would be misaligned for its element size. */
 function aligned(data: Uint8Array, align: number): Uint8Array {
   return data.byteOffset % align === 0 ? data : data.slice();
@@ -45,7 +42,7 @@ export class TsBackend implements Backend {
   supports(op: OpKind, dtype: DType): boolean {
     if (op === "matmul") return MATMUL_KERNELS[dtype] !== undefined;
     if (op === "embedding") return EMBEDDING_KERNELS[dtype] !== undefined;
-    if (op === "attention") return STATE_DTYPES.includes(dtype);
+    if (op === "attention") return isKvDType(dtype);
     return ELEMENTWISE.includes(op) && dtype === "f32";
   }
 
@@ -54,7 +51,7 @@ export class TsBackend implements Backend {
   }
 
   createState(name: string, dtype: DType, shape: readonly number[]): DeviceTensor {
-    if (!STATE_DTYPES.includes(dtype)) {
+    if (!isKvDType(dtype)) {
       throw new UnsupportedError(`Backend "ts" cannot hold state "${name}" as "${dtype}": only "f32" or "f16"`);
     }
     return makeTensor(name, dtype, shape, new Uint8Array(byteSize(dtype, shape.reduce((a, b) => a * b, 1))));

@@ -36,14 +36,13 @@
  * @module
  */
 
-import { byteSize, type DType, quantScalesOffset } from "../../graph/dtype.ts";
+import { byteSize, type DType, isKvDType, type KvDType, quantScalesOffset } from "../../graph/dtype.ts";
 import type { Node, OpKind } from "../../graph/ir.ts";
 import type { ExecutionPlan } from "../../graph/plan.ts";
 import type { Backend, DeviceTensor, Executable, HostTensor, StepArgs } from "../contract.ts";
 import { cacheCapacity, UnsupportedError, validateBindings, validateStep } from "../contract.ts";
 import {
   attentionShader,
-  type CacheDType,
   cacheElementsPerWord,
   elementwiseShader,
   embeddingShader,
@@ -166,8 +165,6 @@ const STORAGE = 0x0080 | COPY_DST | COPY_SRC; // GPUBufferUsage.STORAGE and copi
 const COMPUTE_STAGE = 0x4; // GPUShaderStage.COMPUTE
 const WEIGHT_DTYPES: readonly DType[] = ["f32", "f16", "bf16", "q8_0", "q4_0"];
 const F32_OPS: readonly OpKind[] = ["rmsNorm", "rope", "siluMul", "add", "lastRow"];
-/** Dtypes of state (KV caches), and so of the caches attention reads. */
-const STATE_DTYPES: readonly DType[] = ["f32", "f16"] satisfies readonly CacheDType[];
 
 function align4(n: number): number {
   return Math.ceil(n / 4) * 4;
@@ -255,7 +252,7 @@ export class WebGpuBackend implements Backend {
 
   supports(op: OpKind, dtype: DType): boolean {
     if (op === "matmul" || op === "embedding") return WEIGHT_DTYPES.includes(dtype);
-    if (op === "attention") return STATE_DTYPES.includes(dtype);
+    if (op === "attention") return isKvDType(dtype);
     return F32_OPS.includes(op) && dtype === "f32";
   }
 
@@ -279,11 +276,11 @@ export class WebGpuBackend implements Backend {
 
   createState(name: string, dtype: DType, shape: readonly number[]): DeviceTensor {
     this.checkHealthy();
-    if (!STATE_DTYPES.includes(dtype)) {
+    if (!isKvDType(dtype)) {
       throw new UnsupportedError(`Backend "webgpu" cannot hold state "${name}" as "${dtype}": only "f32" or "f16"`);
     }
     const rowLength = shape[shape.length - 1] ?? 1;
-    if (rowLength % cacheElementsPerWord(dtype as CacheDType) !== 0) {
+    if (rowLength % cacheElementsPerWord(dtype) !== 0) {
       // The shaders write an f16 cache a u32 word (two elements) at a time, so rows must be whole words.
       throw new RangeError(
         `Cannot create "${name}" as "${dtype}" state with rows of ${rowLength} elements on WebGPU: ` +
@@ -909,8 +906,8 @@ class DispatchBuilder {
             `Backend "webgpu" cannot run attention with a "${kc.dtype}" key cache and a "${vc.dtype}" value cache`,
           );
         }
-        // supports() admitted the key cache's dtype, so both are a CacheDType.
-        const dtype = kc.dtype as CacheDType;
+        // supports() admitted the key cache's dtype.
+        const dtype = kc.dtype as KvDType;
         if (headDim % cacheElementsPerWord(dtype) !== 0) {
           // Attention reads a head's keys a whole word at a time, so a head must start on a word.
           throw new UnsupportedError(

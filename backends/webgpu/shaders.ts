@@ -22,7 +22,7 @@
  * @module
  */
 
-import type { DType } from "../../graph/dtype.ts";
+import type { DType, KvDType } from "../../graph/dtype.ts";
 
 /** Invocations of a one-dimensional workgroup. */
 export const WG = 64;
@@ -533,9 +533,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 `;
 }
 
-/** Element types a KV cache can have on WebGPU. */
-export type CacheDType = "f32" | "f16";
-
 /**
  * How the cache shaders store a KV cache element, as WGSL over words of the `kc`/`vc`
  * arrays. An f16 cache packs elements 2i and 2i + 1 into u32 word i with core
@@ -555,7 +552,7 @@ interface CacheFormat {
   readonly keyElements: readonly string[];
 }
 
-const CACHE_FORMATS: Record<CacheDType, CacheFormat> = {
+const CACHE_FORMATS: Record<KvDType, CacheFormat> = {
   f32: {
     perWord: 1,
     keyElements: [""],
@@ -586,7 +583,7 @@ fn vAt(i: u32) -> f32 { return unpack2x16float(vc[i >> 1u])[i & 1u]; }
  * Cache elements per 4-byte word of a KV cache of `dtype` (rows of an f16 cache hold an
  * even number of elements, so a row is whole words).
  */
-export function cacheElementsPerWord(dtype: CacheDType): number {
+export function cacheElementsPerWord(dtype: KvDType): number {
   return CACHE_FORMATS[dtype].perWord;
 }
 
@@ -595,7 +592,7 @@ export function cacheElementsPerWord(dtype: CacheDType): number {
  * invocation (a pair of elements for f16), so no two invocations write one word.
  * Workgroups: ceil(T × kvDim / {@link cacheElementsPerWord} / WG).
  */
-export function kvWriteShader(dtype: CacheDType): string {
+export function kvWriteShader(dtype: KvDType): string {
   return `
 struct Params { rows: u32, k: u32, v: u32, kvDim: u32, pad: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -624,7 +621,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
  * elements) at a time, summed in the same order as f32 keys.
  * Workgroups: T × heads.
  */
-export function attentionShader(headDim: number, dtype: CacheDType): string {
+export function attentionShader(headDim: number, dtype: KvDType): string {
   const perLane = Math.ceil(headDim / WG);
   const format = CACHE_FORMATS[dtype];
   // A key word's elements in order, so the dot product sums in the same order for every dtype.
