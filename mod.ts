@@ -21,8 +21,8 @@ export type {
   StopReason,
   TextStream,
   TokenStream,
-} from "./models/generate.ts";
-export { ContextOverflowError, type EvaluateOptions, Sequence } from "./models/sequence.ts";
+} from "./models/generate/token_generator.ts";
+export { ContextOverflowError, type EvaluateOptions, Sequence } from "./models/exec/sequence.ts";
 export {
   type ChatMessage,
   type ChatReply,
@@ -36,20 +36,20 @@ export {
   SessionBusyError,
   SessionFileError,
   SessionModelMismatchError,
-} from "./models/chat.ts";
-export { SamplingOptionError, type SamplingOptions } from "./models/sampler.ts";
-export { ConfigError, type LlamaConfig, parseConfig } from "./models/config.ts";
-export { SafetensorsError } from "./models/safetensors.ts";
-export { type LoadProgress, WeightsError } from "./models/weights.ts";
+} from "./models/chat/session.ts";
+export { SamplingOptionError, type SamplingOptions } from "./models/generate/sampler.ts";
+export { ConfigError, type LlamaConfig, parseConfig } from "./models/arch/config.ts";
+export { SafetensorsError } from "./models/files/safetensors.ts";
+export { type LoadProgress, WeightsError } from "./models/files/weights.ts";
 export {
   DEFAULT_MODEL_ID,
   ModelDownloadError,
   ModelNotFoundError,
   resolveModelSource,
   type ResolveOptions,
-} from "./models/hub.ts";
-export { TextTokenizer } from "./models/tokenizer.ts";
-export { KvCache } from "./models/kv_cache.ts";
+} from "./models/files/hub.ts";
+export { TextTokenizer } from "./models/text/tokenizer.ts";
+export { KvCache } from "./models/exec/kv_cache.ts";
 export { backendNames, createBackend, registerBackend, UnknownBackendError } from "./backends/registry.ts";
 export type { Backend, BackendOptions, DeviceTensor, Executable, HostTensor, StepArgs } from "./backends/contract.ts";
 export { UnsupportedError } from "./backends/contract.ts";

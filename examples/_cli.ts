@@ -5,13 +5,13 @@
  * @module
  */
 
-import { DEFAULT_MODEL_ID, ModelNotFoundError, resolveModelSource } from "../models/hub.ts";
+import { DEFAULT_MODEL_ID, ModelNotFoundError, resolveModelSource } from "../models/files/hub.ts";
 import { KV_DTYPES, loadModel, type LoadOptions, type Model } from "../models/model.ts";
 import { backendNames } from "../backends/registry.ts";
-import { type LoadProgress, WeightsError } from "../models/weights.ts";
-import { ConfigError } from "../models/config.ts";
-import { SafetensorsError } from "../models/safetensors.ts";
-import { SamplingOptionError, type SamplingOptions } from "../models/sampler.ts";
+import { type LoadProgress, WeightsError } from "../models/files/weights.ts";
+import { ConfigError } from "../models/arch/config.ts";
+import { SafetensorsError } from "../models/files/safetensors.ts";
+import { SamplingOptionError, type SamplingOptions } from "../models/generate/sampler.ts";
 
 /** The default model of the chat tools (`chat`, `serve`). */
 export const DEFAULT_CHAT_MODEL_ID = "Felladrin/Minueza-32M-UltraChat";

@@ -12,8 +12,8 @@
 
 import { parseArgs } from "node:util";
 import { KV_DTYPES, loadModel, type Model } from "../models/model.ts";
-import { DEFAULT_MODEL_ID } from "../models/hub.ts";
-import { SHAPES } from "../models/random_model.ts";
+import { DEFAULT_MODEL_ID } from "../models/files/hub.ts";
+import { SHAPES } from "./_random_model.ts";
 import { backendNames } from "../backends/registry.ts";
 import "../backends/builtin.ts";
 import { byteSize, type DType } from "../graph/dtype.ts";

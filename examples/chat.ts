@@ -12,9 +12,9 @@
 
 import { setImmediate } from "node:timers";
 import { parseArgs } from "node:util";
-import { type ChatReply, ChatSession, type ChatSessionOptions } from "../models/chat.ts";
-import type { GenerateOptions } from "../models/generate.ts";
-import { resolveSampling } from "../models/sampler.ts";
+import { type ChatReply, ChatSession, type ChatSessionOptions } from "../models/chat/session.ts";
+import type { GenerateOptions } from "../models/generate/token_generator.ts";
+import { resolveSampling } from "../models/generate/sampler.ts";
 import {
   choiceFlag,
   DEFAULT_CHAT_MODEL_ID,

@@ -7,7 +7,7 @@
 
 import { parseArgs } from "node:util";
 import { graphToDot, graphToText } from "../graph/format.ts";
-import { DEFAULT_MODEL_ID } from "../models/hub.ts";
+import { DEFAULT_MODEL_ID } from "../models/files/hub.ts";
 import { choiceFlag, loadCliModel, ProgressDisplay, runCli } from "./_cli.ts";
 
 const HELP = `Usage: deno task graph [--model SRC] [--format text|dot] [--logits last|all]

@@ -13,8 +13,8 @@
  */
 
 import { parseArgs } from "node:util";
-import { type ShapeConfig, SHAPES, writeRandomModel } from "../models/random_model.ts";
-import { isCompleteModelDir, readEnv } from "../models/hub.ts";
+import { type ShapeConfig, SHAPES, writeRandomModel } from "./_random_model.ts";
+import { isCompleteModelDir, readEnv } from "../models/files/hub.ts";
 import { choiceFlag, CliError, numberFlag, repoDir, runCli, sharedDir } from "./_cli.ts";
 
 const HELP = `Usage: deno task make-model SHAPE [--out DIR] [--dtype f32|f16] [--seed N] [--tokenizer DIR] [--force]

@@ -7,7 +7,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { DEFAULT_MODEL_ID } from "../models/hub.ts";
+import { DEFAULT_MODEL_ID } from "../models/files/hub.ts";
 import { backendNames } from "../backends/registry.ts";
 import "../backends/builtin.ts";
 import {

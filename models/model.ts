@@ -9,8 +9,8 @@ import "../backends/builtin.ts";
 import { type Backend, type DeviceTensor, UnsupportedError } from "../backends/contract.ts";
 import { createBackend } from "../backends/registry.ts";
 import type { Graph } from "../graph/ir.ts";
-import { type LlamaConfig, parseConfig } from "./config.ts";
-import { readJsonFile } from "./files.ts";
+import { type LlamaConfig, parseConfig } from "./arch/config.ts";
+import { readJsonFile } from "./files/json.ts";
 import {
   type GeneratedToken,
   type GenerateOptions,
@@ -19,15 +19,15 @@ import {
   TokenGenerator,
   type TokenStream,
   tokenStream,
-} from "./generate.ts";
-import { resolveModelSource } from "./hub.ts";
-import { GraphRunner, type LogitsMode } from "./runner.ts";
-import { resolveSampling, Sampler } from "./sampler.ts";
-import { KV_DTYPES, type KvDType } from "./kv_cache.ts";
-import { ContextOverflowError, Sequence } from "./sequence.ts";
-import { TextTokenizer } from "./tokenizer.ts";
-import { type LoadProgress, readWeights } from "./weights.ts";
-import { convertWeight, type WeightDType } from "./convert_weights.ts";
+} from "./generate/token_generator.ts";
+import { resolveModelSource } from "./files/hub.ts";
+import { type LogitsMode, ModelPlans } from "./exec/plans.ts";
+import { resolveSampling, Sampler } from "./generate/sampler.ts";
+import { KV_DTYPES, type KvDType } from "./exec/kv_cache.ts";
+import { ContextOverflowError, Sequence } from "./exec/sequence.ts";
+import { TextTokenizer } from "./text/tokenizer.ts";
+import { type LoadProgress, readWeights } from "./files/weights.ts";
+import { convertWeight, type WeightDType } from "./files/weight_dtype.ts";
 
 export type { GeneratedToken, GenerateOptions, LoadProgress, TextStream, TokenStream, WeightDType };
 export { KV_DTYPES, type KvDType };
@@ -65,7 +65,7 @@ export class Model {
   readonly backend: Backend;
   /** Total bytes of the weights as held by the backend. */
   readonly weightBytes: number;
-  readonly #runner: GraphRunner;
+  readonly #plans: ModelPlans;
   readonly #weights: Map<string, DeviceTensor>;
   readonly #live = new Set<Sequence>();
   /** Sequences of finished generations, kept with their compiled steps for the next one. */
@@ -86,8 +86,8 @@ export class Model {
     this.backend = backend;
     this.#weights = weights;
     this.weightBytes = [...weights.values()].reduce((a, t) => a + t.byteLength, 0);
-    this.#runner = new GraphRunner(config, backend, weights, {
-      chunk: options.prefillChunk,
+    this.#plans = new ModelPlans(config, backend, weights, {
+      prefillChunk: options.prefillChunk,
       capacity: options.contextLength,
       kvDtype: options.kvDtype ?? "f32",
     });
@@ -95,22 +95,22 @@ export class Model {
 
   /** The dtype of each sequence's KV cache. */
   get kvDtype(): KvDType {
-    return this.#runner.kvDtype;
+    return this.#plans.kvDtype;
   }
 
   /** Positions each sequence holds. */
   get contextLength(): number {
-    return this.#runner.capacity;
+    return this.#plans.capacity;
   }
 
   /** The model's forward graph (for printing). */
   graph(logits: LogitsMode = "last"): Graph {
-    return this.#runner.planned(logits).llama.graph;
+    return this.#plans.planned(logits).llama.graph;
   }
 
   /** A new, empty sequence with its own KV cache. Dispose it when done. */
   createSequence(): Sequence {
-    const s = new Sequence(this.#runner, (d) => this.#live.delete(d));
+    const s = new Sequence(this.#plans, (d) => this.#live.delete(d));
     this.#live.add(s);
     return s;
   }

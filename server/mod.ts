@@ -21,11 +21,12 @@
  */
 
 import { setImmediate } from "node:timers";
-import { ChatTemplate, ChatTemplateError } from "../models/chat.ts";
-import type { GenerateOptions } from "../models/generate.ts";
+import { ChatTemplate, ChatTemplateError } from "../models/chat/session.ts";
+import type { GenerateOptions } from "../models/generate/token_generator.ts";
 import type { Model } from "../models/model.ts";
-import { SamplingOptionError } from "../models/sampler.ts";
-import { PromptCache, type PromptCacheStats, QueueFullError, Scheduler } from "./engine.ts";
+import { SamplingOptionError } from "../models/generate/sampler.ts";
+import { PromptCache, type PromptCacheStats } from "./prompt_cache.ts";
+import { QueueFullError, Scheduler } from "./scheduler.ts";
 import {
   ApiError,
   type ChatRequest,
@@ -38,7 +39,8 @@ import {
 } from "./protocol.ts";
 
 export { ApiError } from "./protocol.ts";
-export { PromptCache, type PromptCacheStats, QueueFullError, Scheduler } from "./engine.ts";
+export { PromptCache, type PromptCacheStats } from "./prompt_cache.ts";
+export { QueueFullError, Scheduler, type SchedulerOptions } from "./scheduler.ts";
 
 /** A model the server offers under `id`. */
 export interface ServedModel {

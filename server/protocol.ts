@@ -6,8 +6,8 @@
  * @module
  */
 
-import type { ChatMessage } from "../models/chat.ts";
-import type { GenerateOptions, StopReason } from "../models/generate.ts";
+import type { ChatMessage } from "../models/chat/session.ts";
+import type { GenerateOptions, StopReason } from "../models/generate/token_generator.ts";
 
 /** An error answered as JSON in the OpenAI shape `{ error: { message, type, param, code } }`. */
 export class ApiError extends Error {

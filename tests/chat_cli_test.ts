@@ -7,9 +7,9 @@
  */
 
 import assert from "node:assert/strict";
-import { ChatSession } from "../models/chat.ts";
+import { ChatSession } from "../models/chat/session.ts";
 import { loadModel } from "../models/model.ts";
-import { SHAPES, writeRandomModel } from "../models/random_model.ts";
+import { SHAPES, writeRandomModel } from "../examples/_random_model.ts";
 import { MINUEZA_DIR, STORY_DIR } from "./helpers.ts";
 
 const CHAT = new URL("../examples/chat.ts", import.meta.url).pathname;

@@ -15,11 +15,11 @@ import {
   SessionBusyError,
   SessionFileError,
   SessionModelMismatchError,
-} from "../models/chat.ts";
+} from "../models/chat/session.ts";
 import { loadModel, type Model } from "../models/model.ts";
-import { decodeSessionFile, encodeSessionFile } from "../models/session_file.ts";
-import { SHAPES, writeRandomModel } from "../models/random_model.ts";
-import { ContextOverflowError } from "../models/sequence.ts";
+import { decodeSessionFile, encodeSessionFile } from "../models/chat/session_file.ts";
+import { SHAPES, writeRandomModel } from "../examples/_random_model.ts";
+import { ContextOverflowError } from "../models/exec/sequence.ts";
 import { MINUEZA_DIR, STORY_DIR } from "./helpers.ts";
 
 /** A chat template for the story model (which has none): plain "Question:/Answer:" turns. */

@@ -25,7 +25,7 @@ import { GraphBuilder } from "../graph/builder.ts";
 import type { DType } from "../graph/dtype.ts";
 import type { Dim, Op, TensorSpec } from "../graph/ir.ts";
 import { planGraph } from "../graph/plan.ts";
-import { decodeWeights, encodeWeights } from "../graph/quant.ts";
+import { decodeWeights, encodeWeights } from "../graph/weight_codec.ts";
 import { assertClose, probeBackends, randomF32 } from "./helpers.ts";
 
 /** Tolerance per weight dtype (f32 for ops without weights). */

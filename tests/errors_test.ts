@@ -6,9 +6,9 @@
 import assert from "node:assert/strict";
 import { ConfigError, ContextOverflowError, loadModel, SafetensorsError, SamplingOptionError } from "../mod.ts";
 import { UnknownBackendError } from "../backends/registry.ts";
-import { parseConfig } from "../models/config.ts";
-import { encodeSafetensors, parseSafetensors } from "../models/safetensors.ts";
-import { WeightsError } from "../models/weights.ts";
+import { parseConfig } from "../models/arch/config.ts";
+import { encodeSafetensors, parseSafetensors } from "../models/files/safetensors.ts";
+import { WeightsError } from "../models/files/weights.ts";
 import { STORY_DIR } from "./helpers.ts";
 
 /** A safetensors file with the given header JSON and data bytes. */

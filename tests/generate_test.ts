@@ -5,8 +5,8 @@
 
 import assert from "node:assert/strict";
 import { loadModel, type Model } from "../mod.ts";
-import { StopMatcher, StreamingDecoder } from "../models/detokenizer.ts";
-import { TextTokenizer } from "../models/tokenizer.ts";
+import { StopMatcher, StreamingDecoder } from "../models/text/detokenizer.ts";
+import { TextTokenizer } from "../models/text/tokenizer.ts";
 import { MINUEZA_DIR, registerInstrumentedTs, SHARED, STORY_DIR } from "./helpers.ts";
 
 /** The ts backend, counting the steps it runs. */

@@ -4,8 +4,8 @@ import assert from "node:assert/strict";
 import { GraphBuilder } from "../graph/builder.ts";
 import { graphToDot, graphToText } from "../graph/format.ts";
 import { describePlan, planGraph, SLOT_ALIGN } from "../graph/plan.ts";
-import { parseConfig } from "../models/config.ts";
-import { buildLlamaGraph } from "../models/llama.ts";
+import { parseConfig } from "../models/arch/config.ts";
+import { buildLlamaGraph } from "../models/arch/llama.ts";
 
 const config = parseConfig({
   hidden_size: 64,

@@ -9,7 +9,7 @@ import "../backends/builtin.ts";
 import type { Backend, Executable } from "../backends/contract.ts";
 import { backendNames, createBackend, registerBackend } from "../backends/registry.ts";
 import { TsBackend } from "../backends/ts/backend.ts";
-import { Rng } from "../models/sampler.ts";
+import { Rng } from "../models/generate/sampler.ts";
 
 /** The shared folder beside the project (models and references). */
 export const SHARED: string = new URL("../../shared", import.meta.url).pathname;

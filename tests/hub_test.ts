@@ -12,8 +12,8 @@ import {
   ModelDownloadError,
   ModelNotFoundError,
   resolveModelSource,
-} from "../models/hub.ts";
-import type { LoadProgress } from "../models/weights.ts";
+} from "../models/files/hub.ts";
+import type { LoadProgress } from "../models/files/weights.ts";
 import { loadModel } from "../models/model.ts";
 import { STORY_DIR } from "./helpers.ts";
 

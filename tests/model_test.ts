@@ -5,7 +5,7 @@
 
 import assert from "node:assert/strict";
 import { loadModel } from "../mod.ts";
-import { TextTokenizer } from "../models/tokenizer.ts";
+import { TextTokenizer } from "../models/text/tokenizer.ts";
 import { assertClose, MINUEZA_DIR, SHARED, STORY_DIR } from "./helpers.ts";
 
 interface GreedyCase {
@@ -113,7 +113,7 @@ Deno.test("tokenizer: BOS/EOS and special ids come from the configs", async () =
 });
 
 Deno.test("config without tie_word_embeddings: the weight files decide", async () => {
-  const { writeRandomModel } = await import("../models/random_model.ts");
+  const { writeRandomModel } = await import("../examples/_random_model.ts");
   const dropTie = async (dir: string) => {
     const c = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
     delete c.tie_word_embeddings;

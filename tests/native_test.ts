@@ -25,8 +25,8 @@ import { GraphBuilder } from "../graph/builder.ts";
 import { byteSize, type DType } from "../graph/dtype.ts";
 import type { Graph, Op } from "../graph/ir.ts";
 import { planGraph } from "../graph/plan.ts";
-import { f32BitsToF16 } from "../graph/convert.ts";
-import { decodeWeights, encodeWeights } from "../graph/quant.ts";
+import { f32BitsToF16 } from "../graph/half.ts";
+import { decodeWeights, encodeWeights } from "../graph/weight_codec.ts";
 import { assertClose, randomF32, SHARED, STORY_DIR } from "./helpers.ts";
 
 interface GreedyCase {

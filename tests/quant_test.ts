@@ -11,11 +11,11 @@
  */
 
 import assert from "node:assert/strict";
-import { bf16ToF32, f16Table, f16ToF32, f32ToBf16, f32ToF16 } from "../graph/convert.ts";
+import { bf16ToF32, f16Table, f16ToF32, f32ToBf16, f32ToF16 } from "../graph/half.ts";
 import type { DType } from "../graph/dtype.ts";
-import { decodeWeights, encodeWeights, NonFiniteWeightError } from "../graph/quant.ts";
+import { decodeWeights, encodeWeights, NonFiniteWeightError } from "../graph/weight_codec.ts";
 import { EMBEDDING_KERNELS, MATMUL_KERNELS, type TsWeight } from "../backends/ts/matmul.ts";
-import { chooseDType, convertWeight } from "../models/convert_weights.ts";
+import { chooseDType, convertWeight } from "../models/files/weight_dtype.ts";
 import { randomF32 } from "./helpers.ts";
 
 /** The 16-bit little-endian word at byte `o`. */

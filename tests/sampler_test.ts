@@ -1,7 +1,7 @@
 /** Sampling: each option's effect on hand-made logits, seeds, and the distribution. */
 
 import assert from "node:assert/strict";
-import { argmax, resolveSampling, Rng, Sampler, type SamplingOptions } from "../models/sampler.ts";
+import { argmax, resolveSampling, Rng, Sampler, type SamplingOptions } from "../models/generate/sampler.ts";
 
 const sampler = (o: SamplingOptions, V: number) => new Sampler(resolveSampling(o, V), V);
 const f = (...v: number[]) => Float32Array.from(v);

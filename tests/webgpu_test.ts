@@ -27,7 +27,7 @@ import {
 import type { DType } from "../graph/dtype.ts";
 import { GraphBuilder } from "../graph/builder.ts";
 import { planGraph } from "../graph/plan.ts";
-import { decodeWeights, encodeWeights } from "../graph/quant.ts";
+import { decodeWeights, encodeWeights } from "../graph/weight_codec.ts";
 import { referenceOp } from "../backends/reference.ts";
 import { UnsupportedError } from "../backends/contract.ts";
 import { assertClose, randomF32, SHARED, STORY_DIR } from "./helpers.ts";

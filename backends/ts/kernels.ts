@@ -8,7 +8,7 @@
  * @module
  */
 
-import { f16Table, f32ToF16 } from "../../graph/convert.ts";
+import { f16Table, f32ToF16 } from "../../graph/half.ts";
 
 /** out (T, D) = x (T, D) / rms(x row) * w (D). */
 export function rmsNorm(out: Float32Array, x: Float32Array, w: Float32Array, T: number, D: number, eps: number): void {

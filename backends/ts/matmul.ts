@@ -21,7 +21,7 @@
  * @module
  */
 
-import { bf16ToF32, f16Table } from "../../graph/convert.ts";
+import { bf16ToF32, f16Table } from "../../graph/half.ts";
 import type { DType } from "../../graph/dtype.ts";
 import { QUANT_BLOCK } from "../../graph/dtype.ts";
 

@@ -8,9 +8,9 @@
  */
 
 import { logProb, type Sampler, type SamplingOptions } from "./sampler.ts";
-import type { Sequence } from "./sequence.ts";
-import { StopMatcher, StreamingDecoder } from "./detokenizer.ts";
-import type { TextTokenizer } from "./tokenizer.ts";
+import type { Sequence } from "../exec/sequence.ts";
+import { StopMatcher, StreamingDecoder } from "../text/detokenizer.ts";
+import type { TextTokenizer } from "../text/tokenizer.ts";
 
 /** Options of `Model.generate`: sampling plus when to stop. */
 export interface GenerateOptions extends SamplingOptions {

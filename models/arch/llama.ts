@@ -9,9 +9,9 @@
  * @module
  */
 
-import type { DType, KvDType } from "../graph/dtype.ts";
-import { GraphBuilder } from "../graph/builder.ts";
-import type { Graph, TensorSpec } from "../graph/ir.ts";
+import type { DType, KvDType } from "../../graph/dtype.ts";
+import { GraphBuilder } from "../../graph/builder.ts";
+import type { Graph, TensorSpec } from "../../graph/ir.ts";
 import type { LlamaConfig } from "./config.ts";
 
 /** Hugging Face names of the weights the graph reads. */

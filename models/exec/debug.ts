@@ -5,8 +5,8 @@
  * @module
  */
 
-import type { ExecutionPlan } from "../graph/plan.ts";
-import { describePlan } from "../graph/plan.ts";
+import type { ExecutionPlan } from "../../graph/plan.ts";
+import { describePlan } from "../../graph/plan.ts";
 
 let level: number | undefined;
 

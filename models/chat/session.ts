@@ -6,7 +6,7 @@
  *
  * @example
  * ```ts ignore
- * import { ChatSession, loadModel } from "./mod.ts";
+ * import { ChatSession, loadModel } from "../mod.ts";
  * const model = await loadModel("Felladrin/Minueza-32M-UltraChat");
  * const chat = new ChatSession(model, { system: "You are a helpful assistant.", maxTokens: 128 });
  * const reply = chat.send("Hello!");
@@ -17,11 +17,12 @@
  * @module
  */
 
-import type { GenerateOptions, GenerationStats, StopReason } from "./generate.ts";
-import { byteSize } from "../graph/dtype.ts";
-import type { Model } from "./model.ts";
-import { ContextOverflowError, type Sequence } from "./sequence.ts";
-import { type ChatMessage, ChatTemplate, ChatTemplateError } from "./chat_template.ts";
+import type { GenerateOptions, GenerationStats, StopReason } from "../generate/token_generator.ts";
+import { byteSize } from "../../graph/dtype.ts";
+import type { Model } from "../model.ts";
+import { ContextOverflowError, type Sequence } from "../exec/sequence.ts";
+import { CONTEXT_POLICIES, type ContextPolicy, isContextPolicy } from "./context_policy.ts";
+import { type ChatMessage, ChatTemplate, ChatTemplateError } from "../text/chat_template.ts";
 import {
   decodeSessionFile,
   encodeSessionFile,
@@ -31,11 +32,10 @@ import {
   SessionFileError,
 } from "./session_file.ts";
 
-export { type ChatMessage, ChatTemplate, ChatTemplateError } from "./chat_template.ts";
+export { type ChatMessage, ChatTemplate, ChatTemplateError } from "../text/chat_template.ts";
 export { modelFingerprint, SessionFileError, SessionModelMismatchError } from "./session_file.ts";
 
-/** What to do when a conversation no longer fits in the context. */
-export type ContextPolicy = "error" | "drop-oldest";
+export type { ContextPolicy } from "./context_policy.ts";
 
 /** Options of {@link ChatSession}: generation defaults for every turn plus session settings. */
 export interface ChatSessionOptions extends GenerateOptions {
@@ -85,9 +85,6 @@ export class SessionBusyError extends Error {
   }
 }
 
-/** A sequence for the next session constructed to take over (set by `fork`). */
-let adopted: Sequence | undefined;
-
 /**
  * A conversation with a model that keeps its KV cache between turns.
  *
@@ -115,11 +112,13 @@ export class ChatSession {
    * @param options generation defaults, the system prompt, the template and the context policy
    */
   constructor(model: Model, options: ChatSessionOptions = {}) {
-    const inherited = adopted;
-    adopted = undefined;
     const { system, template, contextPolicy, reserveTokens, ...defaults } = options;
-    if (contextPolicy !== undefined && contextPolicy !== "error" && contextPolicy !== "drop-oldest") {
-      throw new TypeError(`Invalid contextPolicy ${JSON.stringify(contextPolicy)}: expected "error" or "drop-oldest"`);
+    if (contextPolicy !== undefined && !isContextPolicy(contextPolicy)) {
+      throw new TypeError(
+        `Invalid contextPolicy ${JSON.stringify(contextPolicy)}: expected ${
+          CONTEXT_POLICIES.map((p) => `"${p}"`).join(" or ")
+        }`,
+      );
     }
     if (reserveTokens !== undefined && (!Number.isInteger(reserveTokens) || reserveTokens < 0)) {
       throw new RangeError(`Invalid reserveTokens ${reserveTokens}: expected an integer ≥ 0`);
@@ -130,7 +129,7 @@ export class ChatSession {
     this.#defaults = defaults;
     this.#policy = contextPolicy ?? "error";
     this.#reserve = reserveTokens;
-    this.#seq = inherited ?? model.createSequence();
+    this.#seq = model.createSequence();
     if (system !== undefined) this.#messages.push({ role: "system", content: system });
   }
 
@@ -250,7 +249,6 @@ export class ChatSession {
   /** An independent session with the same conversation and a copy of the cache; nothing mutable is shared. */
   fork(): ChatSession {
     this.#check();
-    adopted = this.#seq.fork();
     const copy = new ChatSession(this.model, {
       ...this.#defaults,
       template: this.#templateOverride,
@@ -260,6 +258,7 @@ export class ChatSession {
     copy.#messages = this.#messages.map((m) => ({ ...m }));
     copy.#exchanges = this.#exchanges.map((e) => ({ ...e }));
     copy.#turns = this.#turns;
+    this.#seq.copyTo(copy.#seq);
     return copy;
   }
 

@@ -10,7 +10,7 @@
  * @module
  */
 
-import { f16Table, f32BitsToBf16, f32BitsToF16, f32ToF16 } from "./convert.ts";
+import { f16Table, f32BitsToBf16, f32BitsToF16, f32ToF16 } from "./half.ts";
 import { byteSize, type DType, QUANT_BLOCK, quantScalesOffset } from "./dtype.ts";
 
 /** A weight value that no dtype can hold (NaN or ±Infinity). */

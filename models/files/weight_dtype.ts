@@ -9,9 +9,9 @@
  * @module
  */
 
-import type { HostTensor } from "../backends/contract.ts";
-import { type DType, isQuantized, QUANT_BLOCK } from "../graph/dtype.ts";
-import { decodeWeights, encodeWeights } from "../graph/quant.ts";
+import type { HostTensor } from "../../backends/contract.ts";
+import { type DType, isQuantized, QUANT_BLOCK } from "../../graph/dtype.ts";
+import { decodeWeights, encodeWeights } from "../../graph/weight_codec.ts";
 
 /** Weight dtypes a model can be loaded as. */
 export type WeightDType = Exclude<DType, "i32">;

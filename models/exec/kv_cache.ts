@@ -6,12 +6,12 @@
  * @module
  */
 
-import type { Backend, DeviceTensor } from "../backends/contract.ts";
-import type { DType } from "../graph/dtype.ts";
-import { byteSize, KV_DTYPES, type KvDType } from "../graph/dtype.ts";
+import type { Backend, DeviceTensor } from "../../backends/contract.ts";
+import type { DType } from "../../graph/dtype.ts";
+import { byteSize, KV_DTYPES, type KvDType } from "../../graph/dtype.ts";
 
 export { KV_DTYPES, type KvDType };
-import { f16ToF32, f32ToF16 } from "../graph/convert.ts";
+import { f16ToF32, f32ToF16 } from "../../graph/half.ts";
 
 /** Keys and values of the tokens seen so far. */
 export class KvCache {

@@ -7,11 +7,11 @@
  */
 
 import type { HostTensor } from "../backends/contract.ts";
-import { encodeWeights } from "../graph/quant.ts";
-import { type LlamaConfig, parseConfig } from "./config.ts";
-import { weightShapes } from "./llama.ts";
-import { Rng } from "./sampler.ts";
-import { encodeSafetensors } from "./safetensors.ts";
+import { encodeWeights } from "../graph/weight_codec.ts";
+import { type LlamaConfig, parseConfig } from "../models/arch/config.ts";
+import { weightShapes } from "../models/arch/llama.ts";
+import { Rng } from "../models/generate/sampler.ts";
+import { encodeSafetensors } from "../models/files/safetensors.ts";
 
 /** The `config.json` fields of a shape. */
 export type ShapeConfig = Record<string, unknown>;

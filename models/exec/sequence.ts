@@ -1,16 +1,16 @@
 /**
  * A sequence: the tokens a model has seen, their KV cache, and the compiled
  * steps that extend it. Prompts are evaluated in chunks of at most
- * `runner.chunk` tokens, checking for cancellation between chunks.
+ * `plans.prefillChunk` tokens, checking for cancellation between chunks.
  *
  * @module
  */
 
-import type { Executable } from "../backends/contract.ts";
-import type { DType } from "../graph/dtype.ts";
+import type { Executable } from "../../backends/contract.ts";
+import type { DType } from "../../graph/dtype.ts";
 import { debugLevel, debugTimings } from "./debug.ts";
 import { KvCache } from "./kv_cache.ts";
-import type { GraphRunner, LogitsMode } from "./runner.ts";
+import type { LogitsMode, ModelPlans } from "./plans.ts";
 
 /** A prompt or conversation longer than the context. */
 export class ContextOverflowError extends RangeError {
@@ -35,7 +35,7 @@ export interface EvaluateOptions {
 /** Tokens, their KV cache, and the compiled steps for one stream of text. */
 export class Sequence {
   readonly kv: KvCache;
-  readonly #runner: GraphRunner;
+  readonly #plans: ModelPlans;
   readonly #exec = new Map<LogitsMode, Promise<Executable>>();
   readonly #ids: Int32Array;
   readonly #logits: Float32Array;
@@ -46,15 +46,15 @@ export class Sequence {
   #disposed = false;
 
   /**
-   * @param runner the model's planned graphs
+   * @param plans the model's planned graphs
    * @param onDispose called once when the sequence is disposed (the model forgets it)
    */
-  constructor(runner: GraphRunner, onDispose?: (s: Sequence) => void) {
-    this.#runner = runner;
+  constructor(plans: ModelPlans, onDispose?: (s: Sequence) => void) {
+    this.#plans = plans;
     this.#onDispose = onDispose;
-    const c = runner.config;
-    this.kv = new KvCache(runner.backend, c.numLayers, runner.capacity, c.numKvHeads * c.headDim, runner.kvDtype);
-    this.#ids = new Int32Array(runner.chunk);
+    const c = plans.config;
+    this.kv = new KvCache(plans.backend, c.numLayers, plans.capacity, c.numKvHeads * c.headDim, plans.kvDtype);
+    this.#ids = new Int32Array(plans.prefillChunk);
     this.#logits = new Float32Array(c.vocabSize);
   }
 
@@ -85,7 +85,7 @@ export class Sequence {
    */
   async evaluate(tokens: ArrayLike<number>, options: EvaluateOptions = {}): Promise<Float32Array> {
     const n = tokens.length;
-    const V = this.#runner.config.vocabSize;
+    const V = this.#plans.config.vocabSize;
     if (n === 0) throw new RangeError("Cannot evaluate an empty list of tokens");
     if (this.length + n > this.capacity) throw new ContextOverflowError(this.length + n, this.capacity);
     for (let i = 0; i < n; i++) {
@@ -96,9 +96,9 @@ export class Sequence {
     }
     const mode = options.logits ?? "last";
     const exec = await this.#executable(mode);
-    const { llama, plan } = this.#runner.planned(mode);
+    const { llama, plan } = this.#plans.planned(mode);
     const all = mode === "all" ? new Float32Array(n * V) : undefined;
-    const chunk = this.#runner.chunk;
+    const chunk = this.#plans.prefillChunk;
     for (let start = 0; start < n; start += chunk) {
       if (start > 0) {
         // Let cancellation and other tasks in between chunks.
@@ -132,10 +132,16 @@ export class Sequence {
 
   /** An independent copy: same tokens and cache, nothing mutable shared. */
   fork(): Sequence {
-    const s = new Sequence(this.#runner);
-    this.kv.copyTo(s.kv);
-    s.#tokens.push(...this.#tokens);
+    const s = new Sequence(this.#plans);
+    this.copyTo(s);
     return s;
+  }
+
+  /** Makes `other` (a sequence of the same model) hold this sequence's tokens and cache rows. */
+  copyTo(other: Sequence): void {
+    this.kv.copyTo(other.kv);
+    other.#tokens.length = 0;
+    other.#tokens.push(...this.#tokens);
   }
 
   /**
@@ -161,7 +167,7 @@ export class Sequence {
   #executable(mode: LogitsMode): Promise<Executable> {
     let e = this.#exec.get(mode);
     if (!e) {
-      e = this.#runner.compile(mode, this.kv);
+      e = this.#plans.compile(mode, this.kv);
       this.#exec.set(mode, e);
     }
     return e;

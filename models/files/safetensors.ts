@@ -10,8 +10,8 @@
  * @module
  */
 
-import type { HostTensor } from "../backends/contract.ts";
-import type { DType } from "../graph/dtype.ts";
+import type { HostTensor } from "../../backends/contract.ts";
+import type { DType } from "../../graph/dtype.ts";
 
 /** A malformed or hostile safetensors file; the message names the file and what is wrong. */
 export class SafetensorsError extends SyntaxError {

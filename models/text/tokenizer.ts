@@ -7,7 +7,7 @@
  */
 
 import { Tokenizer } from "@huggingface/tokenizers";
-import { readJsonFile } from "./files.ts";
+import { readJsonFile } from "../files/json.ts";
 
 /** Options of {@link TextTokenizer.encode}. */
 export interface EncodeOptions {

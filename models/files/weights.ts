@@ -7,10 +7,10 @@
  * @module
  */
 
-import type { HostTensor } from "../backends/contract.ts";
-import { decodeWeights } from "../graph/quant.ts";
-import type { LlamaConfig } from "./config.ts";
-import { WEIGHT_NAMES, weightShapes } from "./llama.ts";
+import type { HostTensor } from "../../backends/contract.ts";
+import { decodeWeights } from "../../graph/weight_codec.ts";
+import type { LlamaConfig } from "../arch/config.ts";
+import { WEIGHT_NAMES, weightShapes } from "../arch/llama.ts";
 import { readSafetensors, type SafetensorsFile } from "./safetensors.ts";
 
 /** A model folder whose weights do not fit its config; names the tensor and folder. */

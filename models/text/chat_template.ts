@@ -5,7 +5,7 @@
  */
 
 import { Template } from "@huggingface/jinja";
-import type { Model } from "./model.ts";
+import type { Model } from "../model.ts";
 
 /** One message of a conversation. */
 export interface ChatMessage {

@@ -9,12 +9,12 @@
  * @module
  */
 
-import type { ChatMessage } from "./chat_template.ts";
-import type { ContextPolicy } from "./chat.ts";
-import type { GenerateOptions } from "./generate.ts";
-import { isKvDType, type KvDType } from "../graph/dtype.ts";
-import type { Model } from "./model.ts";
-import { safetensorsFiles } from "./weights.ts";
+import type { ChatMessage } from "../text/chat_template.ts";
+import { type ContextPolicy, isContextPolicy } from "./context_policy.ts";
+import type { GenerateOptions } from "../generate/token_generator.ts";
+import { isKvDType, type KvDType } from "../../graph/dtype.ts";
+import type { Model } from "../model.ts";
+import { safetensorsFiles } from "../files/weights.ts";
 
 /** A session file that cannot be used; `reason` says why. */
 export class SessionFileError extends Error {
@@ -149,7 +149,7 @@ function parseHeader(v: unknown): SessionHeader {
     return { messageIndex: i as number, cachePosition: p as number };
   });
   if (h.template !== null && typeof h.template !== "string") fail("template");
-  if (h.policy !== "error" && h.policy !== "drop-oldest") fail("policy");
+  if (!isContextPolicy(h.policy)) fail("policy");
   if (h.reserveTokens !== null) nat("reserveTokens");
   const d = h.defaults ?? {};
   if (typeof d !== "object" || d === null || Array.isArray(d)) fail("defaults");

@@ -5,13 +5,13 @@
  * @module
  */
 
-import type { Backend, DeviceTensor, Executable } from "../backends/contract.ts";
-import type { KvDType } from "../graph/dtype.ts";
-import { type ExecutionPlan, planGraph } from "../graph/plan.ts";
-import type { LlamaConfig } from "./config.ts";
+import type { Backend, DeviceTensor, Executable } from "../../backends/contract.ts";
+import type { KvDType } from "../../graph/dtype.ts";
+import { type ExecutionPlan, planGraph } from "../../graph/plan.ts";
+import type { LlamaConfig } from "../arch/config.ts";
 import { debugPlan } from "./debug.ts";
 import type { KvCache } from "./kv_cache.ts";
-import { buildLlamaGraph, type LlamaGraph } from "./llama.ts";
+import { buildLlamaGraph, type LlamaGraph } from "../arch/llama.ts";
 
 /** Which logits a graph produces. */
 export type LogitsMode = "last" | "all";
@@ -22,12 +22,16 @@ export interface PlannedGraph {
   readonly plan: ExecutionPlan;
 }
 
-/** Plans the model graphs once and compiles them per KV cache. */
-export class GraphRunner {
+/**
+ * The model's graphs, planned once per logits mode, and compiled per KV cache:
+ * what a sequence needs to run steps (this class only prepares them; the
+ * executables it returns run them).
+ */
+export class ModelPlans {
   readonly config: LlamaConfig;
   readonly backend: Backend;
-  /** Largest number of tokens one step evaluates (the prefill chunk). */
-  readonly chunk: number;
+  /** Most tokens one step evaluates (the prefill chunk: the plans' `maxDims.T`). */
+  readonly prefillChunk: number;
   /** KV cache rows of each sequence. */
   readonly capacity: number;
   readonly kvDtype: KvDType;
@@ -38,18 +42,18 @@ export class GraphRunner {
    * @param config the model config
    * @param backend the backend holding the weights
    * @param weights device weights by HF name
-   * @param options chunk size, context capacity and cache dtype
+   * @param options prefill chunk, context capacity and cache dtype
    */
   constructor(
     config: LlamaConfig,
     backend: Backend,
     weights: ReadonlyMap<string, DeviceTensor>,
-    options: { chunk: number; capacity: number; kvDtype: KvDType },
+    options: { prefillChunk: number; capacity: number; kvDtype: KvDType },
   ) {
     this.config = config;
     this.backend = backend;
     this.#weights = weights;
-    this.chunk = options.chunk;
+    this.prefillChunk = options.prefillChunk;
     this.capacity = options.capacity;
     this.kvDtype = options.kvDtype;
   }
@@ -64,7 +68,7 @@ export class GraphRunner {
         weightDType: (name) => this.#weights.get(name)!.dtype,
         kvDtype: this.kvDtype,
       });
-      p = { llama, plan: planGraph(llama.graph, { T: this.chunk }) };
+      p = { llama, plan: planGraph(llama.graph, { T: this.prefillChunk }) };
       debugPlan(`graph with ${mode} logits`, p.plan);
       this.#planned.set(mode, p);
     }
