@@ -27,6 +27,20 @@ export type DType = "f32" | "f16" | "bf16" | "q8_0" | "q4_0" | "i32";
 /** Every dtype, in a stable order. */
 export const DTYPES: readonly DType[] = ["f32", "f16", "bf16", "q8_0", "q4_0", "i32"];
 
+/** The element types a weight can be stored in: every {@link DType} but the `i32` of token ids. */
+export type WeightDType = "f32" | "f16" | "bf16" | "q8_0" | "q4_0";
+
+/**
+ * Every {@link WeightDType}, in a stable order: what `matmul` and `embedding` may read,
+ * and what a model may be loaded as.
+ */
+export const WEIGHT_DTYPES: readonly WeightDType[] = ["f32", "f16", "bf16", "q8_0", "q4_0"];
+
+/** True when `dtype` is a {@link WeightDType}. */
+export function isWeightDType(dtype: string): dtype is WeightDType {
+  return (WEIGHT_DTYPES as readonly string[]).includes(dtype);
+}
+
 /** The element types a KV cache (the state attention reads and appends to) can have. */
 export type KvDType = "f32" | "f16";
 
