@@ -10,15 +10,25 @@
 export interface LlamaConfig {
   /** `"llama"` or `"mistral"`. */
   readonly modelType: string;
+  /** Width of the residual stream (`hidden_size`). */
   readonly hiddenSize: number;
+  /** Width of the feed-forward layer (`intermediate_size`). */
   readonly intermediateSize: number;
+  /** Transformer layers (`num_hidden_layers`). */
   readonly numLayers: number;
+  /** Query heads (`num_attention_heads`). */
   readonly numHeads: number;
+  /** Key/value heads (`num_key_value_heads`; fewer than `numHeads` for grouped-query attention). */
   readonly numKvHeads: number;
+  /** Dimension of one head (`head_dim`, default `hiddenSize / numHeads`). */
   readonly headDim: number;
+  /** Rows of the embedding table and columns of the logits (`vocab_size`). */
   readonly vocabSize: number;
+  /** The epsilon of every RMS norm (`rms_norm_eps`, default 1e-6). */
   readonly rmsNormEps: number;
+  /** The RoPE base (`rope_theta`, default 10000). */
   readonly ropeTheta: number;
+  /** The longest context the model was trained for (`max_position_embeddings`, default 2048). */
   readonly maxPositions: number;
   /** Whether the output projection is the embedding table (HF `tie_word_embeddings`). */
   readonly tieWordEmbeddings: boolean;
@@ -29,7 +39,9 @@ export interface LlamaConfig {
   readonly tieWordEmbeddingsInferred: boolean;
   /** Attention window (Mistral), 0 for none. */
   readonly slidingWindow: number;
+  /** The beginning-of-sequence token (`bos_token_id`), if the config names one. */
   readonly bosTokenId?: number;
+  /** The end-of-sequence tokens (`eos_token_id`, one id or a list). */
   readonly eosTokenIds: readonly number[];
 }
 
@@ -38,6 +50,7 @@ export class ConfigError extends TypeError {
   /** The config field at fault. */
   readonly field: string;
   /**
+   * An error in `file`'s `field`.
    * @param file the config file
    * @param field the field at fault
    * @param message what is wrong, sentence case

@@ -108,6 +108,7 @@ export class ChatSession {
   #disposed = false;
 
   /**
+   * A new conversation on `model`, with an empty KV cache of its own.
    * @param model a loaded model
    * @param options generation defaults, the system prompt, the template and the context policy
    */

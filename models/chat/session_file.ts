@@ -12,6 +12,7 @@
 import type { ChatMessage } from "../text/chat_template.ts";
 import { type ContextPolicy, isContextPolicy } from "./context_policy.ts";
 import type { GenerateOptions } from "../generate/token_generator.ts";
+import { concatBytes, hexString, sha256 } from "../../graph/bytes.ts";
 import { isKvDType, type KvDType } from "../../graph/dtype.ts";
 import type { Model } from "../model.ts";
 import { safetensorsFiles } from "../files/weights.ts";
@@ -21,6 +22,7 @@ export class SessionFileError extends Error {
   /** `"magic"` (not a session file), `"version"`, `"corrupt"` (truncated or damaged) or `"model"` (another model). */
   readonly reason: "magic" | "version" | "corrupt" | "model";
   /**
+   * A session file error of a kind, with its message.
    * @param reason what kind of problem
    * @param message what is wrong, sentence case
    */
@@ -33,16 +35,24 @@ export class SessionFileError extends Error {
 
 /** A session file written for another model (or another build of its files). */
 export class SessionModelMismatchError extends SessionFileError {
+  /** Fingerprint of the loaded model. */
+  readonly expected: string;
+  /** Fingerprint stored in the file. */
+  readonly found: string;
+
   /**
+   * Says that a file saved for model `found` cannot be restored into model `expected`.
    * @param expected fingerprint of the loaded model
    * @param found fingerprint stored in the file
    */
-  constructor(readonly expected: string, readonly found: string) {
+  constructor(expected: string, found: string) {
     super(
       "model",
       `Cannot restore a session saved for model ${found.slice(0, 16)}… into model ${expected.slice(0, 16)}…`,
     );
     this.name = "SessionModelMismatchError";
+    this.expected = expected;
+    this.found = found;
   }
 }
 
@@ -97,7 +107,7 @@ async function computeFingerprint(model: Model): Promise<string> {
       parts.push(buf.subarray(0, read));
     }
   }
-  return hex(await sha256(concat(parts)));
+  return hexString(await sha256(concatBytes(parts)));
 }
 
 /** An exchange of a conversation, as a session remembers it. */
@@ -203,24 +213,6 @@ export function serializableDefaults(o: GenerateOptions): GenerateOptions {
   return out as GenerateOptions;
 }
 
-function concat(parts: readonly Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((a, p) => a + p.byteLength, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.byteLength;
-  }
-  return out;
-}
-
-async function sha256(data: Uint8Array): Promise<Uint8Array> {
-  return new Uint8Array(await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>));
-}
-
-function hex(bytes: Uint8Array): string {
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-}
-
 function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
   if (a.byteLength !== b.byteLength) return false;
   for (let i = 0; i < a.byteLength; i++) if (a[i] !== b[i]) return false;
@@ -240,8 +232,8 @@ export async function encodeSessionFile(
   const view = new DataView(fixed.buffer);
   view.setUint32(8, SESSION_VERSION, true);
   view.setUint32(12, json.byteLength, true);
-  const body = concat([fixed, json, new Uint8Array(tokens.buffer, tokens.byteOffset, tokens.byteLength), kv]);
-  return concat([body, await sha256(body)]);
+  const body = concatBytes([fixed, json, new Uint8Array(tokens.buffer, tokens.byteOffset, tokens.byteLength), kv]);
+  return concatBytes([body, await sha256(body)]);
 }
 
 /** A decoded session file. */

@@ -14,13 +14,21 @@ import type { LogitsMode, ModelPlans } from "./plans.ts";
 
 /** A prompt or conversation longer than the context. */
 export class ContextOverflowError extends RangeError {
+  /** Positions the request needs. */
+  readonly needed: number;
+  /** Positions the context holds. */
+  readonly capacity: number;
+
   /**
+   * Says that `needed` positions do not fit in a context of `capacity`.
    * @param needed positions the request needs
    * @param capacity positions the context holds
    */
-  constructor(readonly needed: number, readonly capacity: number) {
+  constructor(needed: number, capacity: number) {
     super(`Cannot evaluate ${needed} tokens: the context holds ${capacity}`);
     this.name = "ContextOverflowError";
+    this.needed = needed;
+    this.capacity = capacity;
   }
 }
 
@@ -34,6 +42,7 @@ export interface EvaluateOptions {
 
 /** Tokens, their KV cache, and the compiled steps for one stream of text. */
 export class Sequence {
+  /** The sequence's KV cache (one key and one value tensor per layer on the model's backend). */
   readonly kv: KvCache;
   readonly #plans: ModelPlans;
   readonly #exec = new Map<LogitsMode, Promise<Executable>>();
@@ -46,6 +55,7 @@ export class Sequence {
   #disposed = false;
 
   /**
+   * A new, empty sequence with its own KV cache; use `Model.createSequence`.
    * @param plans the model's planned graphs
    * @param onDispose called once when the sequence is disposed (the model forgets it)
    */

@@ -5,18 +5,21 @@
  */
 
 import { Template } from "@huggingface/jinja";
-import type { Model } from "../model.ts";
+import type { TextTokenizer } from "./tokenizer.ts";
 
 /** One message of a conversation. */
 export interface ChatMessage {
   /** `"system"`, `"user"` or `"assistant"` (templates may accept others). */
+  /** `"system"`, `"user"` or `"assistant"` (templates may accept others). */
   readonly role: string;
+  /** The message text. */
   readonly content: string;
 }
 
 /** A chat template that is missing, does not parse, or fails to render. */
 export class ChatTemplateError extends Error {
   /**
+   * A template error with its message.
    * @param message what is wrong, sentence case
    * @param options the underlying error, if any
    */
@@ -35,6 +38,7 @@ export class ChatTemplate {
   readonly #eos: string;
 
   /**
+   * Parses `source`; throws a {@link ChatTemplateError} when it is not a valid template.
    * @param source Jinja source, as in `tokenizer_config.json`'s `chat_template`
    * @param tokens the BOS and EOS token strings the template may use
    */
@@ -53,10 +57,12 @@ export class ChatTemplate {
   }
 
   /**
-   * The template of `model`, or `override` when given. Throws a
-   * {@link ChatTemplateError} when the model has none and no override is passed.
+   * The template of `model` (its tokenizer's `chat_template`), or `override` when
+   * given. Throws a {@link ChatTemplateError} when the model has none and no
+   * override is passed. `model` is any loaded model (a `Model`): only its folder
+   * and tokenizer are read.
    */
-  static forModel(model: Model, override?: string): ChatTemplate {
+  static forModel(model: { readonly dir: string; readonly tokenizer: TextTokenizer }, override?: string): ChatTemplate {
     const source = override ?? model.tokenizer.chatTemplate;
     if (source === undefined) {
       throw new ChatTemplateError(

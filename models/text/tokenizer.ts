@@ -36,6 +36,7 @@ export class TextTokenizer {
   readonly eosToken: string | undefined;
 
   /**
+   * A tokenizer from parsed files; {@link TextTokenizer.load} reads them from a folder.
    * @param tokenizerJson parsed `tokenizer.json`
    * @param config parsed `tokenizer_config.json` (or `{}`)
    * @param extraEosIds EOS ids from the model config
