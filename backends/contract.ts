@@ -105,17 +105,25 @@ export interface Backend {
   dispose(): void;
 }
 
-/** The operand dtype that {@link Backend.supports} is asked about for a node. */
+/** Where each op kind's operand dtype comes from: its weight, its cache, or `"f32"` activations. */
+const OPERAND_DTYPE: Readonly<Record<OpKind, (graph: Graph, node: Node) => DType>> = {
+  embedding: (graph, node) => graph.tensors[node.inputs[1]].dtype,
+  rmsNorm: () => "f32",
+  matmul: (graph, node) => graph.tensors[node.inputs[1]].dtype,
+  rope: () => "f32",
+  siluMul: () => "f32",
+  add: () => "f32",
+  attention: (graph, node) => graph.tensors[node.inputs[3]].dtype,
+  lastRow: () => "f32",
+};
+
+/**
+ * The operand dtype that {@link Backend.supports} is asked about for a node: the
+ * weight's dtype for `matmul` and `embedding`, the key cache's for `attention`, `"f32"`
+ * for the rest.
+ */
 export function operandDType(graph: Graph, node: Node): DType {
-  switch (node.op.kind) {
-    case "matmul":
-    case "embedding":
-      return graph.tensors[node.inputs[1]].dtype;
-    case "attention":
-      return graph.tensors[node.inputs[3]].dtype;
-    default:
-      return "f32";
-  }
+  return OPERAND_DTYPE[node.op.kind](graph, node);
 }
 
 /** Thrown when a backend cannot run something it was given; names the backend and what. */
@@ -176,13 +184,14 @@ export function validateStep(plan: ExecutionPlan, step: StepArgs, capacity: numb
 }
 
 /**
- * Rows a node processes in a step: the first dimension of its first input, with the
- * step's `T` for a symbolic one. Nodes after `lastRow` have a fixed single row and
- * must not run on `T` rows (their buffers hold one).
+ * The rows a node processes when the graph fixes them: the first dimension of its
+ * first input when that is a number (after `lastRow`: 1), or undefined when it is
+ * symbolic and so the step's `T`. A node with fixed rows must not run on `T` rows
+ * (its buffers hold only the fixed ones).
  */
-export function nodeRows(graph: Graph, node: Node, T: number): number {
+export function fixedRows(graph: Graph, node: Node): number | undefined {
   const rows = graph.tensors[node.inputs[0]].shape[0];
-  return typeof rows === "number" ? rows : T;
+  return typeof rows === "number" ? rows : undefined;
 }
 
 /** The fewest cache rows any attention node of a plan holds (its key or value cache), or Infinity without one. */

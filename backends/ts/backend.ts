@@ -7,11 +7,20 @@
  * @module
  */
 
-import { byteSize, type DType, isKvDType } from "../../graph/dtype.ts";
-import type { Node, OpKind } from "../../graph/ir.ts";
+import { byteSize, type DType, isKvDType, isWeightDType, type WeightDType } from "../../graph/dtype.ts";
+import { elementCount, type Node, type OpKind } from "../../graph/ir.ts";
 import type { ExecutionPlan } from "../../graph/plan.ts";
 import type { Backend, DeviceTensor, Executable, HostTensor, StepArgs } from "../contract.ts";
-import { cacheCapacity, nodeRows, UnsupportedError, validateBindings, validateStep } from "../contract.ts";
+import { cacheCapacity, fixedRows, UnsupportedError, validateBindings, validateStep } from "../contract.ts";
+import {
+  checkInputWrite,
+  checkOutputRead,
+  checkRange,
+  f32Only,
+  type OpSupport,
+  supportsOp,
+  TokenIdLimits,
+} from "../checks.ts";
 import * as k from "./kernels.ts";
 import { EMBEDDING_KERNELS, MATMUL_KERNELS, type TsWeight } from "./matmul.ts";
 
@@ -32,66 +41,76 @@ function aligned(data: Uint8Array, align: number): Uint8Array {
   return data.byteOffset % align === 0 ? data : data.slice();
 }
 
-const ELEMENTWISE: readonly OpKind[] = ["rmsNorm", "rope", "siluMul", "add", "lastRow"];
+/** What the ts backend runs: a kernel for every weight dtype, both cache dtypes, f32 activations. */
+const SUPPORT: OpSupport = {
+  embedding: isWeightDType,
+  rmsNorm: f32Only,
+  matmul: isWeightDType,
+  rope: f32Only,
+  siluMul: f32Only,
+  add: f32Only,
+  attention: isKvDType,
+  lastRow: f32Only,
+};
 
 /** The pure-TypeScript backend. */
 export class TsBackend implements Backend {
+  /** The registry name, `"ts"`. */
   readonly name = "ts";
+  /** A line for logs. */
   readonly description = "TypeScript (single thread)";
 
+  /** Whether an op runs with an operand dtype: see {@link Backend.supports}. */
   supports(op: OpKind, dtype: DType): boolean {
-    if (op === "matmul") return MATMUL_KERNELS[dtype] !== undefined;
-    if (op === "embedding") return EMBEDDING_KERNELS[dtype] !== undefined;
-    if (op === "attention") return isKvDType(dtype);
-    return ELEMENTWISE.includes(op) && dtype === "f32";
+    return supportsOp(SUPPORT, op, dtype);
   }
 
+  /** Makes a weight resident: a view of the host bytes (a copy when they are misaligned). */
   upload(t: HostTensor): DeviceTensor {
     return makeTensor(t.name, t.dtype, t.shape, aligned(t.data, 4));
   }
 
+  /** Allocates a zero-filled f32 or f16 KV cache. */
   createState(name: string, dtype: DType, shape: readonly number[]): DeviceTensor {
     if (!isKvDType(dtype)) {
       throw new UnsupportedError(`Backend "ts" cannot hold state "${name}" as "${dtype}": only "f32" or "f16"`);
     }
-    return makeTensor(name, dtype, shape, new Uint8Array(byteSize(dtype, shape.reduce((a, b) => a * b, 1))));
+    return makeTensor(name, dtype, shape, new Uint8Array(byteSize(dtype, elementCount(shape))));
   }
 
+  /** Copies bytes out of a tensor. */
   readTensor(t: DeviceTensor, byteOffset: number, byteLength: number): Promise<Uint8Array> {
     checkRange(t, byteOffset, byteLength);
     return Promise.resolve((t as TsTensor).bytes.slice(byteOffset, byteOffset + byteLength));
   }
 
+  /** Copies bytes into a tensor. */
   writeTensor(t: DeviceTensor, byteOffset: number, data: Uint8Array): void {
     checkRange(t, byteOffset, data.byteLength);
     (t as TsTensor).bytes.set(data, byteOffset);
   }
 
+  /** Copies the first bytes of one tensor into another. */
   copyTensor(src: DeviceTensor, dst: DeviceTensor, byteLength: number): void {
     checkRange(src, 0, byteLength);
     checkRange(dst, 0, byteLength);
     (dst as TsTensor).bytes.set((src as TsTensor).bytes.subarray(0, byteLength));
   }
 
+  /** Nothing to free: the garbage collector owns the memory. */
   release(_t: DeviceTensor): void {
     // Garbage collected.
   }
 
+  /** Prepares a plan: typed-array views of the arena and one closure per node. */
   // deno-lint-ignore require-await -- errors must reject, as the contract says
   async compile(plan: ExecutionPlan, bindings: ReadonlyMap<number, DeviceTensor>): Promise<Executable> {
     validateBindings(this, plan, bindings);
     return new TsExecutable(plan, bindings as ReadonlyMap<number, TsTensor>);
   }
 
+  /** Nothing to free. */
   dispose(): void {}
-}
-
-function checkRange(t: DeviceTensor, offset: number, length: number): void {
-  if (
-    !Number.isInteger(offset) || !Number.isInteger(length) || offset < 0 || length < 0 || offset + length > t.byteLength
-  ) {
-    throw new RangeError(`Cannot access bytes ${offset}..${offset + length} of "${t.name}": it holds ${t.byteLength}`);
-  }
 }
 
 type StepFn = (pos: number, T: number) => void;
@@ -102,8 +121,7 @@ class TsExecutable implements Executable {
   readonly #f32: (Float32Array | undefined)[] = [];
   readonly #i32: (Int32Array | undefined)[] = [];
   readonly #steps: StepFn[];
-  /** Per input id: the vocabulary sizes of the embedding tables that read it. */
-  readonly #idLimit = new Map<number, number>();
+  readonly #idLimits = new TokenIdLimits();
 
   constructor(plan: ExecutionPlan, bindings: ReadonlyMap<number, TsTensor>) {
     this.#plan = plan;
@@ -124,8 +142,8 @@ class TsExecutable implements Executable {
       const node = graph.nodes[nodeId];
       const step = this.#prepare(node, bindings);
       // A node whose input has a fixed row count (after lastRow: 1) runs on those rows, not on the step's T.
-      const rows = nodeRows(graph, node, -1);
-      return rows >= 0 ? (pos: number) => step(pos, rows) : step;
+      const rows = fixedRows(graph, node);
+      return rows === undefined ? step : (pos: number) => step(pos, rows);
     });
   }
 
@@ -139,9 +157,9 @@ class TsExecutable implements Executable {
       case "embedding": {
         const ids = this.#i32[node.inputs[0]]!;
         const table = bindings.get(node.inputs[1])!;
-        const kernel = EMBEDDING_KERNELS[table.dtype]!;
+        const kernel = EMBEDDING_KERNELS[table.dtype as WeightDType];
         const D = table.shape[1];
-        this.#idLimit.set(node.inputs[0], Math.min(this.#idLimit.get(node.inputs[0]) ?? Infinity, table.shape[0]));
+        this.#idLimits.add(node.inputs[0], table.shape[0]);
         return (_pos, T) => kernel(out, ids, table, T, D);
       }
       case "rmsNorm": {
@@ -150,7 +168,7 @@ class TsExecutable implements Executable {
       }
       case "matmul": {
         const w = bindings.get(node.inputs[1])!;
-        const kernel = MATMUL_KERNELS[w.dtype]!;
+        const kernel = MATMUL_KERNELS[w.dtype as WeightDType];
         const [x, N, K] = [f(0), w.shape[0], w.shape[1]];
         return (_pos, T) => kernel(out, x, w, T, K, N);
       }
@@ -194,26 +212,13 @@ class TsExecutable implements Executable {
   }
 
   writeInput(tensorId: number, data: Int32Array | Float32Array, count: number): void {
-    const { graph } = this.#plan;
-    const dst = this.#i32[tensorId] ?? this.#f32[tensorId];
-    if (!dst || !graph.inputs.includes(tensorId)) {
-      throw new TypeError(`Cannot write input ${tensorId}: it is not a graph input`);
-    }
-    const name = graph.tensors[tensorId].name;
-    if (count > dst.length || count > data.length) {
-      throw new RangeError(`Cannot write ${count} values to input "${name}": it holds ${dst.length}`);
-    }
-    if (dst instanceof Float32Array) {
-      dst.set(data.subarray(0, count));
-      return;
-    }
-    const limit = this.#idLimit.get(tensorId) ?? Infinity;
-    for (let i = 0; i < count; i++) {
-      const id = data[i];
-      if (!(id >= 0 && id < limit) || !Number.isInteger(id)) {
-        throw new RangeError(`Cannot embed token id ${id}: expected an integer from 0 to ${limit - 1}`);
-      }
-      dst[i] = id;
+    checkInputWrite(this.#plan, tensorId, data, count);
+    const ids = this.#i32[tensorId];
+    if (ids) {
+      this.#idLimits.check(tensorId, data, count);
+      for (let i = 0; i < count; i++) ids[i] = data[i];
+    } else {
+      this.#f32[tensorId]!.set(data.subarray(0, count));
     }
   }
 
@@ -239,11 +244,12 @@ class TsExecutable implements Executable {
   }
 
   readOutput(tensorId: number, dst: Float32Array, count: number): Promise<void> {
-    const src = this.#f32[tensorId];
-    if (!src || !this.#plan.graph.outputs.includes(tensorId) || count > src.length) {
-      throw new RangeError(`Cannot read ${count} values of output ${tensorId}`);
+    try {
+      checkOutputRead(this.#plan, tensorId, dst, count);
+    } catch (e) {
+      return Promise.reject(e);
     }
-    dst.set(src.subarray(0, count));
+    dst.set(this.#f32[tensorId]!.subarray(0, count));
     return Promise.resolve();
   }
 

@@ -22,7 +22,7 @@
  */
 
 import { bf16ToF32, f16Table } from "../../graph/half.ts";
-import type { DType } from "../../graph/dtype.ts";
+import type { DType, WeightDType } from "../../graph/dtype.ts";
 import { QUANT_BLOCK } from "../../graph/dtype.ts";
 
 /** A weight as the TypeScript backend holds it: typed views of its bytes. */
@@ -41,7 +41,7 @@ export type MatmulKernel = (out: Float32Array, x: Float32Array, w: TsWeight, T: 
 /** out (T, D) = table rows ids (T). */
 export type EmbeddingKernel = (out: Float32Array, ids: Int32Array, table: TsWeight, T: number, D: number) => void;
 
-/** The f32 value of every f16 bit pattern (shared with `graph/quant.ts`). */
+/** The f32 value of every f16 bit pattern (the table of `graph/half.ts`). */
 const F16_TABLE: Float32Array = f16Table();
 /** The f32 value of every bf16 bit pattern. */
 const BF16_TABLE: Float32Array = new Float32Array(65536);
@@ -441,7 +441,7 @@ export function embeddingQ4_0(out: Float32Array, ids: Int32Array, table: TsWeigh
 }
 
 /** Matmul kernels by weight dtype. */
-export const MATMUL_KERNELS: Partial<Record<DType, MatmulKernel>> = {
+export const MATMUL_KERNELS: Readonly<Record<WeightDType, MatmulKernel>> = {
   f32: matmulF32,
   f16: matmulF16,
   bf16: matmulBF16,
@@ -450,7 +450,7 @@ export const MATMUL_KERNELS: Partial<Record<DType, MatmulKernel>> = {
 };
 
 /** Embedding kernels by table dtype. */
-export const EMBEDDING_KERNELS: Partial<Record<DType, EmbeddingKernel>> = {
+export const EMBEDDING_KERNELS: Readonly<Record<WeightDType, EmbeddingKernel>> = {
   f32: embeddingF32,
   f16: embeddingF16,
   bf16: embeddingBF16,

@@ -1,0 +1,121 @@
+/**
+ * The checks every backend makes the same way, written once: byte ranges of a
+ * tensor, the arguments of `writeInput` and `readOutput`, token ids against the
+ * embedding tables that read them, and which ops a backend supports.
+ *
+ * Each backend keeps only what is its own (where the bytes live); the checks, and
+ * the messages a caller sees, are the same on every backend.
+ *
+ * @module
+ */
+
+import type { DType } from "../graph/dtype.ts";
+import type { OpKind } from "../graph/ir.ts";
+import type { BufferSlot, ExecutionPlan } from "../graph/plan.ts";
+import type { DeviceTensor } from "./contract.ts";
+
+/**
+ * Checks that bytes `offset .. offset + length` lie inside `t` (for `readTensor`,
+ * `writeTensor` and `copyTensor`); a `RangeError` names the range and the size.
+ */
+export function checkRange(t: DeviceTensor, offset: number, length: number): void {
+  if (
+    !Number.isInteger(offset) || !Number.isInteger(length) || offset < 0 || length < 0 || offset + length > t.byteLength
+  ) {
+    throw new RangeError(`Cannot access bytes ${offset}..${offset + length} of "${t.name}": it holds ${t.byteLength}`);
+  }
+}
+
+/**
+ * Checks the arguments of {@link Executable.writeInput}: `tensorId` is a graph input
+ * (else a `TypeError`), and `count` is an integer that fits both the input's slot and
+ * `data` (else a `RangeError`). Returns the input's arena slot.
+ */
+export function checkInputWrite(
+  plan: ExecutionPlan,
+  tensorId: number,
+  data: Int32Array | Float32Array,
+  count: number,
+): BufferSlot {
+  const slot = plan.slots[tensorId];
+  if (!slot || !plan.graph.inputs.includes(tensorId)) {
+    throw new TypeError(`Cannot write input ${tensorId}: it is not a graph input`);
+  }
+  const capacity = slot.bytes / 4;
+  if (!Number.isInteger(count) || count < 0 || count > capacity || count > data.length) {
+    const name = plan.graph.tensors[tensorId].name;
+    throw new RangeError(`Cannot write ${count} values to input "${name}": it holds ${capacity}`);
+  }
+  return slot;
+}
+
+/**
+ * Checks the arguments of {@link Executable.readOutput}: `tensorId` is a graph output,
+ * and `count` is an integer that fits both the output's slot and `dst`; a `RangeError`
+ * otherwise. Returns the output's arena slot.
+ */
+export function checkOutputRead(plan: ExecutionPlan, tensorId: number, dst: Float32Array, count: number): BufferSlot {
+  const slot = plan.slots[tensorId];
+  if (!slot || !plan.graph.outputs.includes(tensorId)) {
+    throw new RangeError(`Cannot read ${count} values of output ${tensorId}: it is not a graph output`);
+  }
+  const capacity = slot.bytes / 4;
+  if (!Number.isInteger(count) || count < 0 || count > capacity) {
+    throw new RangeError(`Cannot read ${count} values of output ${tensorId}: it holds ${capacity}`);
+  }
+  if (count > dst.length) throw new RangeError(`Cannot read ${count} values into an array of ${dst.length}`);
+  return slot;
+}
+
+/**
+ * The token-id bound of each `i32` graph input: the fewest rows of the embedding
+ * tables that read it. An executable records every embedding node when it compiles
+ * and checks every id `writeInput` receives, so no kernel reads past a table.
+ */
+export class TokenIdLimits {
+  readonly #limits = new Map<number, number>();
+
+  /** Records that input `inputId` indexes a table of `rows` rows. */
+  add(inputId: number, rows: number): void {
+    this.#limits.set(inputId, Math.min(this.#limits.get(inputId) ?? Infinity, rows));
+  }
+
+  /** One past the largest id input `inputId` accepts (Infinity when no table reads it). */
+  limit(inputId: number): number {
+    return this.#limits.get(inputId) ?? Infinity;
+  }
+
+  /**
+   * Checks the first `count` ids of `data` for input `inputId`: a `RangeError` names the
+   * first that is not an integer from 0 to the limit minus 1.
+   */
+  check(inputId: number, data: Int32Array | Float32Array, count: number): void {
+    const limit = this.limit(inputId);
+    for (let i = 0; i < count; i++) {
+      const id = data[i];
+      if (!Number.isInteger(id) || !(id >= 0 && id < limit)) {
+        throw new RangeError(`Cannot embed token id ${id}: expected an integer from 0 to ${limit - 1}`);
+      }
+    }
+  }
+}
+
+/**
+ * What a backend runs: for every op kind, whether it runs it with a given operand
+ * dtype (see {@link Backend.supports} for which dtype that is). Each backend keeps
+ * one, so adding an op kind is a compile error in every backend until it says.
+ */
+export type OpSupport = Readonly<Record<OpKind, (dtype: DType) => boolean>>;
+
+/** The operand test of ops that run on f32 activations only. */
+export function f32Only(dtype: DType): boolean {
+  return dtype === "f32";
+}
+
+/**
+ * Looks `op` up in a backend's {@link OpSupport} table: what its `supports` returns.
+ * An op kind the table does not know (a caller's typo) is not supported.
+ */
+export function supportsOp(table: OpSupport, op: OpKind, dtype: DType): boolean {
+  return Object.hasOwn(table, op) && table[op](dtype);
+}
