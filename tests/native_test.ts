@@ -486,6 +486,19 @@ Deno.test("native: a missing or stale library gives NativeLibraryError naming th
   }
 });
 
+Deno.test("native: the library-load error names the path and the build command, and Deno's prefix once", async () => {
+  const path = "/nonexistent/dir/libllm_native.so";
+  const e = await createNativeBackend({ library: path }).then(() => assert.fail("expected an error"), (e) => e);
+  assert.ok(e instanceof NativeLibraryError, String(e));
+  const message = (e as NativeLibraryError).message;
+  assert.ok(message.startsWith(`Cannot load the native library "${path}": `), message);
+  assert.ok((message.match(/Could not open library/gi) ?? []).length <= 1, message);
+  // The reason follows the path once: the dlopen text without its own copy of the path.
+  assert.equal(message.split(path).length - 1, 1, message);
+  assert.ok(message.endsWith(`Build it with \`${BUILD_COMMAND}\``), message);
+  assert.equal((e as NativeLibraryError).path, path);
+});
+
 Deno.test("native: measureReadBandwidth returns a plausible rate", async () => {
   for (const threads of [1, 2]) {
     const gbps = await measureReadBandwidth({ bytes: 64 << 20, threads, reps: 2 });

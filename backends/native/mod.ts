@@ -17,15 +17,9 @@
 import { registerBackend } from "../registry.ts";
 import { createNativeBackend } from "./backend.ts";
 
-export {
-  BUILD_COMMAND,
-  createNativeBackend,
-  measureReadBandwidth,
-  NativeBackend,
-  NativeLibraryError,
-} from "./backend.ts";
-export type { BandwidthOptions, NativeBackendOptions } from "./backend.ts";
-export { buildNative } from "./build.ts";
-export type { BuildOptions } from "./build.ts";
+export { createNativeBackend, NativeBackend, type NativeBackendOptions } from "./backend.ts";
+export { BUILD_COMMAND, NativeLibraryError } from "./library.ts";
+export { type BandwidthOptions, measureReadBandwidth } from "./bandwidth.ts";
+export { buildNative, type BuildOptions } from "./build.ts";
 
 registerBackend("native", createNativeBackend);
