@@ -42,6 +42,7 @@ export interface PromptCacheStats {
 
 /** Idle sequences kept for their prefixes, within a byte budget, LRU-evicted. */
 export class PromptCache {
+  /** Most bytes of KV cache that idle sequences may hold. */
   readonly budgetBytes: number;
   readonly #entries: CacheEntry[] = [];
   #clock = 0;
@@ -50,7 +51,11 @@ export class PromptCache {
   #misses = 0;
   #evictions = 0;
 
-  /** @param budgetBytes most bytes of KV cache kept by idle sequences (0 disables caching) */
+  /**
+   * An empty cache.
+   *
+   * @param budgetBytes most bytes of KV cache kept by idle sequences (0 disables caching)
+   */
   constructor(budgetBytes: number) {
     if (!Number.isInteger(budgetBytes) || budgetBytes < 0) {
       throw new RangeError(`Invalid prompt cache budget ${budgetBytes}: expected an integer number of bytes ≥ 0`);

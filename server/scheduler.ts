@@ -9,6 +9,8 @@
 /** Every generation slot is busy and the queue is full. */
 export class QueueFullError extends Error {
   /**
+   * The error for a full queue, with what it holds.
+   *
    * @param parallel generations running
    * @param queued requests waiting
    */
@@ -33,12 +35,18 @@ interface Waiter {
 
 /** Hands out generation slots in arrival order. */
 export class Scheduler {
+  /** Generations that run at once. */
   readonly parallel: number;
+  /** Requests that may wait for a slot. */
   readonly maxQueue: number;
   #running = 0;
   readonly #queue: Waiter[] = [];
 
-  /** @param options slot and queue limits */
+  /**
+   * A scheduler with every slot free.
+   *
+   * @param options slot and queue limits
+   */
   constructor(options: SchedulerOptions) {
     for (const [k, min] of [["parallel", 1], ["maxQueue", 0]] as const) {
       const v = options[k];
