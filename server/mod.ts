@@ -8,13 +8,18 @@
  * the server starts. Errors are JSON in the OpenAI shape
  * `{ error: { message, type, param, code } }`.
  *
- * @example
- * ```ts ignore
- * import { loadModel } from "@llm/engine";
- * import { startServer } from "@llm/engine/server";
- * const model = await loadModel("Felladrin/Minueza-32M-UltraChat");
- * const server = await startServer({ models: [{ id: "minueza", model }], port: 8080 });
- * console.log(`Listening on ${server.url}`);
+ * @example Serve a model folder on 127.0.0.1:8080 until the process ends
+ * ```ts
+ * import { loadModel } from "../mod.ts";
+ * import { startServer } from "./mod.ts";
+ *
+ * export async function serve(dir: string): Promise<void> {
+ *   const model = await loadModel(dir);
+ *   const server = await startServer({ models: [{ id: "local", model }], port: 8080 });
+ *   console.log(`Listening on ${server.url}`);
+ *   await server.finished;
+ *   await model.dispose();
+ * }
  * ```
  *
  * @module
@@ -35,10 +40,14 @@ import {
   finishReason,
   parseChatRequest,
   parseCompletionRequest,
+  readJson,
   usageObject,
 } from "./protocol.ts";
 
 export { ApiError } from "./protocol.ts";
+// The types that the server's own signatures name (the rest of the library is at the root entry point).
+export type { Model } from "../models/model.ts";
+export type { Sequence } from "../models/exec/sequence.ts";
 export { PromptCache, type PromptCacheStats } from "./prompt_cache.ts";
 export { QueueFullError, Scheduler, type SchedulerOptions } from "./scheduler.ts";
 
@@ -46,6 +55,7 @@ export { QueueFullError, Scheduler, type SchedulerOptions } from "./scheduler.ts
 export interface ServedModel {
   /** The name clients pass as `model`. */
   readonly id: string;
+  /** The loaded model (the caller keeps it and disposes it after the server closes). */
   readonly model: Model;
   /** Jinja chat template to use instead of the model's own. */
   readonly template?: string;
@@ -81,7 +91,9 @@ export interface StartOptions extends ServerOptions {
 
 /** Counters of the server, as `GET /debug/stats` reports them. */
 export interface ServerStats {
+  /** Generations running now. */
   running: number;
+  /** Requests waiting for a generation slot. */
   queued: number;
   /** Requests answered by a generation that ran to its end. */
   completed: number;
@@ -89,6 +101,7 @@ export interface ServerStats {
   cancelled: number;
   /** Requests refused with 429. */
   rejected: number;
+  /** The prompt cache's counters. */
   cache: PromptCacheStats;
 }
 
@@ -106,6 +119,7 @@ export interface ChatHandler {
 export interface RunningServer extends ChatHandler {
   /** Base URL, e.g. `http://127.0.0.1:8080`. */
   readonly url: string;
+  /** The address listened on (with the port picked when `port` was 0). */
   readonly addr: Deno.NetAddr;
   /** Resolves when the server has stopped. */
   readonly finished: Promise<void>;
@@ -261,15 +275,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
     const body = await readJson(req, maxBody);
     const parsed = kind === "chat" ? parseChatRequest(body) : parseCompletionRequest(body);
     const entry = entries.get(parsed.model);
-    if (!entry) {
-      throw new ApiError(
-        404,
-        `The model ${JSON.stringify(parsed.model)} does not exist: this server has ${[...entries.keys()].join(", ")}`,
-        "invalid_request_error",
-        "model",
-        "model_not_found",
-      );
-    }
+    if (!entry) throw modelNotFound(parsed.model, `: this server has ${[...entries.keys()].join(", ")}`);
     const ids = promptIds(entry, parsed);
     // Client disconnects are seen as the response body being cancelled (Deno.serve cancels it when the
     // connection goes, also while the body waits for its first bytes); the controller is for close().
@@ -406,7 +412,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
         return await complete(req, "completion");
       case "/v1/models":
         only("GET");
-        return Response.json({ object: "list", data: [...entries.keys()].map((id) => modelObject(id, created)) });
+        return Response.json({ object: "list", data: [...entries.values()].map((e) => modelObject(e, created)) });
       case "/health":
         only("GET");
         return Response.json({
@@ -424,16 +430,9 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
     if (path.startsWith("/v1/models/")) {
       only("GET");
       const id = decodeURIComponent(path.slice("/v1/models/".length));
-      if (!entries.has(id)) {
-        throw new ApiError(
-          404,
-          `The model ${JSON.stringify(id)} does not exist`,
-          "invalid_request_error",
-          "model",
-          "model_not_found",
-        );
-      }
-      return Response.json(modelObject(id, created));
+      const entry = entries.get(id);
+      if (!entry) throw modelNotFound(id);
+      return Response.json(modelObject(entry, created));
     }
     const page = web.get(path === "/index.html" ? "/" : path);
     if (page !== undefined) {
@@ -506,8 +505,19 @@ function yieldToEventLoop(): Promise<void> {
   return new Promise((resolve) => setImmediate(resolve));
 }
 
-function modelObject(id: string, created: number) {
-  return { id, object: "model", created, owned_by: "llm-engine" };
+function modelObject(entry: Entry, created: number) {
+  return { id: entry.id, object: "model", created, owned_by: "llm-engine" };
+}
+
+/** The `404` for a model id the server does not have; `detail` says more after the sentence. */
+function modelNotFound(id: string, detail = ""): ApiError {
+  return new ApiError(
+    404,
+    `The model ${JSON.stringify(id)} does not exist${detail}`,
+    "invalid_request_error",
+    "model",
+    "model_not_found",
+  );
 }
 
 function hasGc(): boolean {
@@ -517,43 +527,4 @@ function hasGc(): boolean {
 function collectGarbage(): void {
   const gc = (globalThis as { gc?: () => void }).gc;
   if (gc) { for (let i = 0; i < 3; i++) gc(); }
-}
-
-/** The JSON body of `req`, at most `limit` bytes (`413` past it, `400` if it does not parse). */
-async function readJson(req: Request, limit: number): Promise<unknown> {
-  const declared = Number(req.headers.get("content-length") ?? NaN);
-  const tooLarge = () =>
-    new ApiError(
-      413,
-      `Request body too large: the limit is ${limit} bytes`,
-      "invalid_request_error",
-      null,
-      "request_too_large",
-    );
-  if (declared > limit) throw tooLarge();
-  if (!req.body) throw new ApiError(400, "Missing request body: expected JSON", "invalid_request_error");
-  const parts: Uint8Array[] = [];
-  let size = 0;
-  const reader = req.body.getReader();
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    size += value.byteLength;
-    if (size > limit) {
-      await reader.cancel();
-      throw tooLarge();
-    }
-    parts.push(value);
-  }
-  const bytes = new Uint8Array(size);
-  let at = 0;
-  for (const p of parts) {
-    bytes.set(p, at);
-    at += p.byteLength;
-  }
-  try {
-    return JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
-  } catch (e) {
-    throw new ApiError(400, `Invalid JSON in the request body: ${(e as Error).message}`, "invalid_request_error");
-  }
 }

@@ -1,17 +1,20 @@
 /**
- * The OpenAI wire format: request validation (every bad field becomes an
- * {@link ApiError} naming the parameter) and the response objects of
- * `/v1/chat/completions` and `/v1/completions`.
+ * The OpenAI wire format: reading and validating request bodies (every bad
+ * field becomes an {@link ApiError} naming the parameter) and the response
+ * objects of `/v1/chat/completions` and `/v1/completions`.
  *
  * @module
  */
 
+import { concatBytes } from "../graph/bytes.ts";
 import type { ChatMessage } from "../models/chat/session.ts";
 import type { GenerateOptions, StopReason } from "../models/generate/token_generator.ts";
 
 /** An error answered as JSON in the OpenAI shape `{ error: { message, type, param, code } }`. */
 export class ApiError extends Error {
   /**
+   * An error to answer with.
+   *
    * @param status HTTP status
    * @param message what is wrong, sentence case
    * @param type OpenAI error type (`invalid_request_error`, …)
@@ -79,6 +82,14 @@ function optNumber(body: Json, key: string, min: number, max: number, integer = 
   return v;
 }
 
+/** `body[key]` if it is an object, `undefined` if absent or null; anything else is a `400` naming `key`. */
+function optObject(body: Json, key: string): Json | undefined {
+  const v = body[key];
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== "object" || Array.isArray(v)) bad(key, `Invalid '${key}' ${describe(v)}: expected an object`);
+  return v as Json;
+}
+
 function parseCommon(body: unknown): CommonParams & { body: Json } {
   if (typeof body !== "object" || body === null || Array.isArray(body)) {
     throw new ApiError(400, `Invalid request body ${describe(body)}: expected a JSON object`, "invalid_request_error");
@@ -91,11 +102,8 @@ function parseCommon(body: unknown): CommonParams & { body: Json } {
     bad("stream", `Invalid 'stream' ${describe(b.stream)}: expected true or false`);
   }
   let includeUsage = false;
-  if (b.stream_options !== undefined && b.stream_options !== null) {
-    const so = b.stream_options as Json;
-    if (typeof so !== "object" || Array.isArray(so)) {
-      bad("stream_options", `Invalid 'stream_options' ${describe(so)}: expected an object`);
-    }
+  const so = optObject(b, "stream_options");
+  if (so) {
     if (so.include_usage !== undefined && typeof so.include_usage !== "boolean") {
       bad("stream_options.include_usage", `Invalid 'stream_options.include_usage' ${describe(so.include_usage)}`);
     }
@@ -124,11 +132,8 @@ function parseCommon(body: unknown): CommonParams & { body: Json } {
     seed: optNumber(b, "seed", -(2 ** 53), 2 ** 53, true),
   };
   if (sampling.topP === 0) sampling.topP = Number.MIN_VALUE; // OpenAI allows 0 (≈ greedy)
-  if (b.logit_bias !== undefined && b.logit_bias !== null) {
-    const lb = b.logit_bias as Json;
-    if (typeof lb !== "object" || Array.isArray(lb)) {
-      bad("logit_bias", `Invalid 'logit_bias' ${describe(lb)}: expected an object`);
-    }
+  const lb = optObject(b, "logit_bias");
+  if (lb) {
     const bias: Record<number, number> = {};
     for (const [k, v] of Object.entries(lb)) {
       if (!/^\d+$/.test(k) || typeof v !== "number" || !(v >= -100 && v <= 100)) {
@@ -215,4 +220,37 @@ export function usageObject(promptTokens: number, cachedTokens: number, completi
     total_tokens: promptTokens + completionTokens,
     prompt_tokens_details: { cached_tokens: cachedTokens },
   };
+}
+
+/** The JSON body of `req`, at most `limit` bytes (`413` past it, `400` if it does not parse). */
+export async function readJson(req: Request, limit: number): Promise<unknown> {
+  const declared = Number(req.headers.get("content-length") ?? NaN);
+  const tooLarge = () =>
+    new ApiError(
+      413,
+      `Request body too large: the limit is ${limit} bytes`,
+      "invalid_request_error",
+      null,
+      "request_too_large",
+    );
+  if (declared > limit) throw tooLarge();
+  if (!req.body) throw new ApiError(400, "Missing request body: expected JSON", "invalid_request_error");
+  const parts: Uint8Array[] = [];
+  let size = 0;
+  const reader = req.body.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    size += value.byteLength;
+    if (size > limit) {
+      await reader.cancel();
+      throw tooLarge();
+    }
+    parts.push(value);
+  }
+  try {
+    return JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(concatBytes(parts)));
+  } catch (e) {
+    throw new ApiError(400, `Invalid JSON in the request body: ${(e as Error).message}`, "invalid_request_error");
+  }
 }
