@@ -6,7 +6,10 @@
  * `prompt_tokens_details.cached_tokens`), `GET /v1/models`, `GET /health`, and a
  * chat web page at `/`. Requests never name files: the models are fixed when
  * the server starts. Errors are JSON in the OpenAI shape
- * `{ error: { message, type, param, code } }`.
+ * `{ error: { message, type, param, code } }`. Each model object of
+ * `/v1/models` carries, beyond OpenAI's fields, `capabilities:
+ * { chat_completions, completions }`: a model without a chat template answers
+ * only `/v1/completions`.
  *
  * @example Serve a model folder on 127.0.0.1:8080 until the process ends
  * ```ts
@@ -505,8 +508,13 @@ function yieldToEventLoop(): Promise<void> {
   return new Promise((resolve) => setImmediate(resolve));
 }
 
+/**
+ * OpenAI's model object, plus which endpoints the model answers: the chat page offers
+ * only models that can chat, instead of failing after a message is sent.
+ */
 function modelObject(entry: Entry, created: number) {
-  return { id: entry.id, object: "model", created, owned_by: "llm-engine" };
+  const capabilities = { chat_completions: !(entry.template instanceof ChatTemplateError), completions: true };
+  return { id: entry.id, object: "model", created, owned_by: "llm-engine", capabilities };
 }
 
 /** The `404` for a model id the server does not have; `detail` says more after the sentence. */

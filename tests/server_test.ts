@@ -454,6 +454,34 @@ Deno.test("server: a model without a chat template serves completions and refuse
   }
 });
 
+Deno.test("server: /v1/models says which models can chat, so a client need not send a message to find out", async () => {
+  const model = await loadModel(STORY_DIR, { contextLength: CONTEXT });
+  const server = await startServer({
+    models: [{ id: "plain", model }, { id: "story", model, template: STORY_TEMPLATE }],
+    port: 0,
+  });
+  try {
+    const list = await (await fetch(`${server.url}/v1/models`)).json();
+    assert.equal(list.object, "list");
+    assert.deepEqual(
+      list.data.map((m: { id: string; object: string; capabilities: unknown }) => [m.id, m.object, m.capabilities]),
+      [
+        ["plain", "model", { chat_completions: false, completions: true }],
+        ["story", "model", { chat_completions: true, completions: true }],
+      ],
+    );
+    const one = await (await fetch(`${server.url}/v1/models/plain`)).json();
+    assert.deepEqual(one, list.data[0]);
+    // The openai client reads the same list (the extra field rides along).
+    const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: "unused", maxRetries: 0 });
+    const seen = (await client.models.list()).data as (OpenAI.Model & { capabilities?: unknown })[];
+    assert.deepEqual(seen.map((m) => m.capabilities), list.data.map((m: { capabilities: unknown }) => m.capabilities));
+  } finally {
+    await server.close();
+    await model.dispose();
+  }
+});
+
 Deno.test("server: load test on 127.0.0.1 (200 requests, 16 at once) — every request answered or refused, memory back to its start", async () => {
   const dir = await Deno.makeTempDir({ prefix: "serve_load_" });
   const templateFile = `${dir}/template.jinja`;

@@ -1,15 +1,18 @@
 /**
  * The chat page at `/`, in headless Chromium (Debian's `chromium`, driven by
  * `playwright-core`): it lists the models, sends a message, and streams the
- * answer into the page in several pieces; the conversation carries on.
+ * answer into the page in several pieces; the conversation carries on. A turn
+ * stopped before its first token or one that fails stays out of the history
+ * sent to the server, the stats line never shows an earlier answer's numbers,
+ * and a model without a chat template cannot be chosen.
  *
  * Skipped only when `/usr/bin/chromium` is missing and `CI` is not set.
  */
 
 import assert from "node:assert/strict";
-import { chromium } from "playwright-core";
+import { type Browser, chromium, type Page } from "playwright-core";
 import { loadModel } from "../models/model.ts";
-import { startServer } from "../server/mod.ts";
+import { type RunningServer, startServer } from "../server/mod.ts";
 import { registerInstrumentedTs, STORY_DIR } from "./helpers.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
@@ -46,7 +49,43 @@ function exists(path: string): boolean {
  */
 registerInstrumentedTs("paced-ts", () => new Promise((r) => setTimeout(r, 8)));
 
+/**
+ * What the gated backend does before each step (after the same 8 ms as paced-ts): it waits
+ * for `gate` (a test closes it to hold a generation before its first token), and fails the
+ * step once `failIn` more steps have run (a test sets it to break an answer midway).
+ */
+const gated = { gate: Promise.resolve(), failIn: Infinity };
+registerInstrumentedTs("gated-ts", async () => {
+  await new Promise((r) => setTimeout(r, 8));
+  await gated.gate;
+  if (gated.failIn-- <= 0) {
+    gated.failIn = Infinity;
+    throw new Error("Injected backend failure");
+  }
+});
+
 const inCi = Deno.env.get("CI") !== undefined && Deno.env.get("CI") !== "false";
+
+function launchChromium(): Promise<Browser> {
+  return chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+}
+
+/** A page on `server`'s chat page, once it has listed the models; page errors go to `errors`. */
+async function openChat(browser: Browser, server: RunningServer, errors: string[]): Promise<Page> {
+  const page = await browser.newPage({ viewport: { width: 900, height: 640 } });
+  page.on("pageerror", (e) => errors.push(e.message));
+  await page.goto(`${server.url}/`);
+  await page.waitForSelector("body:not([data-state=loading])");
+  return page;
+}
+
+async function waitFor(what: string, ok: () => boolean, ms = 5000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!ok()) {
+    if (Date.now() > end) throw new Error(`Timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
 
 Deno.test({
   name: "web page: streams an answer in headless Chromium and keeps the conversation",
@@ -54,7 +93,7 @@ Deno.test({
   async fn() {
     const model = await loadModel(STORY_DIR, { contextLength: 512, backend: "paced-ts" });
     const server = await startServer({ models: [{ id: "story", model, template: STORY_TEMPLATE }], port: 0 });
-    const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+    const browser = await launchChromium();
     try {
       const page = await browser.newPage({ viewport: { width: 900, height: 640 } });
       const errors: string[] = [];
@@ -138,6 +177,161 @@ Deno.test({
     } finally {
       await browser.close();
       await server.close();
+      await model.dispose();
+    }
+  },
+});
+
+type Message = { role: string; content: string };
+
+Deno.test({
+  name: "web page: a turn stopped before its first token or failed stays out of the history; the stats are never stale",
+  ignore: !exists(CHROMIUM) && !inCi,
+  async fn() {
+    const model = await loadModel(STORY_DIR, { contextLength: 512, backend: "gated-ts" });
+    const server = await startServer({ models: [{ id: "story", model, template: STORY_TEMPLATE }], port: 0 });
+    const browser = await launchChromium();
+    try {
+      const errors: string[] = [];
+      const page = await openChat(browser, server, errors);
+      const sent: Message[][] = [];
+      page.on("request", (r) => {
+        if (r.url().endsWith("/v1/chat/completions")) sent.push(JSON.parse(r.postData()!).messages);
+      });
+      const ask = async (text: string) => {
+        await page.fill("#input", text);
+        await page.press("#input", "Enter");
+        await page.waitForSelector("body[data-state=streaming]");
+      };
+      const idle = () => page.waitForSelector("body[data-state=idle]", { timeout: 30_000 });
+      const assistantTexts = () => page.$$eval(".msg.assistant", (els) => els.map((e) => e.textContent));
+      await page.fill("#max-tokens", "12");
+      await page.fill("#temperature", "0");
+
+      // An answered turn: its numbers are shown.
+      await ask("Who was the fox?");
+      await idle();
+      const [first] = await assistantTexts();
+      assert.ok(first && first.length > 0);
+      const answered = await page.textContent("#stats") ?? "";
+      assert.match(answered, /\d+ prompt tokens \(\d+ cached\), \d+ generated/);
+
+      // Stopped before the first token: the backend holds the first step until the page has stopped.
+      let open!: () => void;
+      gated.gate = new Promise((r) => open = r);
+      await ask("Tell me more.");
+      assert.equal(await page.textContent("#stats"), "", "a new request clears the last answer's stats");
+      await waitFor("the request to reach its slot", () => server.stats().running === 1);
+      await page.click("#stop");
+      await idle();
+      open();
+      await waitFor("the generation to end", () => server.stats().running === 0);
+      assert.deepEqual(await assistantTexts(), [first], "no empty bubble is left");
+      assert.equal(await page.textContent("#stats"), "Stopped before the first token");
+      assert.deepEqual(
+        await page.$$eval(".msg.user.unanswered", (els) => els.map((e) => e.textContent)),
+        ["Tell me more."],
+      );
+
+      // Refused before any token (max_tokens past the context): an error, not an assistant message.
+      await page.fill("#max-tokens", "100000");
+      await page.fill("#input", "Again?");
+      await page.press("#input", "Enter");
+      await page.waitForSelector(".msg.error");
+      await idle();
+      assert.match(await page.textContent(".msg.error") ?? "", /max_tokens/);
+      assert.deepEqual(await assistantTexts(), [first]);
+      assert.equal(await page.textContent("#stats"), "");
+
+      // Broken midway (the backend fails a step): the partial answer is marked failed, the error shown.
+      await page.fill("#max-tokens", "40");
+      gated.failIn = 6;
+      await ask("And then?");
+      await page.waitForSelector(".msg.error >> nth=1", { timeout: 30_000 });
+      await idle();
+      assert.match(await page.textContent(".msg.error >> nth=1") ?? "", /Injected backend failure/);
+      const failed = await page.$$eval(".msg.assistant.failed", (els) => els.map((e) => e.textContent));
+      assert.equal(failed.length, 1);
+      assert.ok(failed[0]!.length > 0, "the failed answer had begun");
+      assert.equal(await page.textContent("#stats"), "");
+
+      // The next request carries only the answered turn.
+      await page.fill("#max-tokens", "12");
+      await ask("What did the fox eat?");
+      await idle();
+      // Every later request carries the answered turn (as streamed, before the page trims it for display), then
+      // its own question: none of the stopped, refused or failed turns.
+      const answeredTurn = sent[1].slice(0, 2);
+      assert.deepEqual(answeredTurn.map((m) => m.role), ["user", "assistant"]);
+      assert.equal(answeredTurn[1].content.trimStart(), first);
+      assert.deepEqual(
+        sent.slice(1),
+        ["Tell me more.", "Again?", "And then?", "What did the fox eat?"].map((q) => [
+          ...answeredTurn,
+          { role: "user", content: q },
+        ]),
+      );
+      assert.match(await page.textContent("#stats") ?? "", /\d+ prompt tokens \(\d+ cached\), \d+ generated/);
+      assert.deepEqual(errors, []);
+    } finally {
+      gated.failIn = Infinity;
+      await browser.close();
+      await server.close();
+      await model.dispose();
+    }
+  },
+});
+
+Deno.test({
+  name: "web page: a model without a chat template is listed but cannot be chosen for chat",
+  ignore: !exists(CHROMIUM) && !inCi,
+  async fn() {
+    const model = await loadModel(STORY_DIR, { contextLength: 256, backend: "ts" });
+    const browser = await launchChromium();
+    const options = (page: Page) =>
+      page.$$eval("#model option", (os) =>
+        os.map((o) => {
+          const option = o as unknown as { value: string; textContent: string; disabled: boolean };
+          return [option.value, option.textContent, option.disabled];
+        }));
+    try {
+      const errors: string[] = [];
+      // Beside a model that can chat: shown disabled, with why; the one that can chat is selected.
+      const both = await startServer({
+        models: [{ id: "plain", model }, { id: "story", model, template: STORY_TEMPLATE }],
+        port: 0,
+      });
+      try {
+        const page = await openChat(browser, both, errors);
+        assert.equal(await page.getAttribute("body", "data-state"), "idle");
+        assert.deepEqual(await options(page), [
+          ["plain", "plain (no chat template)", true],
+          ["story", "story", false],
+        ]);
+        assert.equal(await page.$eval("#model", (s) => (s as unknown as { value: string }).value), "story");
+        await page.fill("#max-tokens", "4");
+        await page.fill("#input", "Who was the fox?");
+        await page.press("#input", "Enter");
+        await page.waitForSelector(".msg.assistant:not(.streaming)", { timeout: 30_000 });
+        await page.waitForSelector("body[data-state=idle]");
+        assert.equal(await page.$$eval(".msg.error", (els) => els.length), 0);
+      } finally {
+        await both.close();
+      }
+      // Alone: nothing can be sent, and the page says why before anything is typed.
+      const alone = await startServer({ models: [{ id: "plain", model }], port: 0 });
+      try {
+        const page = await openChat(browser, alone, errors);
+        assert.equal(await page.getAttribute("body", "data-state"), "error");
+        assert.deepEqual(await options(page), [["plain", "plain (no chat template)", true]]);
+        assert.match(await page.textContent(".msg.error") ?? "", /No model on this server has a chat template/);
+        assert.equal(await page.isDisabled("#send"), true);
+      } finally {
+        await alone.close();
+      }
+      assert.deepEqual(errors, []);
+    } finally {
+      await browser.close();
       await model.dispose();
     }
   },
