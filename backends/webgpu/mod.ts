@@ -16,15 +16,14 @@
 import { registerBackend } from "../registry.ts";
 import { createWebGpuBackend } from "./backend.ts";
 
+export { createWebGpuBackend, WebGpuBackend } from "./backend.ts";
 export {
-  createWebGpuBackend,
   type DecodeKernel,
   type PrefillKernel,
   setNavigatorGpu,
-  WebGpuBackend,
   type WebGpuBackendOptions,
   WebGpuDeviceLostError,
   WebGpuUnavailableError,
-} from "./backend.ts";
+} from "./device.ts";
 
 registerBackend("webgpu", () => createWebGpuBackend());
