@@ -24,8 +24,11 @@ export type { DType, ExecutionPlan, Op, OpKind };
 
 /** A tensor in host memory: raw bytes in the layout `graph/dtype.ts` gives for its dtype. */
 export interface HostTensor {
+  /** The tensor's name (a weight's name in the model files). */
   readonly name: string;
+  /** How `data` is laid out. */
   readonly dtype: DType;
+  /** The dimensions, row-major. */
   readonly shape: readonly number[];
   /** The bytes; may be a view into a larger buffer (for example a whole model file). */
   readonly data: Uint8Array;
@@ -33,9 +36,13 @@ export interface HostTensor {
 
 /** A tensor held by a backend (weights and state). Opaque beyond these fields. */
 export interface DeviceTensor {
+  /** The tensor's name, for errors and logs. */
   readonly name: string;
+  /** How the bytes are laid out (`graph/dtype.ts`). */
   readonly dtype: DType;
+  /** The dimensions, row-major. */
   readonly shape: readonly number[];
+  /** Bytes the tensor holds. */
   readonly byteLength: number;
 }
 
@@ -128,7 +135,10 @@ export function operandDType(graph: Graph, node: Node): DType {
 
 /** Thrown when a backend cannot run something it was given; names the backend and what. */
 export class UnsupportedError extends Error {
-  /** @param message sentence-case description naming the backend and the op/dtype. */
+  /**
+   * Creates the error.
+   * @param message sentence-case description naming the backend and the op/dtype.
+   */
   constructor(message: string) {
     super(message);
     this.name = "UnsupportedError";

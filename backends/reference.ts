@@ -11,7 +11,9 @@ import type { Op } from "../graph/ir.ts";
 
 /** A dense tensor for the reference kernels. */
 export interface RefTensor {
+  /** The resolved dimensions, row-major. */
   readonly shape: readonly number[];
+  /** The values: f32, or i32 token ids. */
   readonly data: Float32Array | Int32Array;
   /**
    * How a state tensor stores its values (default `"f32"`): values written into an

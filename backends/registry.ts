@@ -34,7 +34,10 @@ export function backendNames(): string[] {
 
 /** Thrown when no backend of that name exists. */
 export class UnknownBackendError extends TypeError {
-  /** @param name the name that was asked for */
+  /**
+   * Creates the error, listing the names that exist.
+   * @param name the name that was asked for
+   */
   constructor(name: string) {
     super(`Cannot find backend "${name}": expected one of ${backendNames().map((n) => `"${n}"`).join(", ")}`);
     this.name = "UnknownBackendError";

@@ -5,10 +5,11 @@
  * ```ts
  * import { GraphBuilder } from "./builder.ts";
  * const g = new GraphBuilder();
- * const x = g.input("x", "f32", ["T", 4]);
+ * const x = g.input("x", "f32", ["T", 4]); // T rows, bound when a step runs
  * const w = g.weight("w", "f32", [4]);
- * g.output(g.rmsNorm(x, w, 1e-6));
+ * g.output(g.rmsNorm(x, w, 1e-6, "x_norm"));
  * const graph = g.build();
+ * console.log(graph.nodes.map((n) => n.op.kind)); // [ "rmsNorm" ]
  * ```
  *
  * @module

@@ -31,8 +31,11 @@ export interface TensorSpec {
   readonly id: number;
   /** A readable name, unique in the graph (weights use their file names). */
   readonly name: string;
+  /** Where its memory comes from. */
   readonly kind: TensorKind;
+  /** Its element type (activations are always `f32`). */
   readonly dtype: DType;
+  /** Its dimensions: numbers, or names bound per step. */
   readonly shape: readonly Dim[];
 }
 
@@ -99,6 +102,7 @@ export const OP_KINDS: readonly OpKind[] = [
 export interface Node {
   /** Index of the node in {@link Graph.nodes}. */
   readonly id: number;
+  /** The operation and its attributes. */
   readonly op: Op;
   /** Tensor ids read, in the order the op documents. */
   readonly inputs: readonly number[];
@@ -108,7 +112,9 @@ export interface Node {
 
 /** A whole graph: tensors, nodes, and which tensors are the inputs and outputs. */
 export interface Graph {
+  /** Every tensor, indexed by id. */
   readonly tensors: readonly TensorSpec[];
+  /** Every node, indexed by id, in the order recorded (not necessarily the execution order). */
   readonly nodes: readonly Node[];
   /** Input tensor ids (written by the caller each step). */
   readonly inputs: readonly number[];

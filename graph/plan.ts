@@ -29,6 +29,7 @@ export interface BufferSlot {
 
 /** A graph ordered and laid out in memory, ready for a backend to run. */
 export interface ExecutionPlan {
+  /** The graph planned. */
   readonly graph: Graph;
   /** Node ids in execution order. */
   readonly order: readonly number[];

@@ -16,6 +16,7 @@ import { byteSize, type DType, QUANT_BLOCK, quantScalesOffset } from "./dtype.ts
 /** A weight value that no dtype can hold (NaN or ±Infinity). */
 export class NonFiniteWeightError extends RangeError {
   /**
+   * Creates the error, naming the tensor, the element and its value.
    * @param what the tensor
    * @param index the element
    * @param value the value

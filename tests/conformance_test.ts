@@ -22,8 +22,8 @@ import type { Backend, DeviceTensor } from "../backends/contract.ts";
 import { UnsupportedError } from "../backends/contract.ts";
 import { referenceOp, type RefTensor } from "../backends/reference.ts";
 import { GraphBuilder } from "../graph/builder.ts";
-import type { DType } from "../graph/dtype.ts";
-import type { Dim, Op, TensorSpec } from "../graph/ir.ts";
+import { type DType, WEIGHT_DTYPES } from "../graph/dtype.ts";
+import { type Dim, elementCount, type Op, type OpKind, type TensorSpec } from "../graph/ir.ts";
 import { planGraph } from "../graph/plan.ts";
 import { decodeWeights, encodeWeights } from "../graph/weight_codec.ts";
 import { assertClose, probeBackends, randomF32 } from "./helpers.ts";
@@ -37,8 +37,6 @@ export const TOLERANCE: Record<DType, number> = {
   q4_0: 2e-2,
   i32: 0,
 };
-
-const WEIGHT_DTYPES: DType[] = ["f32", "f16", "bf16", "q8_0", "q4_0"];
 
 /** Tolerance of attention and of its cache, per KV cache dtype: an f16 cache allows one f16 rounding step. */
 export const KV_TOLERANCE: Record<"f32" | "f16", number> = { f32: 1e-5, f16: 1e-3 };
@@ -65,7 +63,7 @@ function f32Input(name: string, shape: number[], seed: number, scale = 1): CaseI
 }
 
 function weight(name: string, dtype: DType, shape: number[], seed: number, scale = 1): CaseInput {
-  return { name, kind: "weight", dtype, shape, values: randomF32(shape.reduce((a, b) => a * b), seed, scale) };
+  return { name, kind: "weight", dtype, shape, values: randomF32(elementCount(shape), seed, scale) };
 }
 
 function cases(): OpCase[] {
@@ -360,6 +358,68 @@ Deno.test("conformance: a step past the smallest KV cache of any attention node 
       });
     } finally {
       exec.dispose();
+    }
+  });
+});
+
+Deno.test("conformance: every backend checks inputs, outputs, token ids, byte ranges and op kinds alike", async (t) => {
+  // ids [T] → embedding (V = 6 rows of 4) → out, and an f32 input x that is not an output.
+  const g = new GraphBuilder();
+  const ids = g.input("ids", "i32", ["T"]);
+  const x = g.input("x", "f32", ["T", 4]);
+  const table = g.weight("table", "f32", [6, 4]);
+  const out = g.add(g.embedding(ids, table, "rows"), x, "out");
+  g.output(out);
+  const plan = planGraph(g.build(), { T: 2 });
+  const values = randomF32(24, 31);
+  await onEachBackend(t, async (backend) => {
+    const tensor = backend.upload({ name: "table", dtype: "f32", shape: [6, 4], data: new Uint8Array(values.buffer) });
+    const exec = await backend.compile(plan, new Map([[table.id, tensor]]));
+    try {
+      assert.throws(() => exec.writeInput(out.id, new Float32Array(8), 8), {
+        name: "TypeError",
+        message: `Cannot write input ${out.id}: it is not a graph input`,
+      });
+      const fits = plan.slots[x.id]!.bytes / 4;
+      assert.throws(() => exec.writeInput(x.id, new Float32Array(fits + 1), fits + 1), {
+        name: "RangeError",
+        message: `Cannot write ${fits + 1} values to input "x": it holds ${fits}`,
+      });
+      assert.throws(() => exec.writeInput(x.id, new Float32Array(8), 1.5), RangeError);
+      for (const bad of [6, -1]) {
+        assert.throws(() => exec.writeInput(ids.id, Int32Array.of(0, bad), 2), {
+          name: "RangeError",
+          message: `Cannot embed token id ${bad}: expected an integer from 0 to 5`,
+        });
+      }
+      assert.throws(() => exec.writeInput(ids.id, Float32Array.of(0.5), 1), RangeError);
+      exec.writeInput(ids.id, Int32Array.of(5, 0), 2);
+      exec.writeInput(x.id, new Float32Array(8), 8);
+      await exec.run({ dims: { T: 2 }, pos: 0 });
+      const dst = new Float32Array(8);
+      await exec.readOutput(out.id, dst, 8);
+      assertClose(dst, [...values.subarray(20, 24), ...values.subarray(0, 4)], TOLERANCE.f32, `${backend.name}: rows`);
+      await assert.rejects(() => exec.readOutput(x.id, dst, 4), {
+        name: "RangeError",
+        message: `Cannot read 4 values of output ${x.id}: it is not a graph output`,
+      });
+      await assert.rejects(() => exec.readOutput(out.id, new Float32Array(2), 4), {
+        name: "RangeError",
+        message: "Cannot read 4 values into an array of 2",
+      });
+      await assert.rejects(() => exec.readOutput(out.id, dst, -1), RangeError);
+      assert.throws(() => backend.writeTensor(tensor, 92, new Uint8Array(8)), {
+        name: "RangeError",
+        message: 'Cannot access bytes 92..100 of "table": it holds 96',
+      });
+      await assert.rejects(() => backend.readTensor(tensor, -4, 4), RangeError);
+      assert.throws(() => backend.copyTensor(tensor, tensor, 100), RangeError);
+      assert.equal(backend.supports("conv" as OpKind, "f32"), false);
+      assert.equal(backend.supports("toString" as OpKind, "f32"), false);
+      assert.equal(backend.supports("add", "q8_0"), false);
+    } finally {
+      exec.dispose();
+      backend.release(tensor);
     }
   });
 });

@@ -22,8 +22,8 @@ import {
   NativeLibraryError,
 } from "../backends/native/mod.ts";
 import { GraphBuilder } from "../graph/builder.ts";
-import { byteSize, type DType } from "../graph/dtype.ts";
-import type { Graph, Op } from "../graph/ir.ts";
+import { byteSize, type DType, WEIGHT_DTYPES } from "../graph/dtype.ts";
+import { elementCount, type Graph, type Op } from "../graph/ir.ts";
 import { planGraph } from "../graph/plan.ts";
 import { f32BitsToF16 } from "../graph/half.ts";
 import { decodeWeights, encodeWeights } from "../graph/weight_codec.ts";
@@ -112,7 +112,7 @@ interface OpCheck {
 
 function opChecks(): OpCheck[] {
   const out: OpCheck[] = [];
-  for (const dtype of ["f32", "f16", "bf16", "q8_0", "q4_0"] as DType[]) {
+  for (const dtype of WEIGHT_DTYPES) {
     // K = 320 is 10 quant blocks: one group of 8 (the SIMD path) and 2 left over; K = 100 leaves a float
     // tail; K = 1100 makes rows of 2 KiB or more, which decode takes 4 at a time, with a tail.
     for (const K of dtype.startsWith("q") ? [96, 320] : [100, 320, 1100]) {
@@ -156,7 +156,7 @@ async function runOpCheck(backend: Backend, c: OpCheck): Promise<void> {
     return { spec: g.input(name, "f32", ["T", width]), data };
   };
   const weight = (name: string, dtype: DType, shape: number[], seed: number) => {
-    const values = randomF32(shape.reduce((a, b) => a * b), seed, 0.5);
+    const values = randomF32(elementCount(shape), seed, 0.5);
     const bytes = encodeWeights(dtype, values, shape[shape.length - 1]);
     const spec = g.weight(name, dtype, shape);
     bindings.set(spec.id, backend.upload({ name, dtype, shape, data: bytes }));

@@ -12,7 +12,8 @@
 
 import assert from "node:assert/strict";
 import { bf16ToF32, f16Table, f16ToF32, f32ToBf16, f32ToF16 } from "../graph/half.ts";
-import type { DType } from "../graph/dtype.ts";
+import { type DType, WEIGHT_DTYPES } from "../graph/dtype.ts";
+import { elementCount } from "../graph/ir.ts";
 import { decodeWeights, encodeWeights, NonFiniteWeightError } from "../graph/weight_codec.ts";
 import { EMBEDDING_KERNELS, MATMUL_KERNELS, type TsWeight } from "../backends/ts/matmul.ts";
 import { chooseDType, convertWeight } from "../models/files/weight_dtype.ts";
@@ -296,7 +297,7 @@ Deno.test("chooseDType: norms stay f32, rows that are not whole blocks fall back
     assert.equal(chooseDType([384, 128], target), target);
     assert.equal(chooseDType([128, 384], target), target);
   }
-  for (const target of ["f32", "f16", "bf16", "q8_0", "q4_0"] as const) {
+  for (const target of WEIGHT_DTYPES) {
     assert.equal(chooseDType([312], target), "f32", `a norm under ${target}`);
     assert.equal(chooseDType([128], target), "f32", `a norm under ${target}`);
   }
@@ -306,7 +307,7 @@ Deno.test("chooseDType: norms stay f32, rows that are not whole blocks fall back
 
 Deno.test("convertWeight: converts matrices, keeps norms, sizes follow the layout", () => {
   const f32 = (name: string, shape: number[]) => {
-    const v = randomF32(shape.reduce((a, b) => a * b), 3);
+    const v = randomF32(elementCount(shape), 3);
     return { name, dtype: "f32" as DType, shape, data: new Uint8Array(v.buffer) };
   };
   const norm = f32("norm", [64]);
@@ -346,7 +347,7 @@ function tsWeight(dtype: DType, shape: number[], values: Float32Array, pad: numb
 }
 
 Deno.test("ts kernels: every weight dtype matches the f64 product of the decoded weights", () => {
-  for (const dtype of ["f32", "f16", "bf16", "q8_0", "q4_0"] as const) {
+  for (const dtype of WEIGHT_DTYPES) {
     for (const [T, K, N, pad] of [[1, 96, 7, 0], [1, 64, 1, 4], [2, 32, 5, 1], [6, 128, 9, 2], [9, 64, 4, 0]]) {
       const W = randomF32(N * K, N + K, 0.5);
       const x = randomF32(T * K, T + K);

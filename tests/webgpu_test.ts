@@ -24,7 +24,7 @@ import {
   WebGpuDeviceLostError,
   WebGpuUnavailableError,
 } from "../backends/webgpu/mod.ts";
-import type { DType } from "../graph/dtype.ts";
+import { type DType, WEIGHT_DTYPES } from "../graph/dtype.ts";
 import { GraphBuilder } from "../graph/builder.ts";
 import { planGraph } from "../graph/plan.ts";
 import { decodeWeights, encodeWeights } from "../graph/weight_codec.ts";
@@ -131,8 +131,7 @@ Deno.test({
     const backend = await createWebGpuBackend({ decodeKernel: "workgroup" });
     try {
       assert.equal(backend.decodeKernel, "workgroup");
-      const dtypes: DType[] = ["f32", "f16", "bf16", "q8_0", "q4_0"];
-      const shapes = dtypes.flatMap((dtype) => [[dtype, 1, 64, 24], [dtype, 4, 96, 17]] as const);
+      const shapes = WEIGHT_DTYPES.flatMap((dtype) => [[dtype, 1, 64, 24], [dtype, 4, 96, 17]] as const);
       for (const [dtype, T, K, N] of [...shapes, ["f32", 2, 37, 5] as const]) {
         const g = new GraphBuilder();
         const x = g.input("x", "f32", ["T", K]);
@@ -249,9 +248,8 @@ Deno.test({
   fn: async () => {
     // 256-byte bindings: from 1 row per part (f32, K = 64) to 7 (q4_0).
     const backend = await createWebGpuBackend({ maxBindingBytes: 256 });
-    const dtypes: DType[] = ["f32", "f16", "bf16", "q8_0", "q4_0"];
     try {
-      for (const dtype of dtypes) {
+      for (const dtype of WEIGHT_DTYPES) {
         const [N, K] = [24, 64];
         const bytes = encodeWeights(dtype, randomF32(N * K, 7, 0.5), K);
         const device = backend.upload({ name: "w", dtype, shape: [N, K], data: bytes });

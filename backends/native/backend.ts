@@ -170,9 +170,13 @@ export class NativeBackend implements Backend {
 
   /** Copies bytes out of a tensor. */
   readTensor(t: DeviceTensor, byteOffset: number, byteLength: number): Promise<Uint8Array> {
-    const n = this.#own(t);
-    checkRange(t, byteOffset, byteLength);
-    return Promise.resolve(n.bytes.slice(byteOffset, byteOffset + byteLength));
+    try {
+      const n = this.#own(t);
+      checkRange(t, byteOffset, byteLength);
+      return Promise.resolve(n.bytes.slice(byteOffset, byteOffset + byteLength));
+    } catch (e) {
+      return Promise.reject(e);
+    }
   }
 
   /** Copies bytes into a tensor. */
@@ -233,9 +237,10 @@ globalThis.addEventListener("unload", () => {
  * is missing or stale.
  *
  * @example
- * ```ts ignore
+ * ```ts
+ * import { createNativeBackend } from "@llm/engine/native";
  * const backend = await createNativeBackend({ threads: 2 });
- * console.log(backend.description); // "native C (AVX2+FMA+F16C), 2 threads"
+ * console.log(backend.description); // e.g. "native C (AVX2+FMA+F16C), 2 threads"
  * backend.dispose();
  * ```
  */

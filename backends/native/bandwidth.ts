@@ -25,7 +25,9 @@ export interface BandwidthOptions {
  *
  * @example
  * ```ts
- * const gbps = await measureReadBandwidth({ bytes: 1 << 30, threads: 1 });
+ * import { measureReadBandwidth } from "@llm/engine/native";
+ * const gbps = await measureReadBandwidth({ bytes: 64 << 20, threads: 1 });
+ * console.log(`${gbps.toFixed(1)} GB/s`);
  * ```
  */
 export async function measureReadBandwidth(options: BandwidthOptions = {}): Promise<number> {

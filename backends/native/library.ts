@@ -37,6 +37,7 @@ export class NativeLibraryError extends Error {
   /** The library path that was tried. */
   readonly path: string;
   /**
+   * Creates the error.
    * @param message sentence-case description, naming the path and the build command
    * @param path the library path
    */

@@ -80,7 +80,11 @@ export class TsBackend implements Backend {
 
   /** Copies bytes out of a tensor. */
   readTensor(t: DeviceTensor, byteOffset: number, byteLength: number): Promise<Uint8Array> {
-    checkRange(t, byteOffset, byteLength);
+    try {
+      checkRange(t, byteOffset, byteLength);
+    } catch (e) {
+      return Promise.reject(e);
+    }
     return Promise.resolve((t as TsTensor).bytes.slice(byteOffset, byteOffset + byteLength));
   }
 

@@ -246,10 +246,16 @@ export class WebGpuBackend implements Backend {
  * Throws a {@link WebGpuUnavailableError} when there is no WebGPU or no adapter.
  *
  * @example
- * ```ts ignore
- * const backend = await createWebGpuBackend();
- * console.log(backend.description);
- * backend.dispose();
+ * ```ts
+ * import { createWebGpuBackend, WebGpuUnavailableError } from "@llm/engine/webgpu";
+ * try {
+ *   const backend = await createWebGpuBackend();
+ *   console.log(backend.description);
+ *   backend.dispose();
+ * } catch (e) {
+ *   if (!(e instanceof WebGpuUnavailableError)) throw e;
+ *   console.log(`no WebGPU here: ${e.message}`);
+ * }
  * ```
  */
 export async function createWebGpuBackend(options: WebGpuBackendOptions = {}): Promise<WebGpuBackend> {

@@ -12,7 +12,10 @@ import { SHARED_BYTES, SHARED_INVOCATIONS, WG } from "./shaders.ts";
 
 /** Thrown when WebGPU or a GPU adapter is not available (no `navigator.gpu`, or no adapter). */
 export class WebGpuUnavailableError extends Error {
-  /** @param message sentence-case reason */
+  /**
+   * Creates the error.
+   * @param message sentence-case reason
+   */
   constructor(message: string) {
     super(message);
     this.name = "WebGpuUnavailableError";
@@ -21,13 +24,18 @@ export class WebGpuUnavailableError extends Error {
 
 /** Thrown by `run`, `readOutput` and reads once the GPU device is lost (or destroyed). */
 export class WebGpuDeviceLostError extends Error {
+  /** The `GPUDeviceLostInfo` reason (`"destroyed"` or `"unknown"`). */
+  readonly reason: string;
+
   /**
+   * Creates the error.
    * @param reason the `GPUDeviceLostInfo` reason (`"destroyed"` or `"unknown"`)
    * @param detail the driver's message
    */
-  constructor(readonly reason: string, detail: string) {
+  constructor(reason: string, detail: string) {
     super(`The WebGPU device was lost (reason "${reason}")${detail ? `: ${detail}` : ""}`);
     this.name = "WebGpuDeviceLostError";
+    this.reason = reason;
   }
 }
 
@@ -74,10 +82,16 @@ let gpuOverride: GPU | undefined;
  * `navigator.gpu`. Lets tests simulate a machine without an adapter.
  *
  * @example
- * ```ts ignore
+ * ```ts
+ * import { createWebGpuBackend, setNavigatorGpu, WebGpuUnavailableError } from "@llm/engine/webgpu";
  * setNavigatorGpu({ requestAdapter: () => Promise.resolve(null) } as unknown as GPU);
- * await createWebGpuBackend(); // throws WebGpuUnavailableError
- * setNavigatorGpu(undefined);
+ * try {
+ *   await createWebGpuBackend();
+ * } catch (e) {
+ *   console.log(e instanceof WebGpuUnavailableError); // true: no adapter
+ * } finally {
+ *   setNavigatorGpu(undefined);
+ * }
  * ```
  */
 export function setNavigatorGpu(gpu: GPU | undefined): void {

@@ -5,9 +5,16 @@
  * `loadModel(dir, { backend: "webgpu" })` loads this module on first use.
  *
  * @example
- * ```ts ignore
+ * ```ts
  * import { loadModel } from "@llm/engine";
- * const model = await loadModel("../shared/models/story", { backend: "webgpu" });
+ * import { WebGpuUnavailableError } from "@llm/engine/webgpu";
+ * try {
+ *   const model = await loadModel("../shared/models/story", { backend: "webgpu" });
+ *   console.log(model.backend.description);
+ *   await model.dispose();
+ * } catch (e) {
+ *   if (!(e instanceof WebGpuUnavailableError)) throw e; // no GPU adapter here
+ * }
  * ```
  *
  * @module
