@@ -1,7 +1,8 @@
 /**
- * The checks every backend makes the same way, written once: byte ranges of a
- * tensor, the arguments of `writeInput` and `readOutput`, token ids against the
- * embedding tables that read them, and which ops a backend supports.
+ * The checks every backend makes the same way, written once: the bytes of an
+ * upload, the dtype of a KV cache, byte ranges of a tensor, the arguments of
+ * `writeInput` and `readOutput`, token ids against the embedding tables that read
+ * them, and which ops a backend supports.
  *
  * Each backend keeps only what is its own (where the bytes live); the checks, and
  * the messages a caller sees, are the same on every backend.
@@ -9,10 +10,38 @@
  * @module
  */
 
-import type { DType } from "../graph/dtype.ts";
-import type { OpKind } from "../graph/ir.ts";
+import { byteSize, type DType, isKvDType, KV_DTYPES, type KvDType } from "../graph/dtype.ts";
+import { elementCount, type OpKind } from "../graph/ir.ts";
 import type { BufferSlot, ExecutionPlan } from "../graph/plan.ts";
-import type { DeviceTensor } from "./contract.ts";
+import { type DeviceTensor, type HostTensor, UnsupportedError } from "./contract.ts";
+
+/**
+ * Checks that a weight given to `upload` has exactly the bytes its dtype and shape
+ * take (`graph/dtype.ts`); a `RangeError` names both sizes.
+ */
+export function checkUploadSize(t: HostTensor): void {
+  const rowLength = t.shape.length > 0 ? t.shape[t.shape.length - 1] : 1;
+  const expected = byteSize(t.dtype, elementCount(t.shape), rowLength);
+  if (t.data.byteLength !== expected) {
+    throw new RangeError(
+      `Cannot upload "${t.name}" (${t.dtype} [${t.shape}]): it has ${t.data.byteLength} bytes, expected ${expected}`,
+    );
+  }
+}
+
+/**
+ * Checks the dtype of a KV cache a backend is asked to create (`createState`): an
+ * {@link UnsupportedError} names the backend, the tensor and the dtypes it holds.
+ */
+export function checkStateDType(backend: string, name: string, dtype: DType): asserts dtype is KvDType {
+  if (!isKvDType(dtype)) {
+    throw new UnsupportedError(
+      `Backend "${backend}" cannot hold state "${name}" as "${dtype}": only ${
+        KV_DTYPES.map((d) => `"${d}"`).join(", ")
+      }`,
+    );
+  }
+}
 
 /**
  * Checks that bytes `offset .. offset + length` lie inside `t` (for `readTensor`,

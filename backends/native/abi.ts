@@ -7,6 +7,8 @@
  * @module
  */
 
+import { concatBytes, hexString, sha256 } from "../../graph/bytes.ts";
+
 /** The C sources of the library, relative to `c/`, in hash order. */
 export const C_SOURCES: readonly string[] = ["llm.h", "pool.c", "kernels.c", "matmul.c", "exec.c"];
 
@@ -27,14 +29,8 @@ export async function sourceHash(): Promise<string> {
   for (const name of C_SOURCES) {
     parts.push(enc.encode(`${name}\0`), await readSource(new URL(name, C_DIR)), enc.encode("\0"));
   }
-  const all = new Uint8Array(parts.reduce((n, p) => n + p.byteLength, 0));
-  let at = 0;
-  for (const p of parts) {
-    all.set(p, at);
-    at += p.byteLength;
-  }
-  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", all));
-  return Array.from(digest.subarray(0, 8), (b) => b.toString(16).padStart(2, "0")).join("");
+  const digest = await sha256(concatBytes(parts));
+  return hexString(digest.subarray(0, 8));
 }
 
 /** The library file name on this platform. */

@@ -15,10 +15,10 @@
  * @module
  */
 
-import { byteSize, type DType, isKvDType, isWeightDType, KV_DTYPES } from "../../graph/dtype.ts";
+import { byteSize, type DType, isKvDType, isWeightDType } from "../../graph/dtype.ts";
 import { elementCount, type OpKind } from "../../graph/ir.ts";
 import type { ExecutionPlan } from "../../graph/plan.ts";
-import { checkRange, f32Only, type OpSupport, supportsOp } from "../checks.ts";
+import { checkRange, checkStateDType, checkUploadSize, f32Only, type OpSupport, supportsOp } from "../checks.ts";
 import type { Backend, BackendOptions, DeviceTensor, Executable, HostTensor } from "../contract.ts";
 import { UnsupportedError, validateBindings } from "../contract.ts";
 import { type NativeContext, NativeExecutable } from "./executable.ts";
@@ -109,14 +109,7 @@ export class NativeBackend implements Backend {
     if (!isWeightDType(t.dtype)) {
       throw new UnsupportedError(`Backend "native" cannot hold weight "${t.name}" as "${t.dtype}"`);
     }
-    const count = elementCount(t.shape);
-    const rowLength = t.shape.length > 0 ? t.shape[t.shape.length - 1] : 1;
-    const expected = byteSize(t.dtype, count, rowLength);
-    if (t.data.byteLength !== expected) {
-      throw new RangeError(
-        `Cannot upload "${t.name}" (${t.dtype} [${t.shape}]): it has ${t.data.byteLength} bytes, expected ${expected}`,
-      );
-    }
+    checkUploadSize(t);
     // A view into the file bytes is used in place; copy only when misaligned for its elements.
     const bytes = t.data.byteOffset % 4 === 0 ? t.data : t.data.slice();
     const tensor: NativeTensor = {
@@ -136,11 +129,7 @@ export class NativeBackend implements Backend {
   /** Allocates a zero-filled f32 or f16 KV cache in library memory. */
   createState(name: string, dtype: DType, shape: readonly number[]): DeviceTensor {
     this.#check();
-    if (!isKvDType(dtype)) {
-      throw new UnsupportedError(
-        `Backend "native" cannot hold state "${name}" as "${dtype}": only ${KV_DTYPES.map((d) => `"${d}"`).join(", ")}`,
-      );
-    }
+    checkStateDType(this.name, name, dtype);
     const byteLength = byteSize(dtype, elementCount(shape));
     if (!shape.every((d) => Number.isSafeInteger(d) && d > 0) || !Number.isSafeInteger(byteLength)) {
       throw new RangeError(`Cannot allocate state "${name}" of shape [${shape}]`);

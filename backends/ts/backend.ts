@@ -16,6 +16,8 @@ import {
   checkInputWrite,
   checkOutputRead,
   checkRange,
+  checkStateDType,
+  checkUploadSize,
   f32Only,
   type OpSupport,
   supportsOp,
@@ -67,14 +69,13 @@ export class TsBackend implements Backend {
 
   /** Makes a weight resident: a view of the host bytes (a copy when they are misaligned). */
   upload(t: HostTensor): DeviceTensor {
+    checkUploadSize(t);
     return makeTensor(t.name, t.dtype, t.shape, aligned(t.data, 4));
   }
 
   /** Allocates a zero-filled f32 or f16 KV cache. */
   createState(name: string, dtype: DType, shape: readonly number[]): DeviceTensor {
-    if (!isKvDType(dtype)) {
-      throw new UnsupportedError(`Backend "ts" cannot hold state "${name}" as "${dtype}": only "f32" or "f16"`);
-    }
+    checkStateDType(this.name, name, dtype);
     return makeTensor(name, dtype, shape, new Uint8Array(byteSize(dtype, elementCount(shape))));
   }
 

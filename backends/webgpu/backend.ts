@@ -39,9 +39,9 @@
 import { byteSize, type DType, isKvDType, isWeightDType } from "../../graph/dtype.ts";
 import { elementCount, type OpKind } from "../../graph/ir.ts";
 import type { ExecutionPlan } from "../../graph/plan.ts";
-import { checkRange, f32Only, type OpSupport, supportsOp } from "../checks.ts";
+import { checkRange, checkStateDType, checkUploadSize, f32Only, type OpSupport, supportsOp } from "../checks.ts";
 import type { Backend, DeviceTensor, Executable, HostTensor } from "../contract.ts";
-import { UnsupportedError, validateBindings } from "../contract.ts";
+import { validateBindings } from "../contract.ts";
 import {
   acquireDevice,
   type DecodeKernel,
@@ -124,11 +124,7 @@ export class WebGpuBackend implements Backend {
   /** Copies a weight into a GPU buffer, or into several split by rows when it exceeds one binding. */
   upload(t: HostTensor): DeviceTensor {
     this.#context.health.check();
-    const count = elementCount(t.shape);
-    const expected = byteSize(t.dtype, count, t.shape[t.shape.length - 1] ?? 1);
-    if (t.data.byteLength !== expected) {
-      throw new RangeError(`Cannot upload "${t.name}": it has ${t.data.byteLength} bytes, expected ${expected}`);
-    }
+    checkUploadSize(t);
     if (t.data.byteLength <= this.maxBindingBytes) {
       return wholeTensor(this.device, t, t.data.byteLength, t.data, this.maxBindingBytes);
     }
@@ -138,9 +134,7 @@ export class WebGpuBackend implements Backend {
   /** Allocates a zero-filled f32 or f16 KV cache (f16 rows must be whole words). */
   createState(name: string, dtype: DType, shape: readonly number[]): DeviceTensor {
     this.#context.health.check();
-    if (!isKvDType(dtype)) {
-      throw new UnsupportedError(`Backend "webgpu" cannot hold state "${name}" as "${dtype}": only "f32" or "f16"`);
-    }
+    checkStateDType(this.name, name, dtype);
     const rowLength = shape[shape.length - 1] ?? 1;
     if (rowLength % cacheElementsPerWord(dtype) !== 0) {
       // The shaders write an f16 cache a u32 word (two elements) at a time, so rows must be whole words.
