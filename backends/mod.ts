@@ -156,6 +156,8 @@ export {
   checkInputWrite,
   checkOutputRead,
   checkRange,
+  checkStateDType,
+  checkUploadSize,
   f32Only,
   type OpSupport,
   supportsOp,

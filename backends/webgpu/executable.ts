@@ -54,7 +54,7 @@ export class WebGpuExecutable implements Executable {
     if (plan.arenaBytes > limit) {
       throw new RangeError(
         `Cannot compile the graph for WebGPU: its activation arena (${plan.arenaBytes} bytes) is larger than the ` +
-          `device's maxStorageBufferBindingSize (${limit} bytes); use a smaller prefill chunk`,
+          `device's maxStorageBufferBindingSize (${limit} bytes); use a smaller prefillChunk`,
       );
     }
     this.#arena = device.createBuffer({ label: "arena", size: Math.max(4, plan.arenaBytes), usage: STORAGE });
