@@ -11,9 +11,10 @@ import { ChatSession } from "../models/chat/session.ts";
 import { loadModel } from "../models/model.ts";
 import { SHAPES, writeRandomModel } from "../examples/_random_model.ts";
 import { MINUEZA_DIR, STORY_DIR } from "./helpers.ts";
+import { ROOT, type Run, runDeno } from "./subprocess.ts";
+import { inCi, shellCommand, Terminal, tmuxAvailable } from "./terminal.ts";
 
 const CHAT = new URL("../examples/chat.ts", import.meta.url).pathname;
-const ROOT = new URL("..", import.meta.url).pathname;
 
 /** A chat template for the story model (which has none); the same as in chat_test.ts. */
 const STORY_TEMPLATE = "{{ bos_token }}{% for m in messages %}" +
@@ -24,20 +25,8 @@ const STORY_TEMPLATE = "{{ bos_token }}{% for m in messages %}" +
 
 const DENO_ARGS = ["run", "--allow-read", "--allow-write", "--allow-env", "--allow-net", "--allow-ffi"];
 
-async function runChat(args: string[], stdin: string): Promise<{ code: number; stdout: string; stderr: string }> {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [...DENO_ARGS, CHAT, ...args],
-    cwd: ROOT,
-    stdin: "piped",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const writer = child.stdin.getWriter();
-  await writer.write(new TextEncoder().encode(stdin));
-  await writer.close();
-  const out = await child.output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
+function runChat(args: string[], stdin: string): Promise<Run> {
+  return runDeno([...DENO_ARGS, CHAT, ...args], { stdin });
 }
 
 Deno.test("chat CLI: --help, bad flags, and a model without a template", async () => {
@@ -115,54 +104,33 @@ Deno.test("chat CLI: commands through piped stdin (answers, /save, /undo, /load,
   }
 });
 
-async function hasTmux(): Promise<boolean> {
-  try {
-    return (await new Deno.Command("tmux", { args: ["-V"], stdout: "null", stderr: "null" }).output()).success;
-  } catch {
-    return false;
-  }
-}
-
-const tmuxAvailable = await hasTmux();
-const inCi = Deno.env.get("CI") !== undefined && Deno.env.get("CI") !== "false";
-
 Deno.test({
   name:
     "chat CLI: in a terminal (tmux) — streams, Ctrl-C stops the answer not the program, Ctrl-C twice or Ctrl-D exits",
   ignore: !tmuxAvailable && !inCi,
   async fn() {
-    assert.ok(tmuxAvailable, "tmux is required in CI (apt-get install tmux)");
+    const term = new Terminal("chat");
     const dir = await Deno.makeTempDir({ prefix: "chat_tmux_" });
-    const socket = `chat_cli_test_${Deno.pid}`;
-    const tmux = async (...args: string[]) => {
-      const out = await new Deno.Command("tmux", { args: ["-L", socket, ...args], stdout: "piped", stderr: "piped" })
-        .output();
-      const text = new TextDecoder().decode(out.stdout);
-      if (!out.success) throw new Error(`tmux ${args.join(" ")}: ${new TextDecoder().decode(out.stderr)}`);
-      return text;
-    };
-    const pane = () => tmux("capture-pane", "-p", "-J", "-t", "chat", "-S", "-200");
-    const waitFor = async (what: string, ok: (text: string) => boolean, ms = 60_000) => {
-      const end = Date.now() + ms;
-      let text = "";
-      while (!ok(text = await pane())) {
-        if (Date.now() > end) throw new Error(`Timed out waiting for ${what}; the terminal shows:\n${text}`);
-        await new Promise((r) => setTimeout(r, 100));
-      }
-      return text;
-    };
-    const paneState = async () =>
-      (await tmux("display", "-p", "-t", "chat", "#{pane_dead} #{pane_dead_status}")).trim();
+    const waitFor = (what: string, ok: (text: string) => boolean, ms?: number) => term.waitFor(what, ok, ms);
+    const paneState = () => term.state();
     // tmux does not always record a pane's exit status, so the shell that runs the chat prints it.
     const waitForExit = async (what: string) => {
       const text = await waitFor(`${what} to exit`, (t) => /\[exited \d+\]/.test(t), 30_000);
       assert.match(text, /\[exited 0\]/, `${what}: the chat did not exit with status 0`);
     };
     const start = async () => {
-      const cmd = [Deno.execPath(), ...DENO_ARGS, CHAT, "--model", dir, "--max-tokens", "400", "--temperature", "0"]
-        .map((a) => `'${a}'`).join(" ") + '; echo "[exited $?]"';
-      await tmux("new-session", "-d", "-s", "chat", "-x", "160", "-y", "50", "-c", ROOT, cmd);
-      await tmux("set-option", "-t", "chat", "remain-on-exit", "on");
+      const cmd = shellCommand([
+        Deno.execPath(),
+        ...DENO_ARGS,
+        CHAT,
+        "--model",
+        dir,
+        "--max-tokens",
+        "400",
+        "--temperature",
+        "0",
+      ]) + '; echo "[exited $?]"';
+      await term.start(cmd, ROOT);
       await waitFor("the banner", (t) => t.includes("Type /help"));
     };
     try {
@@ -170,32 +138,32 @@ Deno.test({
       // it rarely ends an answer by itself, so there is time to interrupt it.
       await writeRandomModel(dir, SHAPES["minueza-32m-shape"], { tokenizerFrom: MINUEZA_DIR, seed: 11, dtype: "f16" });
       await start();
-      await tmux("send-keys", "-t", "chat", "Hello there", "Enter");
+      await term.send("Hello there", "Enter");
       // The answer streams: the text after the question grows while the program runs.
       const answerText = (t: string) => t.slice(t.indexOf("> Hello there") + "> Hello there".length).trim();
       const first = answerText(await waitFor("the answer to start", (t) => answerText(t).length >= 5));
       await waitFor("more of the answer", (t) => answerText(t).length > first.length + 5);
-      await tmux("send-keys", "-t", "chat", "C-c");
+      await term.send("C-c");
       let text = await waitFor("the answer to stop", (t) => t.includes("[stopped]"));
       assert.ok(/\[stopped\]\n> $/.test(text.trimEnd() + " "), `no prompt after [stopped]:\n${text}`);
       assert.equal(await paneState(), "0", "the program exited on Ctrl-C during an answer");
       // Still alive and usable: the stopped answer is part of the conversation.
-      await tmux("send-keys", "-t", "chat", "/undo", "Enter");
+      await term.send("/undo", "Enter");
       await waitFor("/undo", (t) => t.includes("Removed the last exchange (2 messages)."));
       // One Ctrl-C at the prompt warns; a second one exits.
-      await tmux("send-keys", "-t", "chat", "C-c");
+      await term.send("C-c");
       text = await waitFor("the exit hint", (t) => t.includes("(Ctrl-C again or Ctrl-D to exit)"));
       assert.equal(await paneState(), "0");
-      await tmux("send-keys", "-t", "chat", "C-c");
+      await term.send("C-c");
       await waitForExit("Ctrl-C twice");
-      await tmux("kill-session", "-t", "chat");
+      await term.kill();
 
       // Ctrl-D at the prompt exits too.
       await start();
-      await tmux("send-keys", "-t", "chat", "C-d");
+      await term.send("C-d");
       await waitForExit("Ctrl-D");
     } finally {
-      await tmux("kill-server").catch(() => {});
+      await term.close();
       await Deno.remove(dir, { recursive: true });
     }
   },

@@ -6,34 +6,12 @@
 import assert from "node:assert/strict";
 import { loadModel } from "../models/model.ts";
 import { STORY_DIR } from "./helpers.ts";
+import { ROOT, type Run, runDeno } from "./subprocess.ts";
 
-const ROOT = new URL("..", import.meta.url).pathname;
 const PERMS = ["--allow-read", "--allow-write", "--allow-env", "--allow-net", "--allow-ffi"];
 
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-async function run(script: string, args: string[], options: { stdin?: string; env?: Record<string, string> } = {}) {
-  const cmd = new Deno.Command(Deno.execPath(), {
-    args: ["run", ...PERMS, `examples/${script}`, ...args],
-    cwd: ROOT,
-    stdin: options.stdin === undefined ? "null" : "piped",
-    stdout: "piped",
-    stderr: "piped",
-    env: { NO_COLOR: "1", ...options.env },
-  });
-  const child = cmd.spawn();
-  if (options.stdin !== undefined) {
-    const w = child.stdin.getWriter();
-    await w.write(new TextEncoder().encode(options.stdin));
-    await w.close();
-  }
-  const out = await child.output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) } satisfies Run;
+function run(script: string, args: string[], options: { stdin?: string; env?: Record<string, string> } = {}) {
+  return runDeno(["run", ...PERMS, `examples/${script}`, ...args], options);
 }
 
 function noStack(r: Run): void {
