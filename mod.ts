@@ -2,27 +2,48 @@
  * A Llama-family inference engine for Deno: models declared as a dataflow graph,
  * run on pluggable backends, generating text as a `ReadableStream`.
  *
+ * Backend authors find the kernel contract, the graph IR and the plans in
+ * `@llm/engine/backend`; the native and WebGPU backends are `@llm/engine/native` and
+ * `@llm/engine/webgpu`, the OpenAI-compatible server `@llm/engine/server`.
+ *
  * @example
  * ```ts ignore
  * import { loadModel } from "./mod.ts";
  * const model = await loadModel("../shared/models/story", { backend: "ts" });
  * const stream = model.generate("Once upon a time", { maxTokens: 200, temperature: 0.8, topP: 0.9, seed: 1 });
- * await stream.pipeThrough(new TextEncoderStream()).pipeTo(Deno.stdout.writable);
+ * // preventClose: piping into stdout would otherwise close it, and a later console.log would throw.
+ * await stream.pipeThrough(new TextEncoderStream()).pipeTo(Deno.stdout.writable, { preventClose: true });
+ * console.log(`\n${stream.stats.decodeTokensPerSecond.toFixed(1)} tokens/s`);
  * ```
  *
  * @module
  */
 
-export { KV_DTYPES, type KvDType, loadModel, type LoadOptions, Model } from "./models/model.ts";
-export type {
-  GeneratedToken,
-  GenerateOptions,
-  GenerationStats,
-  StopReason,
-  TextStream,
-  TokenStream,
+// Models: loading and generating.
+export { loadModel, type LoadOptions, Model, type ModelOptions } from "./models/model.ts";
+export {
+  type GeneratedToken,
+  type GenerateOptions,
+  type GenerationStats,
+  type StopReason,
+  TokenGenerator,
+  YIELD_INTERVAL_MS,
 } from "./models/generate/token_generator.ts";
+export type { TextStream, TokenStream } from "./models/generate/streams.ts";
+export {
+  argmax,
+  type ResolvedSampling,
+  resolveSampling,
+  Rng,
+  Sampler,
+  SamplingOptionError,
+  type SamplingOptions,
+} from "./models/generate/sampler.ts";
 export { ContextOverflowError, type EvaluateOptions, Sequence } from "./models/exec/sequence.ts";
+export type { LogitsMode } from "./models/exec/plans.ts";
+export { KvCache } from "./models/exec/kv_cache.ts";
+
+// Chat sessions.
 export {
   type ChatMessage,
   type ChatReply,
@@ -37,22 +58,48 @@ export {
   SessionFileError,
   SessionModelMismatchError,
 } from "./models/chat/session.ts";
-export { SamplingOptionError, type SamplingOptions } from "./models/generate/sampler.ts";
+export { CONTEXT_POLICIES, isContextPolicy } from "./models/chat/context_policy.ts";
+
+// Model definitions, files and where they come from.
 export { ConfigError, type LlamaConfig, parseConfig } from "./models/arch/config.ts";
-export { SafetensorsError } from "./models/files/safetensors.ts";
+export { WEIGHT_NAMES, weightShapes } from "./models/arch/llama.ts";
+export {
+  encodeSafetensors,
+  parseSafetensors,
+  readSafetensors,
+  SafetensorsError,
+  type SafetensorsFile,
+} from "./models/files/safetensors.ts";
 export { type LoadProgress, WeightsError } from "./models/files/weights.ts";
 export {
   DEFAULT_MODEL_ID,
+  isCompleteModelDir,
   ModelDownloadError,
   ModelNotFoundError,
   resolveModelSource,
   type ResolveOptions,
 } from "./models/files/hub.ts";
-export { TextTokenizer } from "./models/text/tokenizer.ts";
-export { KvCache } from "./models/exec/kv_cache.ts";
-export { backendNames, createBackend, registerBackend, UnknownBackendError } from "./backends/registry.ts";
+export { type EncodeOptions, TextTokenizer } from "./models/text/tokenizer.ts";
+
+// What a caller picks a backend and dtypes by, and the graphs it can print.
+export {
+  type BackendFactory,
+  backendNames,
+  createBackend,
+  registerBackend,
+  UnknownBackendError,
+} from "./backends/registry.ts";
 export type { Backend, BackendOptions, DeviceTensor, Executable, HostTensor, StepArgs } from "./backends/contract.ts";
 export { UnsupportedError } from "./backends/contract.ts";
-export type { Graph, Node, Op, OpKind, TensorSpec } from "./graph/ir.ts";
-export type { DType } from "./graph/dtype.ts";
+export type { BufferSlot, ExecutionPlan } from "./graph/plan.ts";
+export type { Dim, DimBindings, Graph, Node, Op, OpKind, TensorKind, TensorSpec } from "./graph/ir.ts";
+export {
+  type DType,
+  isKvDType,
+  isWeightDType,
+  KV_DTYPES,
+  type KvDType,
+  WEIGHT_DTYPES,
+  type WeightDType,
+} from "./graph/dtype.ts";
 export { graphToDot, graphToText } from "./graph/format.ts";

@@ -1,29 +1,44 @@
 /**
- * Shared pieces of the command-line tools: finding the model (with the bundled fallback), a
- * progress display on stderr, flag parsing helpers and one-line errors with exit codes.
+ * Shared pieces of the command-line tools: flag parsing (with `--help` and `--version`), finding
+ * and loading the model (with the bundled fallback), a progress display on stderr, the statistics
+ * line, and one-line errors with exit codes.
  *
  * @module
  */
 
-import { DEFAULT_MODEL_ID, ModelNotFoundError, resolveModelSource } from "../models/files/hub.ts";
-import { KV_DTYPES, loadModel, type LoadOptions, type Model } from "../models/model.ts";
-import { backendNames } from "../backends/registry.ts";
-import { type LoadProgress, WeightsError } from "../models/files/weights.ts";
-import { ConfigError } from "../models/arch/config.ts";
-import { SafetensorsError } from "../models/files/safetensors.ts";
-import { SamplingOptionError, type SamplingOptions } from "../models/generate/sampler.ts";
+import { parseArgs, type ParseArgsConfig } from "node:util";
+import denoConfig from "../deno.json" with { type: "json" };
+import {
+  backendNames,
+  ConfigError,
+  DEFAULT_MODEL_ID,
+  type GenerateOptions,
+  type GenerationStats,
+  KV_DTYPES,
+  loadModel,
+  type LoadOptions,
+  type LoadProgress,
+  type Model,
+  ModelNotFoundError,
+  resolveModelSource,
+  SafetensorsError,
+  SamplingOptionError,
+  type SamplingOptions,
+  WEIGHT_DTYPES,
+  WeightsError,
+} from "../mod.ts";
+import { OutputClosedError, stdout } from "./_stdout.ts";
 
 /** The default model of the chat tools (`chat`, `serve`). */
 export const DEFAULT_CHAT_MODEL_ID = "Felladrin/Minueza-32M-UltraChat";
-
-/** The weight dtypes `--dtype` takes. */
-export const WEIGHT_DTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"] as const;
 
 /** A user error: printed as one line, exits with `code` (2 for bad flags, 1 otherwise). */
 export class CliError extends Error {
   /** The process exit code. */
   readonly code: number;
   /**
+   * An error the tool prints as `tool: message` before exiting with `code`.
+   *
    * @param message one line, sentence case
    * @param code exit code
    */
@@ -49,8 +64,8 @@ export function repoDir(): string | undefined {
   return url.protocol === "file:" ? decodeURIComponent(url.pathname).replace(/\/$/, "") : undefined;
 }
 
-/** True when the permission for `variable` is granted and it is set. */
-function env(variable: string): string | undefined {
+/** The value of environment variable `variable`, or undefined when it is unset or `--allow-env` does not grant it. */
+export function readEnvVar(variable: string): string | undefined {
   try {
     if (Deno.permissions.querySync({ name: "env", variable }).state !== "granted") return undefined;
     return Deno.env.get(variable) || undefined;
@@ -69,13 +84,18 @@ export async function resolveCliModel(source: string, onProgress?: (p: LoadProgr
   return await resolveModelSource(source, { fallbacks, onProgress });
 }
 
+/** The library's advice for a model it cannot find, and the tools' version of it, which names the flag. */
+const LIBRARY_HINT = "pass a local model folder";
+const CLI_HINT = "pass a local model folder with --model DIR";
+
 /**
  * A one-line {@link CliError} (exit 1) for a model that cannot be resolved or loaded, pointing at
  * `--model DIR` when the message does not already.
  */
 export function loadError(source: string, e: unknown): CliError {
   const reason = e instanceof Error ? e.message : String(e);
-  if (e instanceof ModelNotFoundError) return new CliError(reason, 1);
+  if (e instanceof ModelNotFoundError) return new CliError(reason.replace(LIBRARY_HINT, CLI_HINT), 1);
+  if (e instanceof Deno.errors.NotCapable) return new CliError(reason, 1); // names the path and the flag to grant
   // A folder that is not a usable model (missing or bad files) gets the hint; a backend failure does not.
   const fileError = e instanceof Deno.errors.NotFound || e instanceof ConfigError || e instanceof WeightsError ||
     e instanceof SafetensorsError || e instanceof SyntaxError;
@@ -83,15 +103,30 @@ export function loadError(source: string, e: unknown): CliError {
   return new CliError(`Cannot load model "${source}": ${reason}${hint}`, 1);
 }
 
+/** The permission a backend needs beyond reading the model, with the flag that grants it. */
+const BACKEND_PERMISSIONS: Readonly<Record<string, { descriptor: Deno.PermissionDescriptor; grant: string }>> = {
+  native: { descriptor: { name: "ffi" }, grant: "FFI access is not granted (run with --allow-ffi)" },
+};
+
+/** Refuses, in one line, a backend whose permission is not granted, before anything loads. */
+function checkBackendPermission(backend: string | undefined): void {
+  const need = backend === undefined ? undefined : BACKEND_PERMISSIONS[backend];
+  if (need && Deno.permissions.querySync(need.descriptor).state !== "granted") {
+    throw new CliError(`Cannot use --backend ${backend}: ${need.grant}`, 1);
+  }
+}
+
 /**
  * Finds `--model` with {@link resolveCliModel} and loads it, showing progress on `progress`; a
- * failure clears the progress and becomes a {@link loadError} (exit 1).
+ * failure clears the progress and becomes a {@link loadError} (exit 1). A backend whose permission is
+ * not granted (`--backend native` without `--allow-ffi`) is refused first.
  */
 export async function loadCliModel(
   source: string,
   options: Omit<LoadOptions, "onProgress"> = {},
   progress?: ProgressDisplay,
 ): Promise<Model> {
+  checkBackendPermission(options.backend);
   const onProgress = progress?.onProgress;
   try {
     return await loadModel(await resolveCliModel(source, onProgress), { ...options, onProgress });
@@ -110,36 +145,43 @@ export function formatBytes(n: number): string {
 }
 
 /**
- * Shows download and load progress on stderr: a redrawn bar when stderr is a terminal, otherwise one
- * terse line per downloaded file and one when the tensors are loaded.
+ * Shows download, load and conversion progress on stderr: a redrawn bar when stderr is a terminal,
+ * otherwise one terse line per downloaded file, one when the tensors are loaded and one when they are
+ * converted to the asked-for dtype.
  */
 export class ProgressDisplay {
   readonly #tty: boolean;
   readonly #enc = new TextEncoder();
-  readonly #started = performance.now();
+  /** When the current phase began: when the display was made, then when the previous phase ended. */
+  #phaseStarted = performance.now();
   #lastDraw = 0;
   #drawn = false;
   readonly #doneFiles = new Set<string>();
 
-  /** @param tty draw a bar (default: whether stderr is a terminal) */
+  /** A display that draws a bar when `tty` (default: whether stderr is a terminal). */
   constructor(tty = Deno.stderr.isTerminal()) {
     this.#tty = tty;
   }
 
   /** The callback for `loadModel` and `resolveModelSource`. */
   readonly onProgress = (p: LoadProgress): void => {
-    if (p.phase === "download") {
-      const done = p.loadedBytes >= p.totalBytes;
-      if (this.#tty) {
-        this.#bar(`downloading ${p.file}`, p.loadedBytes, p.totalBytes, done, formatBytes);
-      } else if (done && !this.#doneFiles.has(p.file)) {
-        this.#doneFiles.add(p.file);
-        this.#line(`downloaded ${p.file} (${formatBytes(p.totalBytes)})`);
+    switch (p.phase) {
+      case "download": {
+        const done = p.loadedBytes >= p.totalBytes;
+        if (this.#tty) {
+          this.#bar(`downloading ${p.file}`, p.loadedBytes, p.totalBytes, done, formatBytes);
+        } else if (done && !this.#doneFiles.has(p.file)) {
+          this.#doneFiles.add(p.file);
+          this.#line(`downloaded ${p.file} (${formatBytes(p.totalBytes)})`);
+        }
+        return;
       }
-    } else {
-      const done = p.loaded >= p.total;
-      if (this.#tty) this.#bar("loading tensors", p.loaded, p.total, done, String);
-      else if (done) this.#line(`loaded ${p.total} tensors in ${(performance.now() - this.#started).toFixed(0)} ms`);
+      case "tensors":
+        this.#step("loading tensors", p.loaded, p.total, `loaded ${p.total} tensors`);
+        return;
+      case "convert":
+        this.#step(`converting to ${p.dtype}`, p.converted, p.total, `converted ${p.total} tensors to ${p.dtype}`);
+        return;
     }
   };
 
@@ -147,6 +189,17 @@ export class ProgressDisplay {
   clear(): void {
     if (this.#tty && this.#drawn) Deno.stderr.writeSync(this.#enc.encode("\r\x1b[2K"));
     this.#drawn = false;
+  }
+
+  /**
+   * One counted step of a phase: the bar, or once the phase is done the `summary` line with the time
+   * since the previous phase ended (since the display was made, for the first).
+   */
+  #step(label: string, n: number, total: number, summary: string): void {
+    const done = n >= total;
+    if (this.#tty) this.#bar(label, n, total, done, String);
+    else if (done) this.#line(`${summary} in ${(performance.now() - this.#phaseStarted).toFixed(0)} ms`);
+    if (done) this.#phaseStarted = performance.now();
   }
 
   #bar(label: string, n: number, total: number, done: boolean, fmt: (n: number) => string): void {
@@ -263,11 +316,76 @@ export function samplingFlags(
   return options;
 }
 
+/** The parseArgs declarations of the generating tools' flags: `--max-tokens` and the sampling flags. */
+export const GENERATION_OPTIONS = { "max-tokens": { type: "string" }, ...SAMPLING_OPTIONS } as const;
+
+/** Parses {@link GENERATION_OPTIONS} into generation options (`--max-tokens` defaults to 256). */
+export function generationFlags(
+  values: Partial<Record<keyof typeof GENERATION_OPTIONS, string>>,
+): GenerateOptions & { maxTokens: number } {
+  const maxTokens = numberFlag("max-tokens", values["max-tokens"], { integer: true, min: 0 }) ?? 256;
+  return { maxTokens, ...samplingFlags(values) };
+}
+
 /** Turns a {@link SamplingOptionError} into a {@link CliError} that names the flag; other errors give undefined. */
 export function samplingError(e: unknown): CliError | undefined {
   if (!(e instanceof SamplingOptionError)) return undefined;
   const flag = SAMPLING_FLAGS.find(([, option]) => option === e.option)?.[0];
   return new CliError(`Invalid ${flag ? `--${flag}` : e.option}: ${e.message}`);
+}
+
+/** Prompts shorter than this get their prefill rate with their token count: the rate of a few tokens says little. */
+const SHORT_PROMPT_TOKENS = 8;
+
+/**
+ * The speeds of a generation for a statistics line: time to first token, prefill rate (with the
+ * prompt's token count when it is short, none for an empty prompt) and decode rate.
+ */
+export function speedText(s: GenerationStats): string {
+  const count = s.promptTokens < SHORT_PROMPT_TOKENS ? `${s.promptTokens}-token ` : "";
+  const prefill = s.promptTokens > 0 ? `${count}prefill ${s.prefillTokensPerSecond.toFixed(1)} tok/s, ` : "";
+  return `first token ${s.timeToFirstTokenMs.toFixed(0)} ms, ${prefill}decode ${
+    s.decodeTokensPerSecond.toFixed(1)
+  } tok/s`;
+}
+
+/** The `--version` line: `story 0.1.0 (@llm/engine, Deno 2.9.6)`. */
+export function versionLine(tool: string): string {
+  return `${tool} ${denoConfig.version} (${denoConfig.name}, Deno ${Deno.version.deno})`;
+}
+
+/** The flags every tool takes. */
+const TOOL_OPTIONS = {
+  help: { type: "boolean", short: "h" },
+  version: { type: "boolean" },
+} as const;
+
+/** What {@link parseToolArgs} gives for the flag declarations `O`: their values and the positionals. */
+export type ToolArgs<O extends NonNullable<ParseArgsConfig["options"]>> = ReturnType<
+  typeof parseArgs<{ args: string[]; strict: true; allowPositionals: boolean; options: O & typeof TOOL_OPTIONS }>
+>;
+
+/**
+ * Parses `Deno.args` (strictly) with `options` plus `--help` and `--version`. For those two it
+ * prints `help` or the {@link versionLine} and gives undefined: the tool has nothing more to do.
+ */
+export function parseToolArgs<O extends NonNullable<ParseArgsConfig["options"]>>(
+  tool: string,
+  help: string,
+  options: O,
+  allowPositionals = false,
+): ToolArgs<O> | undefined {
+  const parsed = parseArgs({
+    args: Deno.args,
+    strict: true,
+    allowPositionals,
+    options: { ...options, ...TOOL_OPTIONS },
+  });
+  const flags = parsed.values as { help?: boolean; version?: boolean };
+  if (flags.help) stdout.line(help);
+  else if (flags.version) stdout.line(versionLine(tool));
+  else return parsed;
+  return undefined;
 }
 
 /** Turns `node:util` parseArgs errors into a one-line {@link CliError}. */
@@ -284,20 +402,23 @@ export function parseArgsError(e: unknown): CliError | undefined {
 }
 
 /**
- * Runs a tool's `main`: a {@link CliError} or a model-loading error prints one line (no stack) on
- * stderr and exits 2 or 1; other errors also print one line and exit 1 (with the stack when
- * `LLM_DEBUG` is set).
+ * Runs a tool's `main` with a {@link ProgressDisplay} for loading. A stdout that is closed or whose
+ * reader has gone ({@link OutputClosedError}) ends the tool quietly with exit 0. A {@link CliError}
+ * or a model-loading error prints one line (no stack) on stderr and exits 2 or 1; other errors also
+ * print one line and exit 1 (with the stack when `LLM_DEBUG` is set).
  */
-export async function runCli(tool: string, main: () => Promise<void>, clear?: () => void): Promise<void> {
+export async function runCli(tool: string, main: (progress: ProgressDisplay) => Promise<void>): Promise<void> {
+  const progress = new ProgressDisplay();
   try {
-    await main();
+    await main(progress);
   } catch (e) {
-    clear?.();
+    progress.clear();
+    if (e instanceof OutputClosedError) Deno.exit(0); // `| head` has all it wanted
     const err = parseArgsError(e) ?? e;
     const code = err instanceof CliError ? err.code : 1;
     const message = err instanceof Error ? err.message : String(err);
     console.error(`${tool}: ${message}`);
-    if (!(err instanceof CliError) && !(err instanceof ModelNotFoundError) && env("LLM_DEBUG")) {
+    if (!(err instanceof CliError) && !(err instanceof ModelNotFoundError) && readEnvVar("LLM_DEBUG")) {
       console.error((err as Error).stack);
     }
     Deno.exit(code);

@@ -6,12 +6,8 @@
  * @module
  */
 
-import type { HostTensor } from "../backends/contract.ts";
-import { encodeWeights } from "../graph/weight_codec.ts";
-import { type LlamaConfig, parseConfig } from "../models/arch/config.ts";
-import { weightShapes } from "../models/arch/llama.ts";
-import { Rng } from "../models/generate/sampler.ts";
-import { encodeSafetensors } from "../models/files/safetensors.ts";
+import { elementCount, encodeWeights, type HostTensor } from "../backends/mod.ts";
+import { encodeSafetensors, type LlamaConfig, parseConfig, Rng, weightShapes } from "../mod.ts";
 
 /** The `config.json` fields of a shape. */
 export type ShapeConfig = Record<string, unknown>;
@@ -99,7 +95,7 @@ export async function writeRandomModel(
   const tensors: HostTensor[] = [];
   let index = 0;
   for (const [name, dims] of weightShapes(config)) {
-    const count = dims.reduce((a, b) => a * b, 1);
+    const count = elementCount(dims);
     const values = new Float32Array(count);
     if (dims.length === 1) values.fill(1);
     else {

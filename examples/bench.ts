@@ -10,27 +10,39 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
-import { KV_DTYPES, loadModel, type Model } from "../models/model.ts";
-import { DEFAULT_MODEL_ID } from "../models/files/hub.ts";
-import { SHAPES } from "./_random_model.ts";
-import { backendNames } from "../backends/registry.ts";
-import "../backends/builtin.ts";
-import { byteSize, type DType } from "../graph/dtype.ts";
+import {
+  argmax,
+  backendNames,
+  DEFAULT_MODEL_ID,
+  KV_DTYPES,
+  loadModel,
+  type Model,
+  WEIGHT_DTYPES,
+  type WeightDType,
+} from "../mod.ts";
+import { byteSize, type DType, elementCount } from "../backends/mod.ts";
 import {
   choiceFlag,
   CliError,
   formatBytes,
   loadError,
   numberFlag,
+  parseToolArgs,
   resolveCliModel,
   runCli,
-  WEIGHT_DTYPES,
 } from "./_cli.ts";
-import { ensureRandomModel, modelCacheDir } from "./make_model.ts";
+import { ensureRandomModel, modelCacheDir } from "./_model_cache.ts";
+import { SHAPES } from "./_random_model.ts";
+import { stdout } from "./_stdout.ts";
 
-type BenchDType = typeof WEIGHT_DTYPES[number];
-const GGUF_TYPE: Partial<Record<BenchDType, string>> = { f32: "F32", f16: "F16", q8_0: "Q8_0", q4_0: "Q4_0" };
+/** The GGUF type llama.cpp converts each weight dtype to (it has no planar bf16 here). */
+const GGUF_TYPE: Record<WeightDType, string | undefined> = {
+  f32: "F32",
+  f16: "F16",
+  bf16: undefined,
+  q8_0: "Q8_0",
+  q4_0: "Q4_0",
+};
 
 const HELP = `Usage: deno task bench [options]
 
@@ -53,12 +65,16 @@ side by side with llama.cpp through the anchor kit (../shared/anchor).
                    and shows llama.cpp's best prefill and decode and our ratios to them
   --llama-threads  thread counts for llama.cpp (default 1,2)
   --kv f32|f16     KV cache dtype, of this engine and of llama.cpp alike (default f32)
-  --help           show this help`;
+  --help           show this help
+  --version        show the version`;
 
 /** One benchmark result row. */
 export interface BenchRow {
+  /** The `--model` entry's label: "story", a shape name, or a folder's name. */
   model: string;
+  /** The model folder. */
   dir: string;
+  /** The backend's name. */
   backend: string;
   /** `--dtype`, or "stored". */
   dtype: string;
@@ -66,36 +82,59 @@ export interface BenchRow {
   kvDtype: string;
   /** Dtype of each tensor group, e.g. "embeddings q8_0, attention f16, ffn f16, norms f32". */
   groups: string;
+  /** Prompt tokens per rep (`--prompt`). */
   promptTokens: number;
+  /** Decoded tokens per rep after the first (`--gen`). */
   genTokens: number;
+  /** `--threads`, or null for the backend's choice. */
   threads: number | null;
+  /** Median prefill tokens per second. */
   prefillTokS: number;
+  /** Median decode tokens per second. */
   decodeTokS: number;
+  /** Milliseconds per decoded token at the median decode speed. */
   msPerToken: number;
+  /** Every rep's prefill tokens per second. */
   prefillAll: number[];
+  /** Every rep's decode tokens per second. */
   decodeAll: number[];
   /** Resident weight bytes (`model.weightBytes`). */
   weightBytes: number;
   /** Weight bytes read per decoded token (an untied embedding table is only indexed). */
   bytesPerToken: number;
+  /** The measured read bandwidth at the row's thread count, in GB/s (with FFI only). */
   bandwidthGBs?: number;
+  /** The decode tokens per second that bandwidth allows: bandwidth / bytes per token. */
   decodeCeiling?: number;
+  /** The decode speed as a fraction of {@link BenchRow.decodeCeiling}. */
   ceilingFraction?: number;
   /** The weights read per token fit in the last-level cache: the ceiling does not bind. */
   fitsInCache?: boolean;
+  /** llama.cpp on the same weights (with `--llamacpp`). */
   llama?: LlamaResult;
+  /** Our prefill speed over llama.cpp's best. */
   prefillRatio?: number;
+  /** Our decode speed over llama.cpp's best. */
   decodeRatio?: number;
 }
 
-interface LlamaResult {
+/** llama.cpp's speeds on one model through the anchor kit, best over the thread counts tried. */
+export interface LlamaResult {
+  /** The GGUF file the kit converted the model to. */
   gguf: string;
+  /** Its GGUF weight type ("F32", "Q8_0", …). */
   type: string;
+  /** Its KV cache type ("F32" or "F16"). */
   kv: string;
+  /** The best prefill tokens per second. */
   prefillTokS: number;
+  /** The thread count of the best prefill. */
   prefillThreads: number;
+  /** The best decode tokens per second. */
   decodeTokS: number;
+  /** The thread count of the best decode. */
   decodeThreads: number;
+  /** Prefill and decode tokens per second by thread count. */
   byThreads: Record<string, { prefill: number; decode: number }>;
 }
 
@@ -107,12 +146,6 @@ export function kitPrompt(length: number, vocabSize: number): number[] {
     s = (Math.imul(s, 1103515245) + 12345) >>> 0;
     return 3 + (s % span);
   });
-}
-
-function argmax(logits: Float32Array, n: number): number {
-  let best = 0;
-  for (let i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
-  return best;
 }
 
 function median(a: readonly number[]): number {
@@ -171,7 +204,7 @@ export function weightSummary(model: Model): { groups: string; bytesPerToken: nu
     if (!groups.has(g)) groups.set(g, new Set());
     groups.get(g)!.add(t.dtype);
     const shape = t.shape as number[];
-    const count = shape.reduce((a, b) => a * b, 1);
+    const count = elementCount(shape);
     const size = byteSize(t.dtype, count, shape[shape.length - 1]);
     // An untied embedding table is only indexed (one row per token); a tied one is read whole as the output head.
     const indexedOnly = g === "embeddings" && !model.config.tieWordEmbeddings;
@@ -208,23 +241,13 @@ function lastLevelCache(): number | undefined {
   return undefined;
 }
 
-/** The machine's read bandwidth in GB/s from the native backend, when it offers a measurement. */
+/** The machine's read bandwidth in GB/s from the native backend, when FFI is granted. */
 async function readBandwidth(threads: number): Promise<number | undefined> {
   if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") return undefined;
-  let mod: Record<string, unknown>;
   try {
-    mod = await import("../backends/native/" + "mod.ts");
-  } catch {
-    return undefined;
-  }
-  const fn = mod.measureReadBandwidth;
-  if (typeof fn !== "function") return undefined;
-  try {
-    const r: unknown = await fn({ threads });
-    const v = typeof r === "number" ? r : (r as Record<string, unknown>)?.bytesPerSecond ??
-      (r as Record<string, unknown>)?.gbPerSecond;
-    if (typeof v !== "number" || !(v > 0)) return undefined;
-    return v > 1e6 ? v / 1e9 : v; // bytes/s or GB/s
+    const { measureReadBandwidth } = await import("../backends/native/mod.ts"); // loaded only with FFI
+    const gbs = await measureReadBandwidth({ threads });
+    return gbs > 0 ? gbs : undefined;
   } catch (e) {
     console.error(`bench: cannot measure the read bandwidth: ${(e as Error).message}`);
     return undefined;
@@ -316,28 +339,21 @@ function fmt(n: number | undefined, digits = 1): string {
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({
-    args: Deno.args,
-    strict: true,
-    options: {
-      model: { type: "string", multiple: true },
-      backend: { type: "string", multiple: true },
-      dtype: { type: "string", multiple: true },
-      prompt: { type: "string" },
-      gen: { type: "string" },
-      threads: { type: "string" },
-      reps: { type: "string" },
-      json: { type: "boolean" },
-      llamacpp: { type: "string" },
-      "llama-threads": { type: "string" },
-      kv: { type: "string" },
-      help: { type: "boolean", short: "h" },
-    },
+  const args = parseToolArgs("bench", HELP, {
+    model: { type: "string", multiple: true },
+    backend: { type: "string", multiple: true },
+    dtype: { type: "string", multiple: true },
+    prompt: { type: "string" },
+    gen: { type: "string" },
+    threads: { type: "string" },
+    reps: { type: "string" },
+    json: { type: "boolean" },
+    llamacpp: { type: "string" },
+    "llama-threads": { type: "string" },
+    kv: { type: "string" },
   });
-  if (values.help) {
-    console.log(HELP);
-    return;
-  }
+  if (!args) return;
+  const { values } = args;
   const models = list(values.model, ["story", "stories15m", "minueza-32m-shape"]);
   const backends = list(values.backend, ["ts"]).map((b) => choiceFlag("backend", b, backendNames())!);
   const dtypes = list(values.dtype, ["stored"]).map((d) => d === "stored" ? d : choiceFlag("dtype", d, WEIGHT_DTYPES)!);
@@ -374,10 +390,10 @@ async function main(): Promise<void> {
     if (gbs) bandwidth.set(t, gbs);
   }
   if (!values.json) {
-    console.log(
+    stdout.line(
       `# bench: prompt ${prompt} tokens, ${gen} decoded, greedy, ${kvDtype} KV cache, median of ${reps} reps; ${machine}`,
     );
-    console.log(
+    stdout.line(
       bandwidth.size
         ? `# memory read bandwidth (native backend): ${
           [...bandwidth].map(([t, g]) => `${g.toFixed(1)} GB/s with ${t} thread${t > 1 ? "s" : ""}`).join(", ")
@@ -400,8 +416,8 @@ async function main(): Promise<void> {
   if (bandwidth.size) header.push("decode ceiling", "of ceiling");
   if (kit) header.push("llama.cpp prefill (thr)", "llama.cpp decode (thr)", "prefill ours/llama", "decode ours/llama");
   if (!values.json) {
-    console.log(`| ${header.join(" | ")} |`);
-    console.log(`|${header.map(() => "---").join("|")}|`);
+    stdout.line(`| ${header.join(" | ")} |`);
+    stdout.line(`|${header.map(() => "---").join("|")}|`);
   }
 
   let failures = 0;
@@ -503,7 +519,7 @@ async function main(): Promise<void> {
           }
         }
         if (values.json) {
-          console.log(JSON.stringify(row));
+          stdout.line(JSON.stringify(row));
           continue;
         }
         const cells = [
@@ -530,7 +546,7 @@ async function main(): Promise<void> {
             fmt(row.decodeRatio, 2),
           );
         }
-        console.log(`| ${cells.join(" | ")} |`);
+        stdout.line(`| ${cells.join(" | ")} |`);
       }
     }
   }

@@ -10,24 +10,31 @@
  * @module
  */
 
-import { setImmediate } from "node:timers";
-import { parseArgs } from "node:util";
-import { type ChatReply, ChatSession, type ChatSessionOptions } from "../models/chat/session.ts";
-import type { GenerateOptions } from "../models/generate/token_generator.ts";
-import { resolveSampling } from "../models/generate/sampler.ts";
+import {
+  type ChatReply,
+  ChatSession,
+  type ChatSessionOptions,
+  CONTEXT_POLICIES,
+  type GenerateOptions,
+  KV_DTYPES,
+  resolveSampling,
+  WEIGHT_DTYPES,
+} from "../mod.ts";
 import {
   choiceFlag,
   DEFAULT_CHAT_MODEL_ID,
+  GENERATION_OPTIONS,
+  generationFlags,
   LOAD_OPTIONS,
   loadCliModel,
   loadFlags,
-  numberFlag,
-  ProgressDisplay,
+  parseToolArgs,
+  type ProgressDisplay,
   runCli,
-  SAMPLING_OPTIONS,
   samplingError,
-  samplingFlags,
+  speedText,
 } from "./_cli.ts";
+import { OutputClosedError, stdout } from "./_stdout.ts";
 
 const HELP = `Usage: deno task chat [options]
 
@@ -43,9 +50,9 @@ Options:
   --backend NAME          ts, native or webgpu (default ts)
   --threads N             worker threads for backends that have them
   --context-length N      positions in the context (default: the model's, at most 4096)
-  --context-policy P      when the context is full: drop-oldest (default) or error
-  --dtype TYPE            weight dtype: f32, f16, bf16, q8_0, q4_0 (default: as stored)
-  --kv-dtype TYPE         KV cache dtype: f32 or f16 (default f32)
+  --context-policy P      when the context is full: ${CONTEXT_POLICIES.join(" or ")} (default drop-oldest)
+  --dtype TYPE            weight dtype: ${WEIGHT_DTYPES.join(", ")} (default: as stored)
+  --kv-dtype TYPE         KV cache dtype: ${KV_DTYPES.join(" or ")} (default f32)
   --max-tokens N          longest answer in tokens (default 256)
   --temperature T         sampling temperature, 0 for greedy (default 0.8)
   --top-k N, --top-p P, --min-p P, --repeat-penalty R
@@ -53,6 +60,7 @@ Options:
   --seed N                random seed (default: random)
   --stats                 print token counts and speed after each answer
   -h, --help              show this help
+  --version               show the version
 `;
 
 const COMMANDS = `Commands:
@@ -66,37 +74,25 @@ const COMMANDS = `Commands:
 Ctrl-C stops an answer; Ctrl-C twice at the prompt, or Ctrl-D, exits.`;
 
 async function main(progress: ProgressDisplay): Promise<void> {
-  const { values: args } = parseArgs({
-    args: Deno.args,
-    strict: true,
-    options: {
-      model: { type: "string", default: DEFAULT_CHAT_MODEL_ID },
-      "template-file": { type: "string" },
-      system: { type: "string" },
-      load: { type: "string" },
-      ...LOAD_OPTIONS,
-      "context-policy": { type: "string" },
-      "max-tokens": { type: "string" },
-      ...SAMPLING_OPTIONS,
-      stats: { type: "boolean", default: false },
-      help: { type: "boolean", short: "h", default: false },
-    },
+  const parsed = parseToolArgs("chat", HELP, {
+    model: { type: "string", default: DEFAULT_CHAT_MODEL_ID },
+    "template-file": { type: "string" },
+    system: { type: "string" },
+    load: { type: "string" },
+    ...LOAD_OPTIONS,
+    "context-policy": { type: "string" },
+    ...GENERATION_OPTIONS,
+    stats: { type: "boolean", default: false },
   });
-  if (args.help) {
-    console.log(HELP);
-    return;
-  }
-  const contextPolicy = choiceFlag("context-policy", args["context-policy"], ["drop-oldest", "error"] as const) ??
-    "drop-oldest";
+  if (!parsed) return;
+  const args = parsed.values;
+  const contextPolicy = choiceFlag("context-policy", args["context-policy"], CONTEXT_POLICIES) ?? "drop-oldest";
   const load = loadFlags(args);
-  const sampling: GenerateOptions = {
-    maxTokens: numberFlag("max-tokens", args["max-tokens"], { integer: true, min: 0 }) ?? 256,
-    ...samplingFlags(args),
-  };
+  const sampling: GenerateOptions = generationFlags(args);
 
-  const enc = new TextEncoder();
-  const write = (s: string): void => void Deno.stdout.writeSync(enc.encode(s));
-  const say = (s: string): void => write(`${s}\n`);
+  // A closed stdout (the reader has gone) throws OutputClosedError out of these: the chat ends quietly.
+  const write = (s: string): void => stdout.writeSync(s);
+  const say = (s: string): void => stdout.line(s);
 
   const template = args["template-file"] !== undefined ? await Deno.readTextFile(args["template-file"]) : undefined;
   const model = await loadCliModel(args.model, load, progress);
@@ -116,7 +112,13 @@ async function main(progress: ProgressDisplay): Promise<void> {
   let answering: AbortController | undefined;
   let interruptsAtPrompt = 0;
   let exiting = false;
-  async function exit(code = 0): Promise<never> {
+  /** Frees the session and the model and exits, after writing `last` when stdout is still open. */
+  async function exit(code = 0, last = ""): Promise<never> {
+    try {
+      if (last) stdout.writeSync(last);
+    } catch (e) {
+      if (!(e instanceof OutputClosedError)) throw e;
+    }
     if (!exiting) {
       exiting = true;
       session.dispose();
@@ -130,34 +132,34 @@ async function main(progress: ProgressDisplay): Promise<void> {
       return;
     }
     if (++interruptsAtPrompt >= 2) {
-      say("");
-      void exit(0);
+      void exit(0, "\n");
       return;
     }
-    write("\n(Ctrl-C again or Ctrl-D to exit)\n> ");
+    try {
+      write("\n(Ctrl-C again or Ctrl-D to exit)\n> ");
+    } catch (e) {
+      if (!(e instanceof OutputClosedError)) throw e;
+      void exit(0); // nobody reads the chat any more
+    }
   });
 
   async function answer(start: (opts: GenerateOptions) => ChatReply): Promise<void> {
     const ac = new AbortController();
     answering = ac;
     try {
+      // With a signal, generation yields to the event loop between tokens: Ctrl-C (a signal event) gets in.
       const reply = start({ signal: ac.signal });
-      for await (const piece of reply) {
-        write(piece);
-        await new Promise((resolve) => setImmediate(resolve)); // let Ctrl-C (a signal event) in between tokens
-      }
+      for await (const piece of reply) write(piece);
       say("");
       if (args.stats) {
         const u = await reply.usage;
-        const s = reply.stats;
         say(
           `[${u.promptTokens} prompt tokens (${u.cachedTokens} cached), ${u.completionTokens} generated, ` +
-            `${s.decodeTokensPerSecond.toFixed(1)} tokens/s${
-              u.droppedMessages ? `, ${u.droppedMessages} old messages dropped` : ""
-            }]`,
+            `${speedText(reply.stats)}${u.droppedMessages ? `, ${u.droppedMessages} old messages dropped` : ""}]`,
         );
       }
     } catch (e) {
+      if (e instanceof OutputClosedError) throw e;
       if (ac.signal.aborted) {
         const last = session.messages.at(-1);
         say(last?.role === "assistant" ? "\n[stopped]" : "[stopped before the answer began: the message was not sent]");
@@ -221,7 +223,8 @@ async function main(progress: ProgressDisplay): Promise<void> {
   }
 
   say(
-    `Chatting with ${args.model} (context ${model.contextLength} tokens). Type /help for commands, Ctrl-D to exit.`,
+    `Chatting with ${args.model} (context ${model.contextLength} tokens, loaded in ${model.loadMs.toFixed(0)} ms). ` +
+      "Type /help for commands, Ctrl-D to exit.",
   );
   for (const m of session.messages) if (m.role !== "system") say(`${m.role === "user" ? ">" : ""} ${m.content}`.trim());
   const lines = Deno.stdin.readable.pipeThrough(new TextDecoderStream()).getReader();
@@ -261,7 +264,4 @@ async function main(progress: ProgressDisplay): Promise<void> {
   await exit(0);
 }
 
-if (import.meta.main) {
-  const progress = new ProgressDisplay();
-  await runCli("chat", () => main(progress), () => progress.clear());
-}
+if (import.meta.main) await runCli("chat", main);

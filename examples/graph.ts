@@ -5,10 +5,9 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
-import { graphToDot, graphToText } from "../graph/format.ts";
-import { DEFAULT_MODEL_ID } from "../models/files/hub.ts";
-import { choiceFlag, loadCliModel, ProgressDisplay, runCli } from "./_cli.ts";
+import { DEFAULT_MODEL_ID, graphToDot, graphToText, type LogitsMode } from "../mod.ts";
+import { choiceFlag, loadCliModel, parseToolArgs, type ProgressDisplay, runCli } from "./_cli.ts";
+import { stdout } from "./_stdout.ts";
 
 const HELP = `Usage: deno task graph [--model SRC] [--format text|dot] [--logits last|all]
 
@@ -16,36 +15,27 @@ Prints the model's forward graph on stdout: one line per node (text, the default
   --model SRC      a model folder, a name in LLM_MODELS_DIR, or a Hugging Face id (default ${DEFAULT_MODEL_ID})
   --format FORMAT  text or dot
   --logits MODE    last (logits of the last token, the decode graph) or all (every token's)
-  --help           show this help`;
+  --help           show this help
+  --version        show the version`;
 
 async function main(progress: ProgressDisplay): Promise<void> {
-  const { values } = parseArgs({
-    args: Deno.args,
-    strict: true,
-    options: {
-      model: { type: "string" },
-      format: { type: "string" },
-      logits: { type: "string" },
-      help: { type: "boolean", short: "h" },
-    },
+  const args = parseToolArgs("graph", HELP, {
+    model: { type: "string" },
+    format: { type: "string" },
+    logits: { type: "string" },
   });
-  if (values.help) {
-    console.log(HELP);
-    return;
-  }
+  if (!args) return;
+  const { values } = args;
   const format = choiceFlag("format", values.format, ["text", "dot"] as const) ?? "text";
-  const logits = choiceFlag("logits", values.logits, ["last", "all"] as const) ?? "last";
+  const logits = choiceFlag<LogitsMode>("logits", values.logits, ["last", "all"]) ?? "last";
   const model = await loadCliModel(values.model ?? DEFAULT_MODEL_ID, {}, progress);
   try {
     const graph = model.graph(logits);
-    console.log(format === "dot" ? graphToDot(graph) : graphToText(graph));
+    await stdout.write(`${format === "dot" ? graphToDot(graph) : graphToText(graph)}\n`);
   } finally {
     await model.dispose();
   }
 }
 
-if (import.meta.main) {
-  // Quiet unless stderr is a terminal: the graph is often piped to a file or to dot.
-  const progress = new ProgressDisplay();
-  await runCli("graph", () => main(progress), () => progress.clear());
-}
+// The progress display is quiet unless stderr is a terminal: the graph is often piped to a file or to dot.
+if (import.meta.main) await runCli("graph", main);

@@ -12,10 +12,10 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
-import { type ShapeConfig, SHAPES, writeRandomModel } from "./_random_model.ts";
-import { isCompleteModelDir, readEnv } from "../models/files/hub.ts";
-import { choiceFlag, CliError, numberFlag, repoDir, runCli, sharedDir } from "./_cli.ts";
+import { choiceFlag, CliError, numberFlag, parseToolArgs, runCli } from "./_cli.ts";
+import { ensureRandomModel, shapeConfig } from "./_model_cache.ts";
+import { SHAPES } from "./_random_model.ts";
+import { stdout } from "./_stdout.ts";
 
 const HELP = `Usage: deno task make-model SHAPE [--out DIR] [--dtype f32|f16] [--seed N] [--tokenizer DIR] [--force]
 
@@ -26,99 +26,19 @@ Writes a random-weight model (config.json, model.safetensors, tokenizer files) a
   --seed N         seed of the weights (default 1); the same seed gives the same bytes
   --tokenizer DIR  folder to copy the tokenizer from (default ../shared/models/minueza-32m-shape)
   --force          rewrite a cached model even if it is complete (--out DIR is always written)
-  --help           show this help`;
-
-/** Options of {@link ensureRandomModel}. */
-export interface EnsureOptions {
-  dtype?: "f32" | "f16";
-  seed?: number;
-  /** Folder to write; default {@link randomModelDir}. */
-  out?: string;
-  /** Tokenizer folder; default {@link defaultTokenizerDir}. */
-  tokenizerFrom?: string;
-  /** Rewrite even when complete. */
-  force?: boolean;
-}
-
-/** The folder of cached generated models: `$LLM_CACHE_DIR/models`, else `<repo>/.cache/models`. */
-export function modelCacheDir(): string {
-  const root = readEnv("LLM_CACHE_DIR") ?? (repoDir() ? `${repoDir()}/.cache` : undefined);
-  if (!root) throw new CliError("Cannot choose a cache folder: set LLM_CACHE_DIR or pass --out DIR", 1);
-  return `${root}/models`;
-}
-
-/** The cache folder of a generated model: `<cache>/<shape>-<dtype>-seed<N>`. */
-export function randomModelDir(shape: string, dtype: "f32" | "f16" = "f32", seed = 1): string {
-  const name = shape.replace(/^.*\//, "").replace(/\.json$/, "");
-  return `${modelCacheDir()}/${name}-${dtype}-seed${seed}`;
-}
-
-/** The default tokenizer source: the minueza folder beside the repository (32002 tokens). */
-export function defaultTokenizerDir(): string {
-  const shared = sharedDir();
-  if (!shared) throw new CliError("Cannot find the minueza tokenizer: pass --tokenizer DIR", 1);
-  return `${shared}/models/minueza-32m-shape`;
-}
-
-/** The config of a shape name or a `config.json` path. */
-export async function shapeConfig(shape: string): Promise<ShapeConfig> {
-  if (Object.hasOwn(SHAPES, shape)) return SHAPES[shape];
-  if (shape.endsWith(".json")) {
-    try {
-      return JSON.parse(await Deno.readTextFile(shape));
-    } catch (e) {
-      throw new CliError(`Cannot read shape "${shape}": ${(e as Error).message}`, 1);
-    }
-  }
-  throw new CliError(
-    `Unknown shape "${shape}": expected one of ${Object.keys(SHAPES).join(", ")}, or a config.json file`,
-  );
-}
-
-/**
- * The folder of a random model of `shape`. A cached model of a named shape is reused when complete;
- * otherwise the model is written (into a temporary sibling, then renamed, so an interrupted run leaves
- * nothing half-written in place).
- */
-export async function ensureRandomModel(shape: string, options: EnsureOptions = {}): Promise<string> {
-  const dtype = options.dtype ?? "f32";
-  const seed = options.seed ?? 1;
-  const out = (options.out ?? randomModelDir(shape, dtype, seed)).replace(/\/+$/, "");
-  // Reuse only a cached model of a named shape: its folder name says everything that went into it.
-  const reusable = options.out === undefined && Object.hasOwn(SHAPES, shape) && !options.force;
-  if (reusable && (await isCompleteModelDir(out))) return out;
-  const config = await shapeConfig(shape);
-  const tmp = `${out}.tmp-${Deno.pid}`;
-  await Deno.mkdir(out.replace(/\/[^/]*$/, "") || "/", { recursive: true });
-  try {
-    await writeRandomModel(tmp, config, { dtype, seed, tokenizerFrom: options.tokenizerFrom ?? defaultTokenizerDir() });
-    await Deno.remove(out, { recursive: true }).catch(() => {});
-    await Deno.rename(tmp, out);
-  } catch (e) {
-    await Deno.remove(tmp, { recursive: true }).catch(() => {});
-    throw e;
-  }
-  return out;
-}
+  --help           show this help
+  --version        show the version`;
 
 async function main(): Promise<void> {
-  const { values, positionals } = parseArgs({
-    args: Deno.args,
-    allowPositionals: true,
-    strict: true,
-    options: {
-      out: { type: "string" },
-      dtype: { type: "string" },
-      seed: { type: "string" },
-      tokenizer: { type: "string" },
-      force: { type: "boolean" },
-      help: { type: "boolean", short: "h" },
-    },
-  });
-  if (values.help) {
-    console.log(HELP);
-    return;
-  }
+  const args = parseToolArgs("make-model", HELP, {
+    out: { type: "string" },
+    dtype: { type: "string" },
+    seed: { type: "string" },
+    tokenizer: { type: "string" },
+    force: { type: "boolean" },
+  }, true);
+  if (!args) return;
+  const { values, positionals } = args;
   if (positionals.length !== 1) throw new CliError(`Expected one SHAPE, got ${positionals.length} (see --help)`);
   const shape = positionals[0];
   await shapeConfig(shape); // fail on an unknown shape before anything else
@@ -136,7 +56,7 @@ async function main(): Promise<void> {
   console.error(
     `${shape} ${dtype} seed ${seed}: ${bytes} bytes of weights in ${(performance.now() - t0).toFixed(0)} ms`,
   );
-  console.log(dir);
+  stdout.line(dir);
 }
 
 if (import.meta.main) await runCli("make-model", main);

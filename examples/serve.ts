@@ -10,8 +10,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
-import type { Model } from "../models/model.ts";
+import { KV_DTYPES, type Model, WEIGHT_DTYPES } from "../mod.ts";
 import { startServer } from "../server/mod.ts";
 import {
   CliError,
@@ -20,9 +19,11 @@ import {
   loadCliModel,
   loadFlags,
   numberFlag,
+  parseToolArgs,
   ProgressDisplay,
   runCli,
 } from "./_cli.ts";
+import { OutputClosedError, stdout } from "./_stdout.ts";
 
 const HELP = `Usage: deno task serve [options]
 
@@ -37,8 +38,8 @@ Options:
   --backend NAME        ts, native or webgpu (default ts)
   --threads N           worker threads for backends that have them
   --context-length N    positions per sequence (default: the model's, at most 4096)
-  --dtype TYPE          weight dtype: f32, f16, bf16, q8_0, q4_0 (default: as stored)
-  --kv-dtype TYPE       KV cache dtype: f32 or f16 (default f32)
+  --dtype TYPE          weight dtype: ${WEIGHT_DTYPES.join(", ")} (default: as stored)
+  --kv-dtype TYPE       KV cache dtype: ${KV_DTYPES.join(" or ")} (default f32)
   --host HOST           address to listen on (default 127.0.0.1)
   --port N              port (default 8080; 0 picks a free one)
   --parallel N          generations at once (default 2)
@@ -48,32 +49,35 @@ Options:
   --max-tokens N        max_tokens when a request gives none (default 512)
   --debug               serve GET /debug/stats (counters and memory)
   -h, --help            show this help
+  --version             show the version
 `;
 
-async function main(): Promise<void> {
-  const { values: args } = parseArgs({
-    args: Deno.args,
-    strict: true,
-    options: {
-      model: { type: "string", multiple: true },
-      name: { type: "string", multiple: true },
-      "template-file": { type: "string" },
-      ...LOAD_OPTIONS,
-      host: { type: "string", default: "127.0.0.1" },
-      port: { type: "string", default: "8080" },
-      parallel: { type: "string" },
-      "max-queue": { type: "string" },
-      "cache-mb": { type: "string" },
-      "max-body-kb": { type: "string" },
-      "max-tokens": { type: "string" },
-      debug: { type: "boolean", default: false },
-      help: { type: "boolean", short: "h", default: false },
-    },
-  });
-  if (args.help) {
-    console.log(HELP);
-    return;
+/** Says `text` on stdout; the server keeps serving when nobody reads its stdout any more. */
+function announce(text: string): void {
+  try {
+    stdout.line(text);
+  } catch (e) {
+    if (!(e instanceof OutputClosedError)) throw e;
   }
+}
+
+async function main(progress: ProgressDisplay): Promise<void> {
+  const parsed = parseToolArgs("serve", HELP, {
+    model: { type: "string", multiple: true },
+    name: { type: "string", multiple: true },
+    "template-file": { type: "string" },
+    ...LOAD_OPTIONS,
+    host: { type: "string", default: "127.0.0.1" },
+    port: { type: "string", default: "8080" },
+    parallel: { type: "string" },
+    "max-queue": { type: "string" },
+    "cache-mb": { type: "string" },
+    "max-body-kb": { type: "string" },
+    "max-tokens": { type: "string" },
+    debug: { type: "boolean", default: false },
+  });
+  if (!parsed) return;
+  const args = parsed.values;
   const load = loadFlags(args);
   const cacheMb = numberFlag("cache-mb", args["cache-mb"], { integer: true, min: 0 });
   const bodyKb = numberFlag("max-body-kb", args["max-body-kb"], { integer: true, min: 1 });
@@ -100,17 +104,18 @@ async function main(): Promise<void> {
   };
   try {
     for (const [i, source] of sources.entries()) {
-      const model = await loadCliModel(source, load, new ProgressDisplay());
+      // The first model's display is the one runCli clears on an error.
+      const model = await loadCliModel(source, load, i === 0 ? progress : new ProgressDisplay());
       const id = names[i] ?? source.replace(/\/+$/, "").split("/").pop()!;
       loaded.push({ id, model, template });
     }
     const server = await startServer({ models: loaded, ...options });
-    console.log(`Serving ${loaded.map((m) => m.id).join(", ")} on ${server.url} (chat page at ${server.url}/)`);
+    announce(`Serving ${loaded.map((m) => m.id).join(", ")} on ${server.url} (chat page at ${server.url}/)`);
     let stopping = false;
     const stop = async () => {
       if (stopping) return;
       stopping = true;
-      console.log("Shutting down");
+      announce("Shutting down");
       await server.close();
       await disposeAll();
       Deno.exit(0);

@@ -6,22 +6,20 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
-import { DEFAULT_MODEL_ID } from "../models/files/hub.ts";
-import { backendNames } from "../backends/registry.ts";
-import "../backends/builtin.ts";
+import { backendNames, DEFAULT_MODEL_ID, type GenerationStats, type Model, WEIGHT_DTYPES } from "../mod.ts";
 import {
+  GENERATION_OPTIONS,
+  generationFlags,
   LOAD_OPTIONS,
   loadCliModel,
   loadFlags,
-  numberFlag,
-  ProgressDisplay,
+  parseToolArgs,
+  type ProgressDisplay,
   runCli,
-  SAMPLING_OPTIONS,
   samplingError,
-  samplingFlags,
-  WEIGHT_DTYPES,
+  speedText,
 } from "./_cli.ts";
+import { stdout } from "./_stdout.ts";
 
 const HELP = `Usage: deno task story [options] [prompt...]
 
@@ -49,8 +47,10 @@ Generation:
   --stop TEXT          stop before TEXT (repeatable)
   --ignore-eos         keep generating past the end-of-story token
   --help               show this help
+  --version            show the version
 
-Exit codes: 0 done, 1 the model cannot be loaded or generation failed, 2 bad options.`;
+Ctrl-C stops the story: the statistics are still printed, and the exit code is 130.
+Exit codes: 0 done, 1 the model cannot be loaded or generation failed, 2 bad options, 130 interrupted.`;
 
 async function readStdin(): Promise<string> {
   const chunks: string[] = [];
@@ -58,30 +58,27 @@ async function readStdin(): Promise<string> {
   return chunks.join("").replace(/\r?\n$/, "");
 }
 
+/** The statistics line: where, what and how fast. */
+function statsLine(model: Model, seed: number, s: GenerationStats, interrupted: boolean): string {
+  return `${model.dir} on ${model.backend.name}, seed ${seed}: prompt ${s.promptTokens} tokens, ` +
+    `generated ${s.generatedTokens} tokens (${interrupted ? "interrupted" : s.stopReason}); ` +
+    `load ${model.loadMs.toFixed(0)} ms, ${speedText(s)}`;
+}
+
 async function main(progress: ProgressDisplay): Promise<void> {
-  const { values, positionals } = parseArgs({
-    args: Deno.args,
-    allowPositionals: true,
-    strict: true,
-    options: {
-      model: { type: "string" },
-      ...LOAD_OPTIONS,
-      "max-tokens": { type: "string" },
-      ...SAMPLING_OPTIONS,
-      stop: { type: "string", multiple: true },
-      "ignore-eos": { type: "boolean" },
-      help: { type: "boolean", short: "h" },
-    },
-  });
-  if (values.help) {
-    console.log(HELP);
-    return;
-  }
+  const args = parseToolArgs("story", HELP, {
+    model: { type: "string" },
+    ...LOAD_OPTIONS,
+    ...GENERATION_OPTIONS,
+    stop: { type: "string", multiple: true },
+    "ignore-eos": { type: "boolean" },
+  }, true);
+  if (!args) return;
+  const { values, positionals } = args;
   const load = loadFlags(values);
-  const maxTokens = numberFlag("max-tokens", values["max-tokens"], { integer: true, min: 0 }) ?? 256;
-  const sampling = samplingFlags(values);
+  const generation = generationFlags(values);
   // A random seed when none is given, so that the statistics line can name it.
-  const seed = sampling.seed ?? Math.floor(Math.random() * 2 ** 31);
+  const seed = generation.seed ?? Math.floor(Math.random() * 2 ** 31);
   const stop = values.stop?.filter((s) => s !== "");
 
   let prompt = positionals.join(" ");
@@ -89,16 +86,16 @@ async function main(progress: ProgressDisplay): Promise<void> {
 
   const model = await loadCliModel(values.model ?? DEFAULT_MODEL_ID, load, progress);
 
+  // Ctrl-C aborts the generation; the signal is checked between tokens and the pieces are written one
+  // by one (not piped into Deno.stdout.writable, which an abort would close), so the statistics follow.
   const abort = new AbortController();
   const onInterrupt = () => abort.abort(new DOMException("Interrupted", "AbortError"));
   Deno.addSignalListener("SIGINT", onInterrupt);
-  const enc = new TextEncoder();
   try {
     let stream;
     try {
       stream = model.generate(prompt, {
-        ...sampling,
-        maxTokens,
+        ...generation,
         seed,
         stop,
         ignoreEos: values["ignore-eos"],
@@ -107,20 +104,14 @@ async function main(progress: ProgressDisplay): Promise<void> {
     } catch (e) {
       throw samplingError(e) ?? e;
     }
-    await Deno.stdout.write(enc.encode(prompt));
+    await stdout.write(prompt);
     try {
-      await stream.pipeThrough(new TextEncoderStream()).pipeTo(Deno.stdout.writable, { preventClose: true });
+      for await (const piece of stream) await stdout.write(piece);
     } catch (e) {
-      if (e instanceof Deno.errors.BrokenPipe) return; // the reader went away (`| head`): nothing left to do
       if (!abort.signal.aborted) throw e;
     }
-    await Deno.stdout.write(enc.encode("\n"));
-    const s = stream.stats;
-    console.error(
-      `\n${model.dir} on ${model.backend.name}, seed ${seed}: prompt ${s.promptTokens} tokens, ` +
-        `generated ${s.generatedTokens} tokens (${s.stopReason ?? "interrupted"}); ` +
-        `prefill ${s.prefillTokensPerSecond.toFixed(1)} tok/s, decode ${s.decodeTokensPerSecond.toFixed(1)} tok/s`,
-    );
+    await stdout.write("\n");
+    console.error(`\n${statsLine(model, seed, stream.stats, abort.signal.aborted)}`);
   } finally {
     Deno.removeSignalListener("SIGINT", onInterrupt);
     await model.dispose();
@@ -128,7 +119,4 @@ async function main(progress: ProgressDisplay): Promise<void> {
   if (abort.signal.aborted) Deno.exit(130);
 }
 
-if (import.meta.main) {
-  const progress = new ProgressDisplay();
-  await runCli("story", () => main(progress), () => progress.clear());
-}
+if (import.meta.main) await runCli("story", main);

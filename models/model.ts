@@ -8,26 +8,19 @@
 import "../backends/builtin.ts";
 import { type Backend, type DeviceTensor, UnsupportedError } from "../backends/contract.ts";
 import { createBackend } from "../backends/registry.ts";
+import { isKvDType, isWeightDType, KV_DTYPES, type KvDType, WEIGHT_DTYPES, type WeightDType } from "../graph/dtype.ts";
 import type { Graph } from "../graph/ir.ts";
 import { type LlamaConfig, parseConfig } from "./arch/config.ts";
 import { readJsonFile } from "./files/json.ts";
-import {
-  type GeneratedToken,
-  type GenerateOptions,
-  type TextStream,
-  textStream,
-  TokenGenerator,
-  type TokenStream,
-  tokenStream,
-} from "./generate/token_generator.ts";
+import { type GeneratedToken, type GenerateOptions, TokenGenerator } from "./generate/token_generator.ts";
+import { type TextStream, textStream, type TokenStream, tokenStream } from "./generate/streams.ts";
 import { resolveModelSource } from "./files/hub.ts";
 import { type LogitsMode, ModelPlans } from "./exec/plans.ts";
 import { resolveSampling, Sampler } from "./generate/sampler.ts";
-import { KV_DTYPES, type KvDType } from "./exec/kv_cache.ts";
 import { ContextOverflowError, Sequence } from "./exec/sequence.ts";
 import { TextTokenizer } from "./text/tokenizer.ts";
 import { type LoadProgress, readWeights } from "./files/weights.ts";
-import { convertWeight, type WeightDType } from "./files/weight_dtype.ts";
+import { convertWeight } from "./files/weight_dtype.ts";
 
 export type { GeneratedToken, GenerateOptions, LoadProgress, TextStream, TokenStream, WeightDType };
 export { KV_DTYPES, type KvDType };
@@ -52,35 +45,62 @@ export interface LoadOptions {
    * memory and the bytes attention reads per token, at f16 rounding of keys and values.
    */
   kvDtype?: KvDType;
-  /** Called as files download and tensors load. */
+  /** Called as files download, tensors load and, with {@link LoadOptions.dtype}, tensors convert. */
   onProgress?: (p: LoadProgress) => void;
+}
+
+/** Options of the {@link Model} constructor: the settings {@link loadModel} checked. */
+export interface ModelOptions {
+  /** Positions each sequence holds. */
+  contextLength: number;
+  /** Most tokens evaluated in one step while reading a prompt. */
+  prefillChunk: number;
+  /** Dtype of the KV cache. Default `"f32"`. */
+  kvDtype?: KvDType;
+  /** Milliseconds the load took, for {@link Model.loadMs}. Default 0. */
+  loadMs?: number;
 }
 
 /** A loaded model, ready to generate. */
 export class Model {
   /** The model folder. */
   readonly dir: string;
+  /** The model's shape and settings, from its `config.json` (embedding tying settled by the weight files). */
   readonly config: LlamaConfig;
+  /** The model's tokenizer, from its `tokenizer.json`. */
   readonly tokenizer: TextTokenizer;
+  /** The backend that holds the weights and runs the steps. */
   readonly backend: Backend;
   /** Total bytes of the weights as held by the backend. */
   readonly weightBytes: number;
+  /** Milliseconds {@link loadModel} took: finding the folder (a download included), reading, converting, uploading. */
+  readonly loadMs: number;
   readonly #plans: ModelPlans;
   readonly #weights: Map<string, DeviceTensor>;
   readonly #live = new Set<Sequence>();
   /** Sequences of finished generations, kept with their compiled steps for the next one. */
   readonly #idle: Sequence[] = [];
 
-  /** Use {@link loadModel}. */
+  /**
+   * A model over weights already on `backend`. Use {@link loadModel}, which checks the options.
+   *
+   * @param dir the model folder
+   * @param config the parsed config
+   * @param tokenizer the loaded tokenizer
+   * @param backend the backend holding `weights`
+   * @param weights every weight the config needs, by Hugging Face name
+   * @param options context length, prefill chunk, KV cache dtype
+   */
   constructor(
     dir: string,
     config: LlamaConfig,
     tokenizer: TextTokenizer,
     backend: Backend,
     weights: Map<string, DeviceTensor>,
-    options: { contextLength: number; prefillChunk: number; kvDtype?: KvDType },
+    options: ModelOptions,
   ) {
     this.dir = dir;
+    this.loadMs = options.loadMs ?? 0;
     this.config = config;
     this.tokenizer = tokenizer;
     this.backend = backend;
@@ -103,7 +123,7 @@ export class Model {
     return this.#plans.capacity;
   }
 
-  /** The model's forward graph (for printing). */
+  /** The model's forward graph (for printing): `"last"` gives only the last token's logits (decode), `"all"` every token's. */
   graph(logits: LogitsMode = "last"): Graph {
     return this.#plans.planned(logits).llama.graph;
   }
@@ -151,7 +171,11 @@ export class Model {
     return tokenStream(gen, end);
   }
 
-  /** Continues `sequence` with `prompt` (may be empty to continue from its last token). */
+  /**
+   * Continues `sequence` with `prompt` (may be empty to continue from its last token): a
+   * {@link TokenGenerator} to call `next()` on, for callers that manage their own sequences (chat
+   * sessions, the server).
+   */
   continueSequence(sequence: Sequence, prompt: readonly number[], options: GenerateOptions = {}): TokenGenerator {
     const sampler = new Sampler(resolveSampling(options, this.config.vocabSize), this.config.vocabSize);
     return new TokenGenerator(sequence, prompt, this.tokenizer, sampler, options);
@@ -189,10 +213,12 @@ export class Model {
  * const model = await loadModel("../shared/models/story", { backend: "ts" });
  * await model.generate("Once upon a time", { maxTokens: 20, seed: 1 })
  *   .pipeThrough(new TextEncoderStream())
- *   .pipeTo(Deno.stdout.writable);
+ *   .pipeTo(Deno.stdout.writable, { preventClose: true }); // stdout stays open for what follows
+ * console.log(`\n${model.loadMs.toFixed(0)} ms to load`);
  * ```
  */
 export async function loadModel(source: string, options: LoadOptions = {}): Promise<Model> {
+  const started = performance.now();
   const dir = await resolveModelSource(source, { onProgress: options.onProgress });
   const config = parseConfig(await readJsonFile(`${dir}/config.json`), `${dir}/config.json`);
   const tokenizer = await TextTokenizer.load(dir, config.eosTokenIds);
@@ -211,12 +237,12 @@ export async function loadModel(source: string, options: LoadOptions = {}): Prom
   if (!Number.isInteger(prefillChunk) || prefillChunk < 1 || prefillChunk > 4096) {
     throw new RangeError(`Invalid prefillChunk ${prefillChunk}: expected an integer from 1 to 4096`);
   }
-  const dtypes: readonly string[] = ["f32", "f16", "bf16", "q8_0", "q4_0"];
-  if (options.dtype !== undefined && !dtypes.includes(options.dtype)) {
-    throw new TypeError(`Invalid dtype "${options.dtype}": expected one of ${dtypes.join(", ")}`);
+  const dtype = options.dtype;
+  if (dtype !== undefined && !isWeightDType(dtype)) {
+    throw new TypeError(`Invalid dtype "${dtype}": expected one of ${WEIGHT_DTYPES.join(", ")}`);
   }
   const kvDtype = options.kvDtype ?? "f32";
-  if (!KV_DTYPES.includes(kvDtype)) {
+  if (!isKvDType(kvDtype)) {
     throw new TypeError(`Invalid kvDtype "${kvDtype}": expected one of ${KV_DTYPES.join(", ")}`);
   }
   const host = await readWeights(dir, config, options.onProgress);
@@ -226,12 +252,19 @@ export async function loadModel(source: string, options: LoadOptions = {}): Prom
     if (!backend.supports("attention", kvDtype)) {
       throw new UnsupportedError(`Backend "${backend.name}" cannot hold a "${kvDtype}" KV cache`);
     }
+    let converted = 0;
     for (const [name, t] of host.tensors) {
-      weights.set(name, backend.upload(options.dtype ? convertWeight(t, options.dtype) : t));
+      if (dtype === undefined) {
+        weights.set(name, backend.upload(t));
+        continue;
+      }
+      weights.set(name, backend.upload(convertWeight(t, dtype)));
+      options.onProgress?.({ phase: "convert", name, converted: ++converted, total: host.tensors.size, dtype });
     }
   } catch (e) {
     backend.dispose();
     throw e;
   }
-  return new Model(dir, host.config, tokenizer, backend, weights, { contextLength, prefillChunk, kvDtype });
+  const loadMs = performance.now() - started;
+  return new Model(dir, host.config, tokenizer, backend, weights, { contextLength, prefillChunk, kvDtype, loadMs });
 }

@@ -8,6 +8,7 @@ import { loadModel, type Model } from "../mod.ts";
 import { StopMatcher, StreamingDecoder } from "../models/text/detokenizer.ts";
 import { TextTokenizer } from "../models/text/tokenizer.ts";
 import { MINUEZA_DIR, registerInstrumentedTs, SHARED, STORY_DIR } from "./helpers.ts";
+import { runDeno } from "./subprocess.ts";
 
 /** The ts backend, counting the steps it runs. */
 let steps = 0;
@@ -186,3 +187,63 @@ Deno.test("generate: a generation cancelled mid-step leaves nothing behind for t
       assert.equal(await collect(model.generate("The dog ran", opts)), expected);
     }
   }, 4));
+
+Deno.test("generate: a timer signal stops a consumer that never yields, long before the end", async () => {
+  // The plain ts backend: every step resolves at once, and this loop never waits on anything else.
+  const model = await loadModel(STORY_DIR, { backend: "ts" });
+  try {
+    const stream = model.generate("Once upon a time", { maxTokens: 100_000, ignoreEos: true, seed: 1 });
+    for await (const _ of stream) { /* the full run, for comparison */ }
+    const full = stream.stats.generatedTokens;
+    assert.equal(stream.stats.stopReason, "context");
+
+    const t0 = performance.now();
+    const timed = model.generate("Once upon a time", {
+      maxTokens: 100_000,
+      ignoreEos: true,
+      seed: 1,
+      signal: AbortSignal.timeout(50),
+    });
+    await assert.rejects(async () => {
+      for await (const _ of timed) { /* never yields */ }
+    }, { name: "TimeoutError" });
+    const ms = performance.now() - t0;
+    assert.ok(timed.stats.generatedTokens < full / 2, `${timed.stats.generatedTokens} of ${full} tokens in ${ms} ms`);
+    assert.equal(timed.stats.stopReason, "cancelled");
+  } finally {
+    await model.dispose();
+  }
+});
+
+Deno.test("generate: the time to first token counts from the generate call, the prompt included", () =>
+  withModel(async (model) => {
+    const stream = model.generate("Once upon a time", { maxTokens: 3, seed: 1 });
+    assert.equal(stream.stats.timeToFirstTokenMs, 0);
+    await new Promise((r) => setTimeout(r, 30));
+    await collect(stream);
+    const s = stream.stats;
+    assert.ok(s.timeToFirstTokenMs >= 30 + s.prefillMs - 1, `${s.timeToFirstTokenMs} ms, prefill ${s.prefillMs} ms`);
+    assert.ok(s.prefillMs > 0);
+  }));
+
+/** The `ts` code blocks of a file's JSDoc, without the leading ` * `. */
+async function docExamples(path: string): Promise<string[]> {
+  const text = await Deno.readTextFile(new URL(path, import.meta.url));
+  return [...text.matchAll(/```ts[^\n]*\n([\s\S]*?)```/g)].map((m) => m[1].replace(/^\s*\* ?/gm, ""));
+}
+
+Deno.test("the library examples that pipe into stdout leave it open for what follows", async () => {
+  const root = new URL("..", import.meta.url);
+  const piping: string[] = [];
+  for (const file of ["../mod.ts", "../models/model.ts"]) {
+    for (const code of await docExamples(file)) if (code.includes("Deno.stdout.writable")) piping.push(code);
+  }
+  assert.equal(piping.length, 2, "the mod.ts and loadModel examples");
+  for (const code of piping) {
+    const script = `import { loadModel } from "${new URL("mod.ts", root)}";\n` +
+      code.replace(/^import .*\n/m, "") + '\nconsole.log("still open");\n';
+    const r = await runDeno(["run", "--allow-read", "--allow-env", "-"], { stdin: script });
+    assert.equal(r.code, 0, `${code}\n${r.stderr}`);
+    assert.match(r.stdout, /still open\n$/);
+  }
+});

@@ -16,6 +16,7 @@ import {
 import type { LoadProgress } from "../models/files/weights.ts";
 import { loadModel } from "../models/model.ts";
 import { STORY_DIR } from "./helpers.ts";
+import { type Run, runDeno } from "./subprocess.ts";
 
 const ID = DEFAULT_MODEL_ID;
 const COMMIT = "0123456789abcdef0123456789abcdef01234567";
@@ -301,7 +302,7 @@ Deno.test("fallback folders come after the cache and before a download", async (
   }
 });
 
-Deno.test("offline: a typed error naming --model DIR and LLM_MODELS_DIR", async () => {
+Deno.test("offline: a typed error naming a local folder and LLM_MODELS_DIR (no CLI flag)", async () => {
   const cacheDir = await Deno.makeTempDir({ prefix: "hfcache-off-" });
   try {
     // Unreachable port.
@@ -311,7 +312,8 @@ Deno.test("offline: a typed error naming --model DIR and LLM_MODELS_DIR", async 
     );
     assert(err.offline);
     assert.deepEqual(err.source, ID);
-    assert(err.message.includes("--model DIR") && err.message.includes("LLM_MODELS_DIR"), err.message);
+    assert(err.message.includes("pass a local model folder") && err.message.includes("LLM_MODELS_DIR"), err.message);
+    assert(!err.message.includes("--model"), err.message);
     assert(err.message.includes(`"${ID}"`), err.message);
 
     // A server that answers, then stops.
@@ -355,5 +357,72 @@ Deno.test("an unknown model on the Hub and a missing folder give clear errors", 
   } finally {
     await hub.close();
     await Deno.remove(cacheDir, { recursive: true });
+  }
+});
+
+Deno.test("a GGUF file or any other file says what a model folder holds", async () => {
+  const layout = "a model is a Hugging Face folder with config.json, tokenizer.json and *.safetensors";
+  await rejects(
+    () => loadModel("/models/tinyllama-q8_0.gguf"),
+    ModelNotFoundError,
+    `Cannot load model "/models/tinyllama-q8_0.gguf": GGUF files are not supported yet; ${layout}`,
+  );
+  await rejects(
+    () => resolveModelSource(`${STORY_DIR}/model.safetensors`),
+    ModelNotFoundError,
+    `Cannot load model "${STORY_DIR}/model.safetensors": it is a file, not a folder; ${layout}`,
+  );
+});
+
+const ROOT = new URL("..", import.meta.url);
+
+/** Runs `code` as a module with the permission `flags` (and the given config) in a subprocess. */
+function runModule(code: string, flags: string[], config = new URL("deno.json", ROOT).pathname): Promise<Run> {
+  return runDeno(["run", ...flags, "--config", config, "-"], { stdin: code });
+}
+
+Deno.test("without --allow-read, loading names the path and the permission", async () => {
+  const r = await runModule(
+    `import { loadModel } from "${new URL("mod.ts", ROOT)}";
+try { await loadModel(${JSON.stringify(STORY_DIR)}); } catch (e) { console.log(e.name + ": " + e.message); }`,
+    ["--allow-env"],
+  );
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(
+    r.stdout,
+    `NotCapable: Cannot read "${STORY_DIR}": read access is not granted (run with --allow-read)\n`,
+  );
+});
+
+Deno.test("@huggingface/hub is imported only for a download", async () => {
+  const tmp = await Deno.makeTempDir({ prefix: "lazy-hub-" });
+  try {
+    // The project's import map, with the Hub library replaced by a module that throws when evaluated.
+    await Deno.writeTextFile(
+      `${tmp}/hub.js`,
+      "export class HubApiError extends Error {}\n" +
+        "export function downloadFileToCacheDir() {}\nexport function listFiles() {}\nexport function modelInfo() {}\n" +
+        'throw new Error("the Hub library was evaluated");\n',
+    );
+    const config = JSON.parse(await Deno.readTextFile(new URL("deno.json", ROOT)));
+    config.imports["@huggingface/hub"] = new URL(`file://${tmp}/hub.js`).href;
+    await Deno.writeTextFile(`${tmp}/deno.json`, JSON.stringify({ imports: config.imports }));
+    const r = await runModule(
+      `import { loadModel, resolveModelSource } from "${new URL("mod.ts", ROOT)}";
+const model = await loadModel(${JSON.stringify(STORY_DIR)});
+console.log("loaded", model.config.vocabSize);
+await model.dispose();
+try {
+  await resolveModelSource("nobody/nothing", { cacheDir: ${JSON.stringify(tmp)}, hubUrl: "http://127.0.0.1:9" });
+} catch (e) { console.log(e.name + ": " + e.message); }`,
+      ["--allow-read", "--allow-env", "--allow-write", "--no-lock"],
+      `${tmp}/deno.json`,
+    );
+    assert.equal(r.code, 0, r.stderr);
+    const [loaded, download] = r.stdout.trim().split("\n");
+    assert.equal(loaded, "loaded 2048");
+    assert.match(download, /^ModelDownloadError: Cannot find model "nobody\/nothing".*the Hub library was evaluated/);
+  } finally {
+    await Deno.remove(tmp, { recursive: true });
   }
 });

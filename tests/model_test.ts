@@ -4,7 +4,7 @@
  */
 
 import assert from "node:assert/strict";
-import { loadModel } from "../mod.ts";
+import { loadModel, type LoadProgress } from "../mod.ts";
 import { TextTokenizer } from "../models/text/tokenizer.ts";
 import { assertClose, MINUEZA_DIR, SHARED, STORY_DIR } from "./helpers.ts";
 
@@ -151,4 +151,27 @@ Deno.test("config without tie_word_embeddings: the weight files decide", async (
     await Deno.remove(story, { recursive: true });
     await Deno.remove(untied, { recursive: true });
   }
+});
+
+Deno.test("loadModel: converting to a dtype is reported as progress, after the tensors load; load time is kept", async () => {
+  const events: LoadProgress[] = [];
+  const model = await loadModel(STORY_DIR, { dtype: "q8_0", onProgress: (p) => events.push(p) });
+  try {
+    const tensors = events.filter((e) => e.phase === "tensors");
+    const converts = events.filter((e) => e.phase === "convert");
+    assert.equal(tensors.length, 20);
+    assert.deepEqual(
+      converts.map((e) => [e.converted, e.total, e.dtype]),
+      Array.from({ length: 20 }, (_, i) => [i + 1, 20, "q8_0"]),
+    );
+    assert.deepEqual(new Set(converts.map((e) => e.name)), new Set(tensors.map((e) => e.name)));
+    assert.ok(events.indexOf(converts[0]) > events.indexOf(tensors.at(-1)!), "conversion follows the reading");
+    assert.ok(model.loadMs > 0 && model.loadMs < 60_000, `${model.loadMs} ms`);
+  } finally {
+    await model.dispose();
+  }
+  // Nothing to convert: no convert events.
+  const plain: LoadProgress[] = [];
+  await (await loadModel(STORY_DIR, { onProgress: (p) => plain.push(p) })).dispose();
+  assert.ok(plain.length > 0 && plain.every((e) => e.phase !== "convert"));
 });

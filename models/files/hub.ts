@@ -9,16 +9,18 @@
  *    its usual layout `models--owner--name/{refs,blobs,snapshots/<commit>}`;
  * 4. the caller's fallback folders ({@link ResolveOptions.fallbacks}), for a bundled copy;
  * 5. a download of the files the engine needs into that cache with `@huggingface/hub`, from
- *    `HF_ENDPOINT` (default `https://huggingface.co`), reporting byte progress.
+ *    `HF_ENDPOINT` (default `https://huggingface.co`), reporting byte progress. That library (and its
+ *    dependencies) is imported only then: loading a local folder never evaluates it.
  *
  * Environment variables are read only where `--allow-env` grants them: without the permission they
- * count as unset, and nothing prompts.
+ * count as unset, and nothing prompts. A path that cannot be read for want of `--allow-read` is an
+ * error that says so, not a missing folder.
  *
  * @module
  */
 
-import { downloadFileToCacheDir, HubApiError, listFiles, modelInfo } from "@huggingface/hub";
 import type { LoadProgress } from "./weights.ts";
+import { readAccessError } from "./read_access.ts";
 
 /** The model a bare `loadModel()` or `deno task story` uses: TinyStories-656K. */
 export const DEFAULT_MODEL_ID = "raincandy-u/TinyStories-656K";
@@ -51,6 +53,8 @@ export class ModelNotFoundError extends Error {
   /** The model source that was asked for. */
   readonly source: string;
   /**
+   * An error for `source` whose message says what was tried.
+   *
    * @param source the model source
    * @param message what was tried and what failed
    */
@@ -69,6 +73,8 @@ export class ModelDownloadError extends ModelNotFoundError {
   /** True when no connection could be made (or the network is disallowed or disabled). */
   readonly offline: boolean;
   /**
+   * An error for model `source` whose message says what failed.
+   *
    * @param source the model id
    * @param message what failed
    * @param offline whether the Hub was unreachable
@@ -126,20 +132,27 @@ export function cacheRepoFolder(cacheDir: string, id: string): string {
   return `${cacheDir}/models--${id.split("/").join("--")}`;
 }
 
-async function isDir(path: string): Promise<boolean> {
+/**
+ * What is at `path`: a folder, a file, or nothing usable (missing, unreadable, a dangling link). Only
+ * a missing read permission is thrown, naming the path and the flag.
+ */
+async function pathKind(path: string): Promise<"folder" | "file" | "none"> {
   try {
-    return (await Deno.stat(path)).isDirectory;
-  } catch {
-    return false;
+    const info = await Deno.stat(path); // follows symlinks
+    return info.isDirectory ? "folder" : info.isFile ? "file" : "none";
+  } catch (e) {
+    const denied = readAccessError(path, e);
+    if (denied) throw denied;
+    return "none";
   }
 }
 
+async function isDir(path: string): Promise<boolean> {
+  return await pathKind(path) === "folder";
+}
+
 async function isFile(path: string): Promise<boolean> {
-  try {
-    return (await Deno.stat(path)).isFile; // follows symlinks: a dangling link is not a file
-  } catch {
-    return false;
-  }
+  return await pathKind(path) === "file";
 }
 
 function trimSlash(path: string): string {
@@ -218,17 +231,33 @@ export function mirrorCandidates(modelsDir: string, source: string): string[] {
   return out;
 }
 
-const OFFLINE_HINT = "pass a local model folder with --model DIR, or set LLM_MODELS_DIR to a folder of model folders";
+/** What every "cannot find" message ends with: where a model can come from without the network. */
+const OFFLINE_HINT = "pass a local model folder, or set LLM_MODELS_DIR to a folder of model folders";
+
+/** What a loadable model is, for a source that is a file. */
+const MODEL_LAYOUT = "a model is a Hugging Face folder with config.json, tokenizer.json and *.safetensors";
 
 /**
  * The local folder holding the model named by `source`: a folder path, a name in the `LLM_MODELS_DIR`
  * mirror, or a Hugging Face id (`owner/name`), cached or downloaded. See the module documentation for
  * the order. Throws a {@link ModelNotFoundError} (a {@link ModelDownloadError} when a download failed)
- * whose message names `--model DIR` and `LLM_MODELS_DIR`.
+ * whose message says what was tried and names `LLM_MODELS_DIR`; a file (a GGUF file, say) is refused
+ * with what a model folder holds; a path that may not be read throws `Deno.errors.NotCapable` naming
+ * it and `--allow-read`.
  */
 export async function resolveModelSource(source: string, options: ResolveOptions = {}): Promise<string> {
   if (source === "") throw new ModelNotFoundError(source, `Cannot find model "": ${OFFLINE_HINT}`);
-  if (await isDir(source)) return trimSlash(source);
+  const kind = await pathKind(source);
+  if (kind === "folder") return trimSlash(source);
+  if (/\.gguf$/i.test(source)) {
+    throw new ModelNotFoundError(
+      source,
+      `Cannot load model "${source}": GGUF files are not supported yet; ${MODEL_LAYOUT}`,
+    );
+  }
+  if (kind === "file") {
+    throw new ModelNotFoundError(source, `Cannot load model "${source}": it is a file, not a folder; ${MODEL_LAYOUT}`);
+  }
 
   const modelsDir = options.modelsDir ?? readEnv("LLM_MODELS_DIR");
   if (modelsDir && !source.startsWith("/") && !source.startsWith(".")) {
@@ -276,7 +305,10 @@ export async function resolveModelSource(source: string, options: ResolveOptions
   return await downloadModel(source, { ...options, cacheDir, hubUrl, revision });
 }
 
-/** Downloads the files the engine needs of `id` into the Hugging Face cache; returns the snapshot folder. */
+/**
+ * Downloads the files the engine needs of `id` into the Hugging Face cache; returns the snapshot folder.
+ * `@huggingface/hub` is imported here, on the first download, so that local loads never evaluate it.
+ */
 async function downloadModel(
   id: string,
   options: ResolveOptions & { cacheDir: string; hubUrl: string; revision: string },
@@ -287,7 +319,10 @@ async function downloadModel(
   const sizes = new Map<string, number>();
   const progress = countingFetch(options.fetch ?? fetch, sizes, options.onProgress);
   const common = { hubUrl, fetch: progress, ...credentials };
+  let hub: typeof import("@huggingface/hub") | undefined;
   try {
+    hub = await import("@huggingface/hub");
+    const { downloadFileToCacheDir, listFiles, modelInfo } = hub;
     const info = await modelInfo({ name: id, revision, additionalFields: ["sha"], ...common });
     const commit = (info as { sha?: string }).sha;
     if (!commit || !/^[0-9a-f]{40}$/.test(commit)) {
@@ -343,7 +378,7 @@ async function downloadModel(
     return dir;
   } catch (e) {
     if (e instanceof ModelNotFoundError) throw e;
-    if (e instanceof HubApiError) {
+    if (hub && e instanceof hub.HubApiError) {
       const what = e.statusCode === 404 || e.statusCode === 401
         ? "no such model on the Hub (or it is private or gated)"
         : `HTTP ${e.statusCode}`;

@@ -4,7 +4,9 @@
  * @module
  */
 
-/** Reads and parses a JSON object; `NotFound` or `SyntaxError` name the file. */
+import { readAccessError } from "./read_access.ts";
+
+/** Reads and parses a JSON object; `NotFound`, `NotCapable` (no read permission) or `SyntaxError` name the file. */
 export async function readJsonFile(path: string): Promise<Record<string, unknown>> {
   let text: string;
   try {
@@ -13,7 +15,7 @@ export async function readJsonFile(path: string): Promise<Record<string, unknown
     if (e instanceof Deno.errors.NotFound) {
       throw new Deno.errors.NotFound(`Cannot read "${path}": the file does not exist`);
     }
-    throw e;
+    throw readAccessError(path, e) ?? e;
   }
   let value: unknown;
   try {

@@ -12,12 +12,16 @@
 
 import type { HostTensor } from "../../backends/contract.ts";
 import type { DType } from "../../graph/dtype.ts";
+import { elementCount } from "../../graph/ir.ts";
+import { readAccessError } from "./read_access.ts";
 
 /** A malformed or hostile safetensors file; the message names the file and what is wrong. */
 export class SafetensorsError extends SyntaxError {
   /** The file at fault. */
   readonly file: string;
   /**
+   * An error whose message names the file, then says what is wrong.
+   *
    * @param file the file at fault
    * @param message what is wrong, sentence case
    */
@@ -30,6 +34,7 @@ export class SafetensorsError extends SyntaxError {
 
 /** The parsed contents of one safetensors file. */
 export interface SafetensorsFile {
+  /** The file's path (or the name given to {@link parseSafetensors}). */
   readonly file: string;
   /** The `__metadata__` strings (empty when absent). */
   readonly metadata: Readonly<Record<string, string>>;
@@ -57,7 +62,7 @@ export async function readSafetensors(path: string): Promise<SafetensorsFile> {
     if (e instanceof Deno.errors.NotFound) {
       throw new Deno.errors.NotFound(`Cannot read safetensors file "${path}": not found`);
     }
-    throw e;
+    throw readAccessError(path, e) ?? e;
   }
   return parseSafetensors(bytes, path);
 }
@@ -120,7 +125,7 @@ export function parseSafetensors(bytes: Uint8Array, file: string): SafetensorsFi
     if (begin > end || end > dataSize) {
       fail(`tensor "${name}" has data_offsets [${begin}, ${end}] outside the ${dataSize} data bytes`);
     }
-    const count = (shape as number[]).reduce((a, b) => a * b, 1);
+    const count = elementCount(shape as number[]);
     if (count * info.bytes !== end - begin) {
       fail(
         `tensor "${name}" of shape [${shape}] and dtype ${dtype} needs ${

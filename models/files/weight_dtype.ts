@@ -10,11 +10,9 @@
  */
 
 import type { HostTensor } from "../../backends/contract.ts";
-import { type DType, isQuantized, QUANT_BLOCK } from "../../graph/dtype.ts";
+import { isQuantized, QUANT_BLOCK, type WeightDType } from "../../graph/dtype.ts";
 import { decodeWeights, encodeWeights } from "../../graph/weight_codec.ts";
-
-/** Weight dtypes a model can be loaded as. */
-export type WeightDType = Exclude<DType, "i32">;
+import { elementCount } from "../../graph/ir.ts";
 
 /** The dtype a tensor gets when `target` is asked for. */
 export function chooseDType(shape: readonly number[], target: WeightDType): WeightDType {
@@ -27,7 +25,7 @@ export function chooseDType(shape: readonly number[], target: WeightDType): Weig
 export function convertWeight(t: HostTensor, target: WeightDType): HostTensor {
   const dtype = chooseDType(t.shape, target);
   if (dtype === t.dtype) return t;
-  const count = t.shape.reduce((a, b) => a * b, 1);
+  const count = elementCount(t.shape);
   // Aligned f32 bytes are read in place; anything else is decoded to a fresh f32 array first.
   const values = t.dtype === "f32" && t.data.byteOffset % 4 === 0
     ? new Float32Array(t.data.buffer, t.data.byteOffset, count)

@@ -8,14 +8,19 @@
  */
 
 import type { HostTensor } from "../../backends/contract.ts";
+import type { WeightDType } from "../../graph/dtype.ts";
 import { decodeWeights } from "../../graph/weight_codec.ts";
+import { elementCount } from "../../graph/ir.ts";
 import type { LlamaConfig } from "../arch/config.ts";
 import { WEIGHT_NAMES, weightShapes } from "../arch/llama.ts";
+import { readAccessError } from "./read_access.ts";
 import { readSafetensors, type SafetensorsFile } from "./safetensors.ts";
 
 /** A model folder whose weights do not fit its config; names the tensor and folder. */
 export class WeightsError extends TypeError {
   /**
+   * An error whose message names the folder, then says what is wrong.
+   *
    * @param dir the model folder
    * @param message what is wrong
    */
@@ -25,10 +30,24 @@ export class WeightsError extends TypeError {
   }
 }
 
-/** Progress of loading a model, reported through {@link LoadProgress} callbacks. */
+/**
+ * Progress of loading a model, reported to `onProgress` callbacks, one event per step:
+ *
+ * - `download`: bytes of `file` received so far, of `totalBytes` (only when the model is downloaded);
+ * - `tensors`: tensor `name` read from the weight files, the `loaded`-th of `total`;
+ * - `convert`: tensor `name` converted to the requested `dtype` and handed to the backend, the
+ *   `converted`-th of `total` (only when a weight dtype is asked for: quantizing takes a while).
+ */
 export type LoadProgress =
   | { readonly phase: "download"; readonly file: string; readonly loadedBytes: number; readonly totalBytes: number }
-  | { readonly phase: "tensors"; readonly name: string; readonly loaded: number; readonly total: number };
+  | { readonly phase: "tensors"; readonly name: string; readonly loaded: number; readonly total: number }
+  | {
+    readonly phase: "convert";
+    readonly name: string;
+    readonly converted: number;
+    readonly total: number;
+    readonly dtype: WeightDType;
+  };
 
 /** Lists the `*.safetensors` files of a folder, sorted. */
 export async function safetensorsFiles(dir: string): Promise<string[]> {
@@ -41,7 +60,7 @@ export async function safetensorsFiles(dir: string): Promise<string[]> {
     if (e instanceof Deno.errors.NotFound) {
       throw new Deno.errors.NotFound(`Cannot read model folder "${dir}": it does not exist`);
     }
-    throw e;
+    throw readAccessError(dir, e) ?? e;
   }
   if (files.length === 0) throw new Deno.errors.NotFound(`Cannot load weights from "${dir}": no *.safetensors file`);
   return files.sort().map((f) => `${dir}/${f}`);
@@ -49,7 +68,9 @@ export async function safetensorsFiles(dir: string): Promise<string[]> {
 
 /** The weights of a model folder, and its config with embedding tying settled by the files. */
 export interface ModelWeights {
+  /** The config, with `tieWordEmbeddings` settled by the files when the config did not say. */
   readonly config: LlamaConfig;
+  /** Every weight the config needs, by Hugging Face name. */
   readonly tensors: Map<string, HostTensor>;
 }
 
@@ -98,7 +119,7 @@ export async function readWeights(
     if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
       throw new WeightsError(dir, `tensor "${name}" has shape [${t.shape}], but the config implies [${shape}]`);
     }
-    const count = shape.reduce((a, b) => a * b, 1);
+    const count = elementCount(shape);
     const host = shape.length === 1 && t.dtype !== "f32"
       ? { name, dtype: "f32" as const, shape, data: new Uint8Array(decodeWeights(t.dtype, t.data, count).buffer) }
       : { ...t, name };

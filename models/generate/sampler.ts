@@ -38,6 +38,8 @@ export class SamplingOptionError extends RangeError {
   /** The option at fault. */
   readonly option: string;
   /**
+   * An error for sampling option `option`.
+   *
    * @param option the option at fault
    * @param message what is wrong
    */
@@ -50,15 +52,25 @@ export class SamplingOptionError extends RangeError {
 
 /** Validated sampling parameters with defaults applied. */
 export interface ResolvedSampling {
+  /** {@link SamplingOptions.temperature}: 0 is greedy. */
   readonly temperature: number;
+  /** {@link SamplingOptions.topK}: 0 keeps all. */
   readonly topK: number;
+  /** {@link SamplingOptions.topP}: 1 keeps all. */
   readonly topP: number;
+  /** {@link SamplingOptions.minP}: 0 keeps all. */
   readonly minP: number;
+  /** {@link SamplingOptions.repetitionPenalty}: 1 is off. */
   readonly repetitionPenalty: number;
+  /** {@link SamplingOptions.presencePenalty}. */
   readonly presencePenalty: number;
+  /** {@link SamplingOptions.frequencyPenalty}. */
   readonly frequencyPenalty: number;
+  /** {@link SamplingOptions.penaltyLastN}. */
   readonly penaltyLastN: number;
+  /** {@link SamplingOptions.logitBias} as `[token id, bias]` pairs. */
   readonly logitBias: readonly [number, number][];
+  /** The seed: the one given, else a random one (so that a run can be repeated). */
   readonly seed: number;
 }
 
@@ -119,7 +131,11 @@ export function resolveSampling(o: SamplingOptions, vocabSize: number): Resolved
 export class Rng {
   #s = new Uint32Array(4);
 
-  /** @param seed any safe integer */
+  /**
+   * A generator whose sequence is fixed by `seed`.
+   *
+   * @param seed any safe integer
+   */
   constructor(seed: number) {
     // splitmix32 spreads the seed over the state.
     let z = (seed >>> 0) ^ Math.floor(seed / 2 ** 32);
@@ -153,6 +169,7 @@ function rotl(x: number, k: number): number {
 
 /** Picks tokens from logits. Buffers are sized to the vocabulary once. */
 export class Sampler {
+  /** The options it samples with. */
   readonly options: ResolvedSampling;
   readonly #rng: Rng;
   readonly #work: Float32Array;
@@ -168,6 +185,8 @@ export class Sampler {
   #recentAt = 0;
 
   /**
+   * A sampler for logits of `vocabSize` tokens.
+   *
    * @param options validated options ({@link resolveSampling})
    * @param vocabSize logits per step
    */

@@ -1,0 +1,71 @@
+/**
+ * Generation as pull-driven streams over a {@link TokenGenerator}: nothing is computed until the
+ * consumer reads, and each read runs as many steps as the next chunk needs. `cancel()` on the stream
+ * or the generation's `AbortSignal` stops the work.
+ *
+ * @module
+ */
+
+import type { GeneratedToken, GenerationStats, TokenGenerator } from "./token_generator.ts";
+
+/** A stream of text pieces with its statistics. */
+export type TextStream = ReadableStream<string> & { readonly stats: GenerationStats };
+/** A stream of tokens with its statistics. */
+export type TokenStream = ReadableStream<GeneratedToken> & { readonly stats: GenerationStats };
+
+/**
+ * A pull-driven stream of what `chunk` makes of each token (tokens it maps to undefined are skipped);
+ * `onEnd` runs once when the stream ends for any reason.
+ */
+function generatorStream<T>(
+  gen: TokenGenerator,
+  onEnd: () => void,
+  chunk: (t: GeneratedToken) => T | undefined,
+): ReadableStream<T> & { readonly stats: GenerationStats } {
+  let ended = false;
+  const end = () => {
+    if (!ended) {
+      ended = true;
+      onEnd();
+    }
+  };
+  const stream = new ReadableStream<T>({
+    async pull(controller) {
+      try {
+        for (;;) {
+          const t = await gen.next();
+          if (!t) {
+            end();
+            controller.close();
+            return;
+          }
+          const value = chunk(t);
+          if (value !== undefined) {
+            controller.enqueue(value);
+            return;
+          }
+        }
+      } catch (e) {
+        gen.cancel();
+        end();
+        controller.error(e);
+      }
+    },
+    async cancel() {
+      gen.cancel();
+      await gen.settled();
+      end();
+    },
+  }, { highWaterMark: 0 });
+  return Object.assign(stream, { stats: gen.stats });
+}
+
+/** A pull-driven stream of tokens; `onEnd` runs once when it ends for any reason. */
+export function tokenStream(gen: TokenGenerator, onEnd: () => void): TokenStream {
+  return generatorStream(gen, onEnd, (t) => t);
+}
+
+/** A pull-driven stream of text pieces (no empty pieces); ends like {@link tokenStream}. */
+export function textStream(gen: TokenGenerator, onEnd: () => void): TextStream {
+  return generatorStream(gen, onEnd, (t) => t.text || undefined);
+}
