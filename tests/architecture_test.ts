@@ -71,6 +71,8 @@ const LAYERS: readonly Layer[] = [
       "backends/webgpu/mod.ts",
       "server/mod.ts",
       "examples/_*.ts",
+      // The package manifest, for the version `--version` prints.
+      "deno.json",
     ],
   },
   { folder: "tests/", mayImport: ANYTHING },
