@@ -281,7 +281,7 @@ export function loadFlags(values: LoadFlagValues): Omit<LoadOptions, "onProgress
 }
 
 /** The sampling flags of the generating tools: the flag, its option in `SamplingOptions`, its bounds. */
-const SAMPLING_FLAGS = [
+export const SAMPLING_FLAGS = [
   ["temperature", "temperature", { min: 0 }],
   ["top-k", "topK", { integer: true, min: 0 }],
   ["top-p", "topP", { min: 0, max: 1 }],
@@ -355,7 +355,7 @@ export function versionLine(tool: string): string {
 }
 
 /** The flags every tool takes. */
-const TOOL_OPTIONS = {
+export const TOOL_OPTIONS = {
   help: { type: "boolean", short: "h" },
   version: { type: "boolean" },
 } as const;

@@ -43,26 +43,34 @@ export class ApiError extends Error {
 
 /** Sampling and stopping options common to both endpoints, validated. */
 export interface CommonParams {
+  /** The `model` field: which served model answers. */
   model: string;
+  /** `stream`: answer as server-sent events. */
   stream: boolean;
+  /** `stream_options.include_usage`: end a stream with a usage chunk. */
   includeUsage: boolean;
   /** `max_tokens` / `max_completion_tokens`, if given. */
   maxTokens: number | undefined;
+  /** `stop`: one string or a list, as a list. */
   stop: string[];
+  /** The sampling fields (`temperature`, `top_p`, `seed`, …) as generation options. */
   sampling: GenerateOptions;
 }
 
 /** A validated `/v1/chat/completions` request. */
 export interface ChatRequest extends CommonParams {
+  /** The conversation, each message's content as text. */
   messages: ChatMessage[];
 }
 
 /** A validated `/v1/completions` request. */
 export interface CompletionRequest extends CommonParams {
+  /** The prompt: text, or token ids. */
   prompt: string | number[];
 }
 
-type Json = Record<string, unknown>;
+/** A JSON object, as the API sends and receives them. */
+export type Json = Record<string, unknown>;
 
 function bad(param: string, message: string, code: string | null = "invalid_value"): never {
   throw new ApiError(400, message, "invalid_request_error", param, code);

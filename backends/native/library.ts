@@ -9,7 +9,7 @@
 import { defaultLibraryPath, sourceHash } from "./abi.ts";
 
 /** The library's exported functions, as `c/llm.h` declares them. */
-const SYMBOLS = {
+export const SYMBOLS = {
   llm_abi: { parameters: [], result: "pointer" },
   llm_features: { parameters: [], result: "u32" },
   llm_alloc: { parameters: ["usize"], result: "pointer" },

@@ -89,6 +89,7 @@ export class ThreadPolicy {
   readonly #tuners: [ThreadTuner, ThreadTuner];
 
   /**
+   * A tuner for one plan's steps.
    * @param max the most threads a step may use (the pool's size)
    * @param fixed the count every step uses, or undefined to choose per step
    * @param work the plan's work, for estimating a step's time

@@ -27,7 +27,9 @@ import { QUANT_BLOCK } from "../../graph/dtype.ts";
 
 /** A weight as the TypeScript backend holds it: typed views of its bytes. */
 export interface TsWeight {
+  /** The dtype its bytes are stored in. */
   readonly dtype: DType;
+  /** Its shape, `[rows, cols]` for a matrix. */
   readonly shape: readonly number[];
   /** The raw bytes in the `graph/dtype.ts` layout. */
   readonly bytes: Uint8Array;

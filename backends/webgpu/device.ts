@@ -194,7 +194,10 @@ export class DeviceHealth {
   readonly #lost: Promise<never>;
   #closed = false;
 
-  /** @param device the device to watch */
+  /**
+   * Starts watching `device` for loss and uncaptured errors.
+   * @param device the device to watch
+   */
   constructor(device: GPUDevice) {
     this.#lost = device.lost.then((info) => {
       const e = new WebGpuDeviceLostError(info.reason, info.message);

@@ -43,7 +43,10 @@ export class Pipelines {
   readonly #layouts: Layouts;
   readonly #cache = new Map<string, GPUComputePipeline>();
 
-  /** @param device the device the pipelines run on */
+  /**
+   * An empty cache, with the bind group layouts made on `device`.
+   * @param device the device the pipelines run on
+   */
   constructor(device: GPUDevice) {
     this.#device = device;
     this.#layouts = createLayouts(device);
@@ -136,8 +139,11 @@ export function paramSlotCount(plan: ExecutionPlan, bindings: ReadonlyMap<number
 
 /** One dispatch of a step: its pipeline, bind group and workgroup count for a number of rows. */
 export interface Dispatch {
+  /** The compute pipeline of the shader. */
   readonly pipeline: GPUComputePipeline;
+  /** Its buffers. */
   readonly bindGroup: GPUBindGroup;
+  /** Workgroups to dispatch for `T` rows (0 skips the dispatch). */
   readonly groups: (T: number) => number;
 }
 
@@ -145,6 +151,7 @@ export interface Dispatch {
 export interface NodeDispatches {
   /** The operand's rows when the graph fixes them (after lastRow), else 0 for the step's T. */
   readonly fixedRows: number;
+  /** The node's dispatches, in order (for matmul, the matrix-vector kernel's). */
   readonly dispatches: readonly Dispatch[];
   /** Used instead of `dispatches` for more than MATVEC_MAX_T rows (matmul only). */
   readonly tiled?: readonly Dispatch[];
@@ -175,6 +182,7 @@ export class DispatchBuilder {
   readonly #bindings: ReadonlyMap<number, GpuTensor>;
 
   /**
+   * A builder writing parameter slots into `params` from the first one on.
    * @param context the device, its kernels and pipelines
    * @param target the executable's buffers and bookkeeping
    * @param params the host copy of the parameter uniforms, {@link paramSlotCount} slots

@@ -70,6 +70,7 @@ export interface LlamaGraphOptions {
 
 /** The graph and the tensors a caller binds or reads. */
 export interface LlamaGraph {
+  /** The forward pass over `T` new tokens. */
   readonly graph: Graph;
   /** Token ids in, `i32 [T]`. */
   readonly tokens: TensorSpec;

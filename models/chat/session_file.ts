@@ -120,17 +120,27 @@ export interface SessionExchange {
 
 /** What a session file's JSON header holds. */
 export interface SessionHeader {
+  /** The fingerprint of the model the session was saved with ({@link modelFingerprint}). */
   model: string;
+  /** The conversation. */
   messages: ChatMessage[];
+  /** Where each exchange starts, for `undo`. */
   exchanges: SessionExchange[];
+  /** Turns answered so far (a set seed advances by one per turn). */
   turns: number;
+  /** The template that overrode the model's, or null. */
   template: string | null;
+  /** The context policy. */
   policy: ContextPolicy;
+  /** Positions kept free for an answer, or null for the default. */
   reserveTokens: number | null;
+  /** The session's generation defaults. */
   defaults: GenerateOptions;
+  /** Tokens in the saved cache. */
   tokens: number;
   /** The KV cache dtype the rows were saved in (files without it hold f32). */
   kvDtype: KvDType;
+  /** Bytes of the saved KV cache rows. */
   kvBytes: number;
 }
 
@@ -238,8 +248,11 @@ export async function encodeSessionFile(
 
 /** A decoded session file. */
 export interface SessionFile {
+  /** The checked JSON header. */
   readonly header: SessionHeader;
+  /** The cached token ids. */
   readonly tokens: number[];
+  /** The KV cache rows, keys then values per layer, in the header's `kvDtype`. */
   readonly kv: Uint8Array;
 }
 

@@ -18,7 +18,9 @@ export type LogitsMode = "last" | "all";
 
 /** A planned graph and the ids its caller needs. */
 export interface PlannedGraph {
+  /** The graph and the tensors a sequence binds and reads. */
   readonly llama: LlamaGraph;
+  /** Its plan for steps of up to the prefill chunk. */
   readonly plan: ExecutionPlan;
 }
 
@@ -28,17 +30,21 @@ export interface PlannedGraph {
  * executables it returns run them).
  */
 export class ModelPlans {
+  /** The model config the graphs are built from. */
   readonly config: LlamaConfig;
+  /** The backend holding the weights, which compiles the plans. */
   readonly backend: Backend;
   /** Most tokens one step evaluates (the prefill chunk: the plans' `maxDims.T`). */
   readonly prefillChunk: number;
   /** KV cache rows of each sequence. */
   readonly capacity: number;
+  /** Dtype of each sequence's KV cache. */
   readonly kvDtype: KvDType;
   readonly #weights: ReadonlyMap<string, DeviceTensor>;
   readonly #planned = new Map<LogitsMode, PlannedGraph>();
 
   /**
+   * Plans nothing yet: each logits mode is planned on first use.
    * @param config the model config
    * @param backend the backend holding the weights
    * @param weights device weights by HF name

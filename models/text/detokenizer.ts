@@ -20,6 +20,7 @@ export class StreamingDecoder {
   #read: number;
 
   /**
+   * A decoder that continues after `context`.
    * @param tokenizer the model's tokenizer
    * @param context tokens already shown (the end of the prompt), so the first piece
    *   keeps its leading space
@@ -68,7 +69,10 @@ export class StopMatcher {
   /** Whether a stop string was found. */
   stopped = false;
 
-  /** @param stops the stop strings (empty strings are refused) */
+  /**
+   * A matcher for `stops`.
+   * @param stops the stop strings (empty strings are refused)
+   */
   constructor(stops: readonly string[]) {
     for (const s of stops) {
       if (typeof s !== "string" || s.length === 0) {
