@@ -71,6 +71,7 @@ export {
   type SafetensorsFile,
 } from "./models/files/safetensors.ts";
 export { type LoadProgress, WeightsError } from "./models/files/weights.ts";
+export { type AtomicWriteOptions, writeFileAtomic } from "./models/files/atomic_write.ts";
 export {
   DEFAULT_MODEL_ID,
   isCompleteModelDir,
