@@ -7,7 +7,7 @@
  */
 
 import { elementCount, encodeWeights, type HostTensor } from "../backends/mod.ts";
-import { encodeSafetensors, type LlamaConfig, parseConfig, Rng, weightShapes } from "../mod.ts";
+import { encodeSafetensors, type LlamaConfig, parseConfig, Rng, weightShapes, writeFileAtomic } from "../mod.ts";
 
 /** The `config.json` fields of a shape. */
 export type ShapeConfig = Record<string, unknown>;
@@ -112,17 +112,19 @@ export async function writeRandomModel(
       data: encodeWeights(stored, values, dims[dims.length - 1], name),
     });
   }
-  await Deno.writeFile(`${dir}/model.safetensors`, encodeSafetensors(tensors, { format: "pt" }));
-  await Deno.writeTextFile(
-    `${dir}/config.json`,
-    JSON.stringify({ ...shape, torch_dtype: dtype === "f16" ? "float16" : "float32" }, null, 2),
-  );
+  // Each file all or nothing, so a run stopped midway never leaves a truncated file in an existing folder.
+  await writeFileAtomic(`${dir}/model.safetensors`, encodeSafetensors(tensors, { format: "pt" }));
+  const configJson = JSON.stringify({ ...shape, torch_dtype: dtype === "f16" ? "float16" : "float32" }, null, 2);
+  await writeFileAtomic(`${dir}/config.json`, new TextEncoder().encode(configJson));
   for (const f of ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]) {
+    let bytes: Uint8Array;
     try {
-      await Deno.copyFile(`${options.tokenizerFrom}/${f}`, `${dir}/${f}`);
+      bytes = await Deno.readFile(`${options.tokenizerFrom}/${f}`);
     } catch (e) {
       if (!(e instanceof Deno.errors.NotFound) || f === "tokenizer.json") throw e;
+      continue;
     }
+    await writeFileAtomic(`${dir}/${f}`, bytes);
   }
   return config;
 }

@@ -21,6 +21,7 @@
 
 import type { LoadProgress } from "./weights.ts";
 import { readAccessError } from "./read_access.ts";
+import { writeFileAtomic } from "./atomic_write.ts";
 
 /** The model a bare `loadModel()` or `deno task story` uses: TinyStories-656K. */
 export const DEFAULT_MODEL_ID = "raincandy-u/TinyStories-656K";
@@ -369,7 +370,8 @@ async function downloadModel(
     const repo = cacheRepoFolder(cacheDir, id);
     if (revision !== commit) {
       await Deno.mkdir(`${repo}/refs`, { recursive: true });
-      await Deno.writeTextFile(`${repo}/refs/${revision}`, commit);
+      // The blobs are written as `.incomplete` and renamed by @huggingface/hub; the ref, all or nothing too.
+      await writeFileAtomic(`${repo}/refs/${revision}`, new TextEncoder().encode(commit));
     }
     const dir = `${repo}/snapshots/${commit}`;
     if (!(await isCompleteModelDir(dir))) {
