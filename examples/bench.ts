@@ -290,7 +290,14 @@ async function benchLlama(
   const gguf = `${ggufDir}/${label.replace(/[^\w.-]+/g, "_")}-${type}.gguf`;
   const weights = (await Array.fromAsync(Deno.readDir(dir))).find((e) => e.name.endsWith(".safetensors"));
   if (!weights || !(await newerThan(gguf, `${dir}/${weights.name}`))) {
-    await run("node", [`${kit}/gguf.mjs`, dir, gguf, "--type", type], kit);
+    // Converted beside the target and renamed over it, so a conversion cut short is never taken for a whole file.
+    const partial = `${ggufDir}/.${gguf.slice(ggufDir.length + 1, -".gguf".length)}.${Deno.pid}.partial.gguf`;
+    try {
+      await run("node", [`${kit}/gguf.mjs`, dir, partial, "--type", type], kit);
+      await Deno.rename(partial, gguf);
+    } finally {
+      await Deno.remove(partial).catch(() => {});
+    }
   }
   const byThreads: LlamaResult["byThreads"] = {};
   for (const t of o.threads) {

@@ -225,7 +225,11 @@ console.log(JSON.stringify({ prefill_tok_s: s(1000 * t), decode_tok_s: s(100 / t
     assert.ok(Math.abs(r.decodeRatio - r.decodeTokS / 100) < 1e-9);
 
     const calls = (await Deno.readTextFile(`${tmp}/calls.log`)).trim().split("\n").map((l) => JSON.parse(l));
-    assert.deepEqual(calls[0], ["gguf", STORY_DIR, `${tmp}/cache/models/gguf/story-F32.gguf`, "F32"]);
+    // The kit converts into a partial file beside the target, which is renamed over it once whole.
+    const partial = `${tmp}/cache/models/gguf/.story-F32.${calls[0][2].split(".").at(-3)}.partial.gguf`;
+    assert.deepEqual(calls[0], ["gguf", STORY_DIR, partial, "F32"]);
+    assert.deepEqual([...Deno.readDirSync(`${tmp}/cache/models/gguf`)].map((e) => e.name), ["story-F32.gguf"]);
+    assert.equal(await Deno.readTextFile(`${tmp}/cache/models/gguf/story-F32.gguf`), "GGUF");
     for (const [i, t] of [[1, "1"], [2, "2"]] as const) {
       const c = calls[i].join(" ");
       assert.ok(c.startsWith(`bench ${tmp}/cache/models/gguf/story-F32.gguf --prompt 8 --gen 4 --reps 1`), c);
