@@ -280,15 +280,19 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
     const entry = entries.get(parsed.model);
     if (!entry) throw modelNotFound(parsed.model, `: this server has ${[...entries.keys()].join(", ")}`);
     const ids = promptIds(entry, parsed);
-    // Client disconnects are seen as the response body being cancelled (Deno.serve cancels it when the
-    // connection goes, also while the body waits for its first bytes); the controller is for close().
+    // One controller stops the generation however it is stopped: close(), the request's signal (the client
+    // went away, also while queued), or the response body being cancelled (the connection went while streaming).
+    // The signal reaches the generation, which stops within one prefill chunk; cancel() alone waits for the prompt.
     const ac = new AbortController();
+    const clientGone = () => ac.abort(new DOMException("The client disconnected", "AbortError"));
+    req.signal.addEventListener("abort", clientGone, { once: true });
     active.add(ac);
     let run: Awaited<ReturnType<typeof start>>;
     try {
       run = await start(entry, ids, parsed, ac.signal);
     } catch (e) {
       active.delete(ac);
+      req.signal.removeEventListener("abort", clientGone);
       throw e;
     }
     const id = `${kind === "chat" ? "chatcmpl" : "cmpl"}-${crypto.randomUUID().replaceAll("-", "")}`;
@@ -311,6 +315,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
       ended = true;
       counters[how]++;
       active.delete(ac);
+      req.signal.removeEventListener("abort", clientGone);
       await run.finish();
     };
     let text = "";
@@ -379,6 +384,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
       async cancel() {
         if (ended) return;
         cancelled = true;
+        clientGone();
         run.gen.cancel();
         await pulling; // the token being computed still writes to the sequence: wait before giving it back
         if (!ended) await end("cancelled");
