@@ -12,7 +12,6 @@
 
 import type { HostTensor } from "../../backends/contract.ts";
 import type { DType } from "../../graph/dtype.ts";
-import { elementCount } from "../../graph/ir.ts";
 import { readAccessError } from "./read_access.ts";
 
 /** A malformed or hostile safetensors file; the message names the file and what is wrong. */
@@ -67,7 +66,16 @@ export async function readSafetensors(path: string): Promise<SafetensorsFile> {
   return parseSafetensors(bytes, path);
 }
 
-/** Parses and validates safetensors bytes; `file` names the source in errors. */
+/**
+ * Parses and validates safetensors bytes; `file` names the source in errors.
+ *
+ * The rules are the reference implementation's (Hugging Face's `safetensors` crate): sorted by
+ * `data_offsets` (begin, then end), the tensors tile the data exactly, from offset 0 with no gap
+ * and no overlap (a zero-size tensor is an empty range anywhere in that tiling); the file ends
+ * where the last tensor does; and each tensor's offsets span exactly its shape's element count
+ * times its dtype's size, computed without overflow. A header length that is off by even one byte
+ * (into the header's padding, say) shifts every tensor and so breaks the tiling.
+ */
 export function parseSafetensors(bytes: Uint8Array, file: string): SafetensorsFile {
   const fail = (msg: string): never => {
     throw new SafetensorsError(file, msg);
@@ -89,58 +97,20 @@ export function parseSafetensors(bytes: Uint8Array, file: string): SafetensorsFi
 
   const dataStart = 8 + headerLen;
   const dataSize = bytes.byteLength - dataStart;
-  const metadata: Record<string, string> = {};
-  const entries: { name: string; dtype: DType | "f64"; shape: number[]; begin: number; end: number }[] = [];
+  const metadata: [string, string][] = [];
+  const entries: Entry[] = [];
   for (const [name, value] of Object.entries(header as Record<string, unknown>)) {
     if (name === "__metadata__") {
       if (typeof value !== "object" || value === null || Array.isArray(value)) fail(`"__metadata__" is not an object`);
       for (const [k, v] of Object.entries(value as Record<string, unknown>)) {
         if (typeof v !== "string") fail(`"__metadata__" field "${k}" is not a string`);
-        metadata[k] = v as string;
+        metadata.push([k, v as string]);
       }
       continue;
     }
-    if (typeof value !== "object" || value === null) fail(`tensor "${name}" is not an object`);
-    const { dtype, shape, data_offsets } = value as Record<string, unknown>;
-    if (typeof dtype !== "string") fail(`tensor "${name}" has no dtype`);
-    const info = DTYPES[dtype as string];
-    if (!info) {
-      fail(
-        KNOWN_UNSUPPORTED.includes(dtype as string)
-          ? `tensor "${name}" has dtype "${dtype}", which the engine does not load (F32, F16, BF16, F64)`
-          : `tensor "${name}" has unknown dtype "${dtype}"`,
-      );
-    }
-    if (!Array.isArray(shape) || shape.some((d) => !Number.isSafeInteger(d) || d < 0)) {
-      fail(`tensor "${name}" has shape ${JSON.stringify(shape)}: expected non-negative integers`);
-    }
-    const offsets = data_offsets as unknown[];
-    if (
-      !Array.isArray(offsets) || offsets.length !== 2 ||
-      offsets.some((o) => !Number.isSafeInteger(o) || (o as number) < 0)
-    ) {
-      fail(`tensor "${name}" has data_offsets ${JSON.stringify(data_offsets)}: expected [begin, end]`);
-    }
-    const [begin, end] = offsets as number[];
-    if (begin > end || end > dataSize) {
-      fail(`tensor "${name}" has data_offsets [${begin}, ${end}] outside the ${dataSize} data bytes`);
-    }
-    const count = elementCount(shape as number[]);
-    if (count * info.bytes !== end - begin) {
-      fail(
-        `tensor "${name}" of shape [${shape}] and dtype ${dtype} needs ${
-          count * info.bytes
-        } bytes, but its data_offsets span ${end - begin}`,
-      );
-    }
-    entries.push({ name, dtype: info.dtype, shape: shape as number[], begin, end });
+    entries.push(parseEntry(name, value, dataSize, fail));
   }
-  const sorted = [...entries].sort((a, b) => a.begin - b.begin);
-  for (let i = 1; i < sorted.length; i++) {
-    if (sorted[i].begin < sorted[i - 1].end) {
-      fail(`tensors "${sorted[i - 1].name}" and "${sorted[i].name}" overlap`);
-    }
-  }
+  checkTiling(entries, dataSize, fail);
 
   const tensors = new Map<string, HostTensor>();
   for (const e of entries) {
@@ -155,7 +125,96 @@ export function parseSafetensors(bytes: Uint8Array, file: string): SafetensorsFi
       tensors.set(e.name, { name: e.name, dtype: e.dtype, shape: e.shape, data });
     }
   }
-  return { file, metadata, tensors };
+  // fromEntries defines own properties, so a "__proto__" key stays a key.
+  return { file, metadata: Object.fromEntries(metadata), tensors };
+}
+
+/** One tensor's header entry, checked on its own. */
+interface Entry {
+  name: string;
+  dtype: DType | "f64";
+  shape: number[];
+  begin: number;
+  end: number;
+}
+
+/** Checks one header entry: its dtype, shape, offsets within the data, and size for its shape. */
+function parseEntry(name: string, value: unknown, dataSize: number, fail: (msg: string) => never): Entry {
+  if (typeof value !== "object" || value === null || Array.isArray(value)) fail(`tensor "${name}" is not an object`);
+  const { dtype, shape, data_offsets } = value as Record<string, unknown>;
+  if (typeof dtype !== "string") fail(`tensor "${name}" has no dtype`);
+  const info = Object.hasOwn(DTYPES, dtype as string) ? DTYPES[dtype as string] : undefined;
+  if (!info) {
+    fail(
+      KNOWN_UNSUPPORTED.includes(dtype as string)
+        ? `tensor "${name}" has dtype "${dtype}", which the engine does not load (F32, F16, BF16, F64)`
+        : `tensor "${name}" has unknown dtype "${dtype}"`,
+    );
+  }
+  const { dtype: stored, bytes: width } = info!;
+  if (!Array.isArray(shape) || shape.some((d) => !Number.isSafeInteger(d) || d < 0)) {
+    fail(`tensor "${name}" has shape ${JSON.stringify(shape)}: expected non-negative integers`);
+  }
+  const offsets = data_offsets as unknown[];
+  if (
+    !Array.isArray(offsets) || offsets.length !== 2 ||
+    offsets.some((o) => !Number.isSafeInteger(o) || (o as number) < 0)
+  ) {
+    fail(`tensor "${name}" has data_offsets ${JSON.stringify(data_offsets)}: expected [begin, end]`);
+  }
+  const [begin, end] = offsets as number[];
+  if (begin > end || end > dataSize) {
+    fail(`tensor "${name}" has data_offsets [${begin}, ${end}] outside the ${dataSize} data bytes`);
+  }
+  // BigInt: a product of safe integers can pass 2^53 (or any limit) and round to a false match.
+  const need = (shape as number[]).reduce((n, d) => n * BigInt(d), BigInt(width));
+  if (need !== BigInt(end - begin)) {
+    fail(
+      `tensor "${name}" of shape [${shape}] and dtype ${dtype} needs ${need} bytes, but its data_offsets span ${
+        end - begin
+      } bytes ([${begin}, ${end}])`,
+    );
+  }
+  return { name, dtype: stored, shape: shape as number[], begin, end };
+}
+
+/**
+ * Checks that the tensors, sorted by (begin, end), tile the data from offset 0 to its last byte:
+ * each one begins where the one before ended.
+ */
+function checkTiling(entries: readonly Entry[], dataSize: number, fail: (msg: string) => never): void {
+  const sorted = [...entries].sort((a, b) => a.begin - b.begin || a.end - b.end);
+  let at = 0;
+  let previous: Entry | undefined;
+  for (const e of sorted) {
+    if (e.begin < at) {
+      fail(
+        `tensors "${previous!.name}" and "${e.name}" overlap: data_offsets [${previous!.begin}, ${
+          previous!.end
+        }] and [${e.begin}, ${e.end}]`,
+      );
+    }
+    if (e.begin > at) {
+      fail(
+        previous
+          ? `tensor "${e.name}" has data_offsets [${e.begin}, ${e.end}], leaving a gap of ${
+            e.begin - at
+          } bytes after "${previous.name}" [${previous.begin}, ${previous.end}]`
+          : `tensor "${e.name}" has data_offsets [${e.begin}, ${e.end}], leaving a gap of ${e.begin} bytes at the start of the data`,
+      );
+    }
+    at = e.end;
+    previous = e;
+  }
+  if (at !== dataSize) {
+    fail(
+      previous
+        ? `the data has ${dataSize} bytes, but the last tensor "${previous.name}" [${previous.begin}, ${previous.end}] ends at ${at}: ${
+          dataSize - at
+        } trailing bytes (a wrong header length shifts every tensor)`
+        : `the header lists no tensor, but ${dataSize} data bytes follow it`,
+    );
+  }
 }
 
 /** Encodes tensors as safetensors bytes (used by the model generator and tests). */
