@@ -47,6 +47,11 @@ Options:
   --cache-mb N          prompt cache budget in MiB of KV cache (default 256; 0 disables)
   --max-body-kb N       largest request body in KiB (default 1024)
   --max-tokens N        max_tokens when a request gives none (default 512)
+  --api-key KEY         require 'Authorization: Bearer KEY' on the API (repeat for several keys;
+                        /health and the chat page stay open)
+  --api-key-file FILE   read the keys from FILE, one per line (blank lines and # comments skipped)
+  --allowed-hosts LIST  comma-separated host names the Host header may name besides this machine's
+                        (checked always on a loopback address, and on any address once given)
   --debug               serve GET /debug/stats (counters and memory)
   -h, --help            show this help
   --version             show the version
@@ -59,6 +64,21 @@ function announce(text: string): void {
   } catch (e) {
     if (!(e instanceof OutputClosedError)) throw e;
   }
+}
+
+/** The keys of `--api-key` and `--api-key-file`; a key with spaces or an empty file is a {@link CliError}. */
+async function apiKeys(flags: readonly string[], file: string | undefined): Promise<string[] | undefined> {
+  const keys = [...flags];
+  if (file !== undefined) {
+    const lines = (await Deno.readTextFile(file)).split(/\r?\n/).map((l) => l.trim());
+    const fromFile = lines.filter((l) => l !== "" && !l.startsWith("#"));
+    if (fromFile.length === 0) throw new CliError(`Invalid --api-key-file "${file}": it holds no key`);
+    keys.push(...fromFile);
+  }
+  for (const key of keys) {
+    if (key === "" || /\s/.test(key)) throw new CliError("Invalid API key: expected a non-empty string without spaces");
+  }
+  return keys.length > 0 ? keys : undefined;
 }
 
 async function main(progress: ProgressDisplay): Promise<void> {
@@ -74,6 +94,9 @@ async function main(progress: ProgressDisplay): Promise<void> {
     "cache-mb": { type: "string" },
     "max-body-kb": { type: "string" },
     "max-tokens": { type: "string" },
+    "api-key": { type: "string", multiple: true },
+    "api-key-file": { type: "string" },
+    "allowed-hosts": { type: "string" },
     debug: { type: "boolean", default: false },
   });
   if (!parsed) return;
@@ -90,6 +113,8 @@ async function main(progress: ProgressDisplay): Promise<void> {
     maxBodyBytes: bodyKb === undefined ? undefined : bodyKb * 1024,
     defaultMaxTokens: numberFlag("max-tokens", args["max-tokens"], { integer: true, min: 1 }),
     debug: args.debug,
+    apiKeys: await apiKeys(args["api-key"] ?? [], args["api-key-file"]),
+    allowedHosts: args["allowed-hosts"]?.split(",").map((h) => h.trim()).filter((h) => h !== ""),
   };
   const sources = args.model ?? [DEFAULT_CHAT_MODEL_ID];
   const names = args.name ?? [];

@@ -35,9 +35,11 @@ import type { Model } from "../models/model.ts";
 import { SamplingOptionError } from "../models/generate/sampler.ts";
 import { PromptCache, type PromptCacheStats } from "./prompt_cache.ts";
 import { QueueFullError, Scheduler } from "./scheduler.ts";
+import { Door, isLoopbackAddress } from "./door.ts";
 import {
   ApiError,
   type ChatRequest,
+  ClientGoneError,
   type CommonParams,
   type CompletionRequest,
   finishReason,
@@ -80,6 +82,22 @@ export interface ServerOptions {
   defaultMaxTokens?: number;
   /** Serve `GET /debug/stats` (counters, memory; `?gc=1` collects garbage first when `--expose-gc` is on). */
   debug?: boolean;
+  /**
+   * Keys a request must carry as `Authorization: Bearer KEY` (else `401`, code `invalid_api_key`); `/health` and
+   * the chat page's files stay open. None (the default) lets every request in.
+   */
+  apiKeys?: readonly string[];
+  /**
+   * Host names a request's `Host` header may name besides the loopback names (else `403`, code
+   * `host_not_allowed`), against DNS rebinding. {@link createHandler} checks `Host` only when this is given;
+   * {@link startServer} also checks it whenever it listens on a loopback address, allowing that address.
+   */
+  allowedHosts?: readonly string[];
+  /**
+   * Where the server's log lines go (default `console.error`): one line for each client that went away before
+   * its request was read, and internal errors with their stack.
+   */
+  onLog?: (line: string) => void;
 }
 
 /** Options of {@link startServer}: the handler's plus where to listen. */
@@ -133,6 +151,9 @@ const WEB_FILES: Record<string, { file: string; type: string }> = {
   "/app.js": { file: "./web/app.js", type: "text/javascript; charset=utf-8" },
 };
 
+/** Paths answered without an API key: the health check, and the chat page (which then asks for a key). */
+const OPEN_PATHS: ReadonlySet<string> = new Set(["/health", ...Object.keys(WEB_FILES), "/index.html"]);
+
 interface Entry {
   readonly id: string;
   readonly model: Model;
@@ -161,6 +182,8 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
   for (const [k, v] of [["maxBodyBytes", maxBody], ["defaultMaxTokens", defaultMax]] as const) {
     if (!Number.isInteger(v) || v < 1) throw new RangeError(`Invalid ${k} ${v}: expected a positive integer`);
   }
+  const door = await Door.create({ apiKeys: options.apiKeys, allowedHosts: options.allowedHosts });
+  const log = options.onLog ?? ((line: string) => console.error(line));
   const scheduler = new Scheduler({ parallel: options.parallel ?? 2, maxQueue: options.maxQueue ?? 16 });
   const cache = new PromptCache(options.cacheBytes ?? 256 << 20);
   const web = new Map<string, string>();
@@ -412,6 +435,8 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
       }
     };
     if (closed) throw new ApiError(503, "The server is shutting down", "server_error", null, "unavailable");
+    door.checkHost(req);
+    if (!OPEN_PATHS.has(path)) await door.checkKey(req);
     switch (path) {
       case "/v1/chat/completions":
         only("POST");
@@ -457,11 +482,16 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
     try {
       return await route(req);
     } catch (e) {
-      if (e instanceof ApiError) return e.toResponse();
-      if (e instanceof DOMException && e.name === "AbortError") {
-        return new ApiError(499, "The client disconnected", "invalid_request_error", null, "cancelled").toResponse();
+      if (e instanceof ApiError) {
+        return e.toResponse(e.status === 401 ? { "www-authenticate": 'Bearer realm="llm-engine"' } : {});
       }
-      console.error(e);
+      const gone = new ApiError(499, "The client disconnected", "invalid_request_error", null, "cancelled");
+      if (e instanceof DOMException && e.name === "AbortError") return gone.toResponse();
+      if (e instanceof ClientGoneError) {
+        log(`${req.method} ${new URL(req.url).pathname}: ${e.message}`);
+        return gone.toResponse();
+      }
+      log(`Internal error on ${req.method} ${new URL(req.url).pathname}: ${(e as Error).stack ?? e}`);
       return new ApiError(500, `Internal error: ${(e as Error).message}`, "server_error").toResponse();
     }
   };
@@ -487,10 +517,14 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
  * stay loaded (the caller disposes them).
  */
 export async function startServer(options: StartOptions): Promise<RunningServer> {
-  const h = await createHandler(options);
+  const hostname = options.hostname ?? "127.0.0.1";
+  // On a loopback address only this machine's pages can reach the server, so a Host naming anything else is a
+  // DNS-rebinding page.
+  const allowedHosts = isLoopbackAddress(hostname) ? [...options.allowedHosts ?? [], hostname] : options.allowedHosts;
+  const h = await createHandler({ ...options, allowedHosts });
   const { promise: listening, resolve } = Promise.withResolvers<Deno.NetAddr>();
   const server = Deno.serve({
-    hostname: options.hostname ?? "127.0.0.1",
+    hostname,
     port: options.port ?? 8080,
     onListen: (addr) => resolve(addr as Deno.NetAddr),
   }, h.handler);

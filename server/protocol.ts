@@ -230,7 +230,53 @@ export function usageObject(promptTokens: number, cachedTokens: number, completi
   };
 }
 
-/** The JSON body of `req`, at most `limit` bytes (`413` past it, `400` if it does not parse). */
+/** A request body stopped coming in time (thrown by the body stream of the server's HTTP layer). */
+export class BodyTimeoutError extends Error {
+  /**
+   * The error for a body that took too long.
+   *
+   * @param timeoutMs the limit it went past
+   */
+  constructor(readonly timeoutMs: number) {
+    super(`Request body timeout: the whole body must arrive within ${timeoutMs / 1000} s`);
+    this.name = "BodyTimeoutError";
+  }
+}
+
+/** The client went away before its request was read: nobody is left to answer, so it is logged as one line. */
+export class ClientGoneError extends Error {
+  /**
+   * The error for a vanished client.
+   *
+   * @param message what was cut short
+   */
+  constructor(message: string) {
+    super(message);
+    this.name = "ClientGoneError";
+  }
+}
+
+/**
+ * Throws a `415` unless the request's body is declared `application/json`: a browser sends a cross-origin
+ * `text/plain` or form POST without asking the server first, but never a JSON one.
+ */
+export function requireJsonBody(req: Request): void {
+  const type = req.headers.get("content-type");
+  if (type?.split(";")[0].trim().toLowerCase() === "application/json") return;
+  throw new ApiError(
+    415,
+    `Unsupported Content-Type ${JSON.stringify(type)}: send the body as 'Content-Type: application/json'`,
+    "invalid_request_error",
+    null,
+    "unsupported_media_type",
+  );
+}
+
+/**
+ * The JSON body of `req`, at most `limit` bytes: `413` past it, then `415` unless it is declared
+ * `application/json`, `400` if it does not parse, `408` if it came too slowly ({@link BodyTimeoutError}), and a
+ * {@link ClientGoneError} if the client went away before its end.
+ */
 export async function readJson(req: Request, limit: number): Promise<unknown> {
   const declared = Number(req.headers.get("content-length") ?? NaN);
   const tooLarge = () =>
@@ -247,7 +293,16 @@ export async function readJson(req: Request, limit: number): Promise<unknown> {
   let size = 0;
   const reader = req.body.getReader();
   for (;;) {
-    const { done, value } = await reader.read();
+    let chunk: ReadableStreamReadResult<Uint8Array>;
+    try {
+      chunk = await reader.read();
+    } catch (e) {
+      if (e instanceof BodyTimeoutError) {
+        throw new ApiError(408, e.message, "invalid_request_error", null, "request_timeout");
+      }
+      throw new ClientGoneError(`The client went away after ${size} bytes of the body (${(e as Error).message})`);
+    }
+    const { done, value } = chunk;
     if (done) break;
     size += value.byteLength;
     if (size > limit) {
@@ -256,6 +311,7 @@ export async function readJson(req: Request, limit: number): Promise<unknown> {
     }
     parts.push(value);
   }
+  requireJsonBody(req);
   try {
     return JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(concatBytes(parts)));
   } catch (e) {

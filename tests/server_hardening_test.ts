@@ -12,7 +12,7 @@
 import assert from "node:assert/strict";
 import OpenAI from "openai";
 import { loadModel, type Model } from "../models/model.ts";
-import { type RunningServer, type StartOptions, startServer } from "../server/mod.ts";
+import { createHandler, type RunningServer, type StartOptions, startServer } from "../server/mod.ts";
 import { registerInstrumentedTs, STORY_DIR } from "./helpers.ts";
 
 /** A chat template for the story model (which has none); the same as in server_test.ts. */
@@ -102,4 +102,138 @@ Deno.test("server hardening: a client that disconnects during a long prefill fre
     },
     { contextLength: 512, prefillChunk: 16, backend: "hardening-slow-ts" },
   );
+});
+
+/** Sends `head` (and `body`) over a raw connection with `Connection: close`; resolves with the whole reply. */
+async function rawRequest(port: number, head: string[], body = ""): Promise<{ status: number; text: string }> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    const bytes = new TextEncoder().encode(body);
+    const lines = [...head, `Content-Length: ${bytes.byteLength}`, "Connection: close"];
+    await conn.write(new TextEncoder().encode(`${lines.join("\r\n")}\r\n\r\n`));
+    if (bytes.byteLength) await conn.write(bytes);
+    const text = await new Response(conn.readable).text();
+    return { status: Number(/^HTTP\/1\.1 (\d{3})/.exec(text)?.[1]), text };
+  } finally {
+    try {
+      conn.close();
+    } catch { /* closed with its readable */ }
+  }
+}
+
+Deno.test("server hardening: --api-key keys lock the API (401 in the OpenAI shape), /health and the page stay open", async () => {
+  const key = "sk-local-0123456789";
+  await withServer({ apiKeys: ["sk-other-key", key] }, async (server) => {
+    const client = (apiKey: string) => new OpenAI({ baseURL: `${server.url}/v1`, apiKey, maxRetries: 0 });
+    const ask = { model: "story", messages: [{ role: "user" as const, content: "Hi" }], max_tokens: 2 };
+    for (const wrong of ["sk-local-012345678", "sk-local-01234567890", "nope"]) {
+      await assert.rejects(client(wrong).chat.completions.create(ask), (e) => {
+        assert.ok(e instanceof OpenAI.AuthenticationError, String(e));
+        assert.equal(e.status, 401);
+        assert.equal(e.code, "invalid_api_key");
+        assert.equal(e.type, "invalid_request_error");
+        return true;
+      });
+      await assert.rejects(client(wrong).models.list(), (e) => e instanceof OpenAI.AuthenticationError);
+    }
+    // No key at all: the same error, in the OpenAI shape, with a challenge.
+    const bare = await post(`${server.url}/v1/completions`, { model: "story", prompt: "Hi", max_tokens: 2 });
+    assert.equal(bare.status, 401);
+    assert.match(bare.headers.get("www-authenticate") ?? "", /^Bearer/);
+    const e = errorOf(await bare.json());
+    assert.deepEqual([e.type, e.code, e.param], ["invalid_request_error", "invalid_api_key", null]);
+    assert.equal(server.stats().completed, 0);
+    // The right key: everything works.
+    const ok = await client(key).chat.completions.create(ask);
+    assert.equal(ok.choices[0].message.role, "assistant");
+    assert.deepEqual((await client(key).models.list()).data.map((m) => m.id), ["story"]);
+    // Open without a key.
+    const health = await fetch(`${server.url}/health`);
+    assert.equal(health.status, 200);
+    assert.equal((await health.json()).status, "ok");
+    const page = await fetch(`${server.url}/`);
+    assert.equal(page.status, 200);
+    await page.body?.cancel();
+  });
+  const model = await loadModel(STORY_DIR, { contextLength: 256 });
+  await assert.rejects(createHandler({ models: [{ id: "story", model }], apiKeys: [key, ""] }), /apiKeys\[1\]/);
+  await model.dispose();
+});
+
+Deno.test("server hardening: a POST body must be declared application/json (415), so a cross-origin form or text POST runs nothing", async () => {
+  await withServer({}, async (server) => {
+    const body = JSON.stringify({ model: "story", prompt: "Once upon a time", max_tokens: 2 });
+    const url = `${server.url}/v1/completions`;
+    const sends: [string, () => Promise<Response>][] = [
+      ["text/plain (what a page's fetch or form sends without asking)", () => fetch(url, { method: "POST", body })],
+      ["a form", () => post(url, body, { headers: { "content-type": "application/x-www-form-urlencoded" } })],
+      ["no Content-Type", () => fetch(url, { method: "POST", body: new Blob([body]) })],
+      ["multipart", () => post(url, body, { headers: { "content-type": "multipart/form-data; boundary=x" } })],
+    ];
+    for (const [what, send] of sends) {
+      const res = await send();
+      assert.equal(res.status, 415, what);
+      assert.equal(errorOf(await res.json()).code, "unsupported_media_type", what);
+    }
+    assert.deepEqual([server.stats().completed, server.stats().cancelled], [0, 0]);
+    // JSON, with or without parameters, is served.
+    for (const type of ["application/json", "Application/JSON; charset=utf-8"]) {
+      const res = await post(url, body, { headers: { "content-type": type } });
+      assert.equal(res.status, 200, type);
+      assert.equal((await res.json()).object, "text_completion");
+    }
+    assert.equal(server.stats().completed, 2);
+  });
+});
+
+Deno.test("server hardening: on loopback a Host other than this machine's names is refused (403), against DNS rebinding", async () => {
+  await withServer({ allowedHosts: ["llm.internal"] }, async (server) => {
+    const port = server.addr.port;
+    const get = (host: string) => rawRequest(port, ["GET /v1/models HTTP/1.1", `Host: ${host}`]);
+    for (const host of ["evil.example", `evil.example:${port}`, "127.0.0.1.evil.example", "localhost.evil.example"]) {
+      const res = await get(host);
+      assert.equal(res.status, 403, `${host}: ${res.text}`);
+      assert.match(res.text, /"code":"host_not_allowed"/);
+    }
+    for (const host of [`127.0.0.1:${port}`, `localhost:${port}`, "localhost", `LLM.internal:${port}`, "[::1]"]) {
+      const res = await get(host);
+      assert.equal(res.status, 200, `${host}: ${res.text}`);
+    }
+    // A rebinding page could also post: refused before anything runs.
+    const chat = JSON.stringify({ model: "story", messages: [{ role: "user", content: "Hi" }], max_tokens: 2 });
+    const posted = await rawRequest(port, [
+      "POST /v1/chat/completions HTTP/1.1",
+      `Host: evil.example:${port}`,
+      "Content-Type: application/json",
+    ], chat);
+    assert.equal(posted.status, 403);
+    assert.equal(server.stats().completed, 0);
+  });
+});
+
+Deno.test("server hardening: a client that vanishes mid-body is logged as one line, not an internal error", async () => {
+  const logged: string[] = [];
+  const original = console.error;
+  console.error = (...args: unknown[]) => logged.push(args.map(String).join(" "));
+  try {
+    await withServer({}, async (server) => {
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+      const head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" +
+        "Content-Length: 1000\r\n\r\n";
+      await conn.write(new TextEncoder().encode(`${head}{"model": "story", "messages": [`));
+      await new Promise((r) => setTimeout(r, 200));
+      conn.close();
+      await waitFor("the server to log the vanished client", () => logged.length > 0);
+      await new Promise((r) => setTimeout(r, 200)); // anything else it would log
+      // The server keeps serving.
+      const res = await post(`${server.url}/v1/completions`, { model: "story", prompt: "Once", max_tokens: 2 });
+      assert.equal(res.status, 200);
+      await res.body?.cancel();
+    });
+  } finally {
+    console.error = original;
+  }
+  assert.equal(logged.length, 1, logged.join("\n---\n"));
+  assert.ok(!logged[0].includes("\n"), logged[0]);
+  assert.match(logged[0], /^POST \/v1\/chat\/completions: The client went away after \d+ bytes of the body/);
 });

@@ -127,6 +127,7 @@ Deno.test({
       }];
       const res = await fetch(`${server.url}/v1/chat/completions`, {
         method: "POST",
+        headers: { "content-type": "application/json" },
         body: JSON.stringify({ model: "story", messages, max_tokens: 40, temperature: 0 }),
       });
       const expected = (await res.json()).choices[0].message.content;
@@ -147,6 +148,7 @@ Deno.test({
       const longAsk = [{ role: "system", content: "A story about a fox." }, { role: "user", content: "And then?" }];
       const probe = await fetch(`${server.url}/v1/chat/completions`, {
         method: "POST",
+        headers: { "content-type": "application/json" },
         body: JSON.stringify({ model: "story", messages: longAsk, max_tokens: 300, temperature: 0 }),
       });
       const full = (await probe.json()).choices[0];
@@ -332,6 +334,47 @@ Deno.test({
       assert.deepEqual(errors, []);
     } finally {
       await browser.close();
+      await model.dispose();
+    }
+  },
+});
+
+Deno.test({
+  name: "web page: on a server with an API key the page asks for the key (again after a wrong one) and chats with it",
+  ignore: !exists(CHROMIUM) && !inCi,
+  async fn() {
+    const model = await loadModel(STORY_DIR, { contextLength: 256, backend: "ts" });
+    const key = "sk-page-test-42";
+    const server = await startServer({
+      models: [{ id: "story", model, template: STORY_TEMPLATE }],
+      port: 0,
+      apiKeys: [key],
+    });
+    const browser = await launchChromium();
+    try {
+      const errors: string[] = [];
+      const page = await browser.newPage({ viewport: { width: 900, height: 640 } });
+      page.on("pageerror", (e) => errors.push(e.message));
+      const asked: string[] = [];
+      page.on("dialog", (d) => {
+        asked.push(d.message());
+        void d.accept(asked.length === 1 ? "wrong-key" : key);
+      });
+      await page.goto(`${server.url}/`);
+      await page.waitForSelector("body[data-state=idle]");
+      assert.equal(asked.length, 2, "a wrong key is asked again");
+      assert.match(asked[1], /Invalid API key/);
+      await page.fill("#max-tokens", "4");
+      await page.fill("#input", "Who was the fox?");
+      await page.press("#input", "Enter");
+      await page.waitForSelector(".msg.assistant:not(.streaming)", { timeout: 30_000 });
+      await page.waitForSelector("body[data-state=idle]");
+      assert.equal(await page.$$eval(".msg.error", (els) => els.length), 0);
+      assert.equal(server.stats().completed, 1);
+      assert.deepEqual(errors, []);
+    } finally {
+      await browser.close();
+      await server.close();
       await model.dispose();
     }
   },

@@ -33,9 +33,25 @@ function bubble(role, text) {
   return div;
 }
 
+const KEY_ITEM = "llm-engine-api-key";
+
+/** The headers of an API request: the API key, once the server has asked for one, for this tab. */
+function apiHeaders(extra = {}) {
+  const key = sessionStorage.getItem(KEY_ITEM);
+  return key ? { ...extra, authorization: `Bearer ${key}` } : extra;
+}
+
 /** Lists the models; those the server cannot chat with (no chat template) are shown but cannot be chosen. */
 async function loadModels() {
-  const res = await fetch("/v1/models");
+  let res = await fetch("/v1/models", { headers: apiHeaders() });
+  // A server started with --api-key answers 401: ask for the key (twice at most) and keep it for this tab.
+  for (let tries = 0; res.status === 401 && tries < 2; tries++) {
+    const key = prompt(`${(await res.json()).error?.message ?? "This server needs an API key"}\n\nAPI key:`);
+    if (!key) break;
+    sessionStorage.setItem(KEY_ITEM, key.trim());
+    res = await fetch("/v1/models", { headers: apiHeaders() });
+  }
+  if (!res.ok) throw new Error((await res.json()).error?.message ?? `HTTP ${res.status}`);
   const { data } = await res.json();
   const select = $("model");
   let first;
@@ -110,7 +126,7 @@ async function send(text) {
   try {
     const res = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "content-type": "application/json" },
+      headers: apiHeaders({ "content-type": "application/json" }),
       body: JSON.stringify(body),
       signal,
     });
