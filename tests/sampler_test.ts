@@ -1,7 +1,14 @@
 /** Sampling: each option's effect on hand-made logits, seeds, and the distribution. */
 
 import assert from "node:assert/strict";
-import { argmax, resolveSampling, Rng, Sampler, type SamplingOptions } from "../models/generate/sampler.ts";
+import {
+  argmax,
+  resolveSampling,
+  Rng,
+  Sampler,
+  SamplingOptionError,
+  type SamplingOptions,
+} from "../models/generate/sampler.ts";
 
 const sampler = (o: SamplingOptions, V: number) => new Sampler(resolveSampling(o, V), V);
 const f = (...v: number[]) => Float32Array.from(v);
@@ -101,4 +108,61 @@ Deno.test("repetition, frequency and presence penalties lower recent tokens", ()
   window.accept(0);
   window.accept(2);
   assert.equal(window.sample(f(2, 1.5, -1)), 0, "token 0 left the penalty window");
+});
+
+Deno.test("the penalty window past its first slots: grown as tokens come, the oldest leave it", () => {
+  // 100 > the 64 slots a sampler starts with: the ring grows before it wraps.
+  const s = sampler({ temperature: 0, repetitionPenalty: 1e9, penaltyLastN: 100 }, 300);
+  for (let id = 0; id < 150; id++) s.accept(id); // the window holds 50..149
+  const logits = new Float32Array(300).fill(1);
+  logits[49] = 1.5; // left the window: unpenalized, the best
+  logits[50] = 2; // in the window: 2 / 1e9
+  logits[149] = 3;
+  assert.equal(s.sample(logits), 49);
+  logits[49] = 0.5;
+  assert.equal(s.sample(logits), 0, "every id from 50 is penalized; 0 is the first unpenalized 1");
+  for (let id = 150; id < 220; id++) s.accept(id); // now 120..219
+  logits.fill(1);
+  logits[119] = 1.5;
+  logits[120] = 2;
+  assert.equal(s.sample(logits), 119);
+});
+
+Deno.test("penaltyLastN resolves to the context length when past it", () => {
+  assert.equal(resolveSampling({ penaltyLastN: 2 ** 31 }, 8, 512).penaltyLastN, 512);
+  assert.equal(resolveSampling({ penaltyLastN: 100 }, 8, 512).penaltyLastN, 100);
+  assert.equal(resolveSampling({}, 8, 16).penaltyLastN, 16);
+  assert.throws(() => resolveSampling({ penaltyLastN: 2 ** 60 }, 8), { name: "SamplingOptionError" });
+});
+
+Deno.test("logit bias keys are canonical decimal ids below the vocabulary; banning all is refused", () => {
+  assert.deepEqual(resolveSampling({ logitBias: { 0: 1, 7: -Infinity } }, 8).logitBias, [[0, 1], [7, -Infinity]]);
+  for (const key of ["", "0x2", " 2 ", "1e3", "+1", "01", "8", "NaN", "Infinity"]) {
+    assert.throws(() => resolveSampling({ logitBias: { [key]: 1 } }, 8), (e: unknown) => {
+      assert.ok(e instanceof SamplingOptionError && e.option === "logitBias", String(e));
+      assert.ok(e.message.includes(`token id ${JSON.stringify(key)}`), e.message);
+      return true;
+    }, JSON.stringify(key));
+  }
+  assert.throws(() => resolveSampling({ logitBias: [1, 2] as unknown as Record<number, number> }, 8), {
+    message: /an array, expected an object/,
+  });
+  const all = { 0: -Infinity, 1: -Infinity, 2: -Infinity };
+  assert.throws(() => resolveSampling({ logitBias: all }, 3), { message: /bans every one of the 3 tokens/ });
+});
+
+Deno.test("a step that leaves no token above -Infinity fails instead of emitting a banned one", () => {
+  for (const temperature of [0, 1]) {
+    // Token 0 banned; token 1's logit overflows to -Infinity under the frequency penalty.
+    const s = sampler({ temperature, seed: 1, logitBias: { 0: -Infinity }, frequencyPenalty: 1e308 }, 2);
+    s.accept(1);
+    s.accept(1);
+    assert.throws(() => s.sample(f(5, 5)), (e: unknown) => {
+      assert.ok(e instanceof SamplingOptionError && e.option === "logitBias", String(e));
+      assert.match(e.message, /every token's logit is -Infinity/);
+      return true;
+    }, `temperature ${temperature}`);
+    // A model that gives -Infinity everywhere is refused alike.
+    assert.throws(() => sampler({ temperature, seed: 1 }, 2).sample(f(-Infinity, -Infinity)), SamplingOptionError);
+  }
 });

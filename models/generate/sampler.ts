@@ -25,15 +25,29 @@ export interface SamplingOptions {
   presencePenalty?: number;
   /** Subtracted per occurrence from the logit of recent tokens. Default 0. */
   frequencyPenalty?: number;
-  /** How many recent tokens the penalties look at. Default 64. */
+  /**
+   * How many recent tokens the penalties look at. Default 64. A value past the context length acts
+   * as the context length (a generation never sees more tokens), and the sampler's memory grows
+   * with the tokens it has seen, not with this number.
+   */
   penaltyLastN?: number;
-  /** Added to the logits of the given token ids (`-Infinity` bans a token). */
+  /**
+   * Added to the logits of the given token ids, keyed by the id in canonical decimal (`"0"`,
+   * `"42"`: no sign, spaces, exponent, hex or leading zero) below the vocabulary size. Only
+   * `-Infinity` bans a token: a finite bias, however large, is added (so `-100` on every token,
+   * OpenAI's ban value, shifts them all alike and changes nothing). Banning every token is refused,
+   * and a step where bans and penalties leave no token with a logit above `-Infinity` fails with a
+   * {@link SamplingOptionError} rather than emit a banned one.
+   */
   logitBias?: Readonly<Record<number, number>>;
   /** Seed of the random generator: the same seed gives the same tokens. Default: random. */
   seed?: number;
 }
 
-/** Thrown for a sampling parameter out of range; `option` names it. */
+/**
+ * Thrown for a sampling parameter of the wrong type or out of range, and for a step where
+ * {@link SamplingOptions.logitBias} and the penalties leave no token to pick; `option` names it.
+ */
 export class SamplingOptionError extends RangeError {
   /** The option at fault. */
   readonly option: string;
@@ -74,8 +88,49 @@ export interface ResolvedSampling {
   readonly seed: number;
 }
 
-/** Applies defaults and checks every option against `vocabSize`. */
-export function resolveSampling(o: SamplingOptions, vocabSize: number): ResolvedSampling {
+/** Logit bias keys as a vocabulary id is written: canonical decimal, so `""`, `"0x2"`, `" 2 "`, `"1e3"` are refused. */
+const TOKEN_ID_KEY = /^(0|[1-9][0-9]*)$/;
+
+/** `[id, bias]` pairs of a {@link SamplingOptions.logitBias}, checked (see there). */
+function resolveLogitBias(raw: unknown, vocabSize: number): [number, number][] {
+  const fail = (message: string) =>
+    new SamplingOptionError("logitBias", `Invalid sampling option "logitBias": ${message}`);
+  if (raw === undefined) return [];
+  const proto = typeof raw === "object" && raw !== null ? Object.getPrototypeOf(raw) : undefined;
+  if (proto !== Object.prototype && proto !== null) {
+    throw fail(`${describe(raw)}, expected an object of token id → bias`);
+  }
+  const bias: [number, number][] = [];
+  let banned = 0;
+  for (const [k, v] of Object.entries(raw as Record<string, unknown>)) {
+    const id = TOKEN_ID_KEY.test(k) ? Number(k) : NaN;
+    if (!(id < vocabSize)) {
+      throw fail(`token id ${JSON.stringify(k)} is not a decimal integer from 0 to ${vocabSize - 1}`);
+    }
+    if (typeof v !== "number" || Number.isNaN(v) || v === Infinity) {
+      throw fail(`bias ${describe(v)} for token ${k} is not a finite number or -Infinity`);
+    }
+    if (v === -Infinity) banned++;
+    bias.push([id, v]);
+  }
+  if (banned === vocabSize) throw fail(`it bans every one of the ${vocabSize} tokens, so none could be generated`);
+  return bias;
+}
+
+/** A value as an error message shows it: JSON where it has one, else its type. */
+function describe(v: unknown): string {
+  if (typeof v === "number") return String(v);
+  if (v instanceof Map) return "a Map";
+  if (Array.isArray(v)) return "an array";
+  return JSON.stringify(v) ?? typeof v;
+}
+
+/**
+ * Applies defaults and checks every option against `vocabSize`; with `contextLength`, a
+ * {@link SamplingOptions.penaltyLastN} past it resolves to it (the same penalties: a generation never
+ * sees more tokens than its context holds).
+ */
+export function resolveSampling(o: SamplingOptions, vocabSize: number, contextLength?: number): ResolvedSampling {
   const num = (name: keyof SamplingOptions, v: unknown, def: number, ok: (x: number) => boolean, range: string) => {
     const x = v ?? def;
     if (typeof x !== "number" || Number.isNaN(x) || !ok(x)) {
@@ -84,23 +139,7 @@ export function resolveSampling(o: SamplingOptions, vocabSize: number): Resolved
     return x;
   };
   const finite = (x: number) => Number.isFinite(x);
-  const bias: [number, number][] = [];
-  for (const [k, v] of Object.entries(o.logitBias ?? {})) {
-    const id = Number(k);
-    if (!Number.isInteger(id) || id < 0 || id >= vocabSize) {
-      throw new SamplingOptionError(
-        "logitBias",
-        `Invalid sampling option "logitBias": token id "${k}" is not below ${vocabSize}`,
-      );
-    }
-    if (typeof v !== "number" || Number.isNaN(v) || v === Infinity) {
-      throw new SamplingOptionError(
-        "logitBias",
-        `Invalid sampling option "logitBias": bias ${v} for token ${k} is not a finite number or -Infinity`,
-      );
-    }
-    bias.push([id, v]);
-  }
+  const lastN = num("penaltyLastN", o.penaltyLastN, 64, (x) => Number.isSafeInteger(x) && x >= 0, "an integer ≥ 0");
   return {
     temperature: num("temperature", o.temperature, 0.8, (x) => finite(x) && x >= 0, "a finite number ≥ 0"),
     topK: num("topK", o.topK, 40, (x) => Number.isInteger(x) && x >= 0, "an integer ≥ 0"),
@@ -115,8 +154,8 @@ export function resolveSampling(o: SamplingOptions, vocabSize: number): Resolved
     ),
     presencePenalty: num("presencePenalty", o.presencePenalty, 0, finite, "a finite number"),
     frequencyPenalty: num("frequencyPenalty", o.frequencyPenalty, 0, finite, "a finite number"),
-    penaltyLastN: num("penaltyLastN", o.penaltyLastN, 64, (x) => Number.isInteger(x) && x >= 0, "an integer ≥ 0"),
-    logitBias: bias,
+    penaltyLastN: contextLength === undefined ? lastN : Math.min(lastN, contextLength),
+    logitBias: resolveLogitBias(o.logitBias, vocabSize),
     seed: num(
       "seed",
       o.seed,
@@ -167,6 +206,9 @@ function rotl(x: number, k: number): number {
   return (x << k) | (x >>> (32 - k));
 }
 
+/** Recent-token slots a sampler starts with: the default `penaltyLastN` fits without growing. */
+const RECENT_START = 64;
+
 /** Picks tokens from logits. Buffers are sized to the vocabulary once. */
 export class Sampler {
   /** The options it samples with. */
@@ -178,7 +220,8 @@ export class Sampler {
   readonly #stamp: Uint32Array;
   readonly #count: Uint32Array;
   #stampNow = 0;
-  readonly #recent: Int32Array;
+  /** The recent tokens, a ring of up to `penaltyLastN` once full; grown by doubling until then. */
+  #recent: Int32Array;
   #recentLen = 0;
   /** Sorts candidate ids by working logit, descending (made once, not per token). */
   readonly #byLogit = (a: number, b: number): number => this.#work[b] - this.#work[a] || a - b;
@@ -198,7 +241,7 @@ export class Sampler {
     this.#prob = new Float64Array(vocabSize);
     this.#stamp = new Uint32Array(vocabSize);
     this.#count = new Uint32Array(vocabSize);
-    this.#recent = new Int32Array(Math.max(1, options.penaltyLastN));
+    this.#recent = new Int32Array(Math.max(1, Math.min(options.penaltyLastN, RECENT_START)));
   }
 
   /** Logits per step. */
@@ -208,7 +251,15 @@ export class Sampler {
 
   /** Records a token (prompt or generated) for the penalties. */
   accept(id: number): void {
-    if (this.options.penaltyLastN === 0) return;
+    const lastN = this.options.penaltyLastN;
+    if (lastN === 0) return;
+    if (this.#recentLen === this.#recent.length && this.#recentLen < lastN) {
+      // Not yet a ring (nothing was overwritten): grow, so memory follows the tokens seen, not penaltyLastN.
+      const grown = new Int32Array(Math.min(lastN, this.#recentLen * 2));
+      grown.set(this.#recent);
+      this.#recent = grown;
+      this.#recentAt = this.#recentLen;
+    }
     const cap = this.#recent.length;
     this.#recent[this.#recentAt] = id;
     this.#recentAt = (this.#recentAt + 1) % cap;
@@ -223,7 +274,11 @@ export class Sampler {
     w.set(logits.subarray(0, V));
     for (const [id, b] of o.logitBias) w[id] += b;
     this.#applyPenalties(w);
-    if (o.temperature === 0) return argmax(w, V);
+    if (o.temperature === 0) {
+      const best = argmax(w, V);
+      if (!(w[best] > -Infinity)) throw noTokenLeft();
+      return best;
+    }
 
     // Candidates: the top k (or all), sorted by logit, descending.
     const idx = this.#idx;
@@ -238,7 +293,7 @@ export class Sampler {
 
     const p = this.#prob;
     const max = w[cand[0]];
-    if (max === -Infinity) return cand[0];
+    if (!(max > -Infinity)) throw noTokenLeft();
     let sum = 0;
     for (let i = 0; i < n; i++) {
       const e = Math.exp((w[cand[i]] - max) / o.temperature);
@@ -297,6 +352,14 @@ export class Sampler {
       w[id] = l - c * o.frequencyPenalty - o.presencePenalty;
     }
   }
+}
+
+/** The error of a step where no token has a logit above -Infinity (bans, penalties that overflow). */
+function noTokenLeft(): SamplingOptionError {
+  return new SamplingOptionError(
+    "logitBias",
+    'Cannot sample: after "logitBias" and the penalties every token\'s logit is -Infinity, so no token can be generated',
+  );
 }
 
 /** Index of the largest value (the first on ties, as llama.cpp's greedy sampler). */
