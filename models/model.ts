@@ -12,7 +12,12 @@ import { isKvDType, isWeightDType, KV_DTYPES, type KvDType, WEIGHT_DTYPES, type 
 import type { Graph } from "../graph/ir.ts";
 import { type LlamaConfig, parseConfig } from "./arch/config.ts";
 import { readJsonFile } from "./files/json.ts";
-import { type GeneratedToken, type GenerateOptions, TokenGenerator } from "./generate/token_generator.ts";
+import {
+  checkGenerateOptions,
+  type GeneratedToken,
+  type GenerateOptions,
+  TokenGenerator,
+} from "./generate/token_generator.ts";
 import { type TextStream, textStream, type TokenStream, tokenStream } from "./generate/streams.ts";
 import { resolveModelSource } from "./files/hub.ts";
 import { type LogitsMode, ModelPlans } from "./exec/plans.ts";
@@ -29,7 +34,11 @@ export { KV_DTYPES, type KvDType };
 export interface LoadOptions {
   /** Backend name (`"ts"`, `"native"`, `"webgpu"`). Default `"ts"`. */
   backend?: string;
-  /** Worker threads, for backends that have them. */
+  /**
+   * Worker threads, for backends that have them. The native backend caps it at the cores available
+   * (its description says so); without it, it measures 1 thread against every core per class of
+   * steps and runs the faster, which is the fastest choice.
+   */
   threads?: number;
   /** Context length (KV cache rows per sequence). Default: the config's maximum, capped at 4096. */
   contextLength?: number;
@@ -80,6 +89,7 @@ export class Model {
   readonly #live = new Set<Sequence>();
   /** Sequences of finished generations, kept with their compiled steps for the next one. */
   readonly #idle: Sequence[] = [];
+  #disposed = false;
 
   /**
    * A model over weights already on `backend`. Use {@link loadModel}, which checks the options.
@@ -128,6 +138,14 @@ export class Model {
     return this.#plans.planned(logits).llama.graph;
   }
 
+  /**
+   * Sequences of this model not yet disposed: those of {@link Model.createSequence}, those of
+   * generations running or abandoned but not yet collected, and the few kept for the next generation.
+   */
+  get liveSequences(): number {
+    return this.#live.size;
+  }
+
   /** A new, empty sequence with its own KV cache. Dispose it when done. */
   createSequence(): Sequence {
     const s = new Sequence(this.#plans, (d) => this.#live.delete(d));
@@ -150,7 +168,12 @@ export class Model {
 
   /**
    * Streams the continuation of `prompt` (text, or token ids) as text pieces.
-   * Throws at once for bad options or a prompt past the context.
+   * Throws at once for bad options or a prompt past the context, having taken nothing.
+   *
+   * The stream holds a sequence (a KV cache) until it ends: read to the end, `cancel()`ed (which
+   * stops even a prompt's evaluation at the next chunk), errored, or stopped by the signal. A stream
+   * dropped before then gives its sequence back when the garbage collector collects it, which may be
+   * much later: cancel a stream you stop reading.
    *
    * @example
    * ```ts ignore
@@ -177,12 +200,12 @@ export class Model {
    * sessions, the server).
    */
   continueSequence(sequence: Sequence, prompt: readonly number[], options: GenerateOptions = {}): TokenGenerator {
-    const sampler = new Sampler(resolveSampling(options, this.config.vocabSize), this.config.vocabSize);
-    return new TokenGenerator(sequence, prompt, this.tokenizer, sampler, options);
+    return new TokenGenerator(sequence, prompt, this.tokenizer, this.#sampler(options), options);
   }
 
   /** Frees the sequences, weights and backend. */
   async dispose(): Promise<void> {
+    this.#disposed = true;
     for (const s of [...this.#live]) await s.dispose();
     this.#live.clear();
     this.#idle.length = 0;
@@ -190,17 +213,30 @@ export class Model {
     this.backend.dispose();
   }
 
+  /** A sampler for `options`, checked against the vocabulary and the context. */
+  #sampler(options: GenerateOptions): Sampler {
+    const vocab = this.config.vocabSize;
+    return new Sampler(resolveSampling(options, vocab, this.contextLength), vocab);
+  }
+
   #generator(prompt: string | readonly number[], options: GenerateOptions): [TokenGenerator, () => void] {
+    // Everything that can refuse runs before a sequence is taken, so a refusal leaves nothing behind.
+    checkGenerateOptions(options);
     const ids = this.encodePrompt(prompt, { addSpecialTokens: options.addSpecialTokens });
-    const sampler = new Sampler(resolveSampling(options, this.config.vocabSize), this.config.vocabSize);
+    const sampler = this.#sampler(options);
     const seq = this.#idle.pop() ?? this.createSequence();
-    const gen = new TokenGenerator(seq, ids, this.tokenizer, sampler, options);
-    const end = () => {
+    const release = () => {
+      if (this.#disposed) return; // dispose() freed it
       seq.truncate(0);
       if (this.#idle.length < 2) this.#idle.push(seq);
       else void seq.dispose();
     };
-    return [gen, end];
+    try {
+      return [new TokenGenerator(seq, ids, this.tokenizer, sampler, options), release];
+    } catch (e) {
+      release();
+      throw e;
+    }
   }
 }
 

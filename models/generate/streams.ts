@@ -1,7 +1,8 @@
 /**
  * Generation as pull-driven streams over a {@link TokenGenerator}: nothing is computed until the
  * consumer reads, and each read runs as many steps as the next chunk needs. `cancel()` on the stream
- * or the generation's `AbortSignal` stops the work.
+ * or the generation's `AbortSignal` stops the work. A stream dropped before it ends runs its end
+ * when the garbage collector collects it, so that what it holds (a sequence) is given back.
  *
  * @module
  */
@@ -14,8 +15,14 @@ export type TextStream = ReadableStream<string> & { readonly stats: GenerationSt
 export type TokenStream = ReadableStream<GeneratedToken> & { readonly stats: GenerationStats };
 
 /**
+ * Runs the `onEnd` of streams collected before they ended. What it holds for a stream (the guarded
+ * `onEnd`) must not reach the stream, or the stream could never be collected.
+ */
+const abandoned = new FinalizationRegistry<() => void>((end) => end());
+
+/**
  * A pull-driven stream of what `chunk` makes of each token (tokens it maps to undefined are skipped);
- * `onEnd` runs once when the stream ends for any reason.
+ * `onEnd` runs once when the stream ends for any reason, being collected unended included.
  */
 function generatorStream<T>(
   gen: TokenGenerator,
@@ -23,9 +30,12 @@ function generatorStream<T>(
   chunk: (t: GeneratedToken) => T | undefined,
 ): ReadableStream<T> & { readonly stats: GenerationStats } {
   let ended = false;
+  /** Set by cancel(): a step that finishes after it leaves the (closed) controller alone. */
+  let cancelled = false;
   const end = () => {
     if (!ended) {
       ended = true;
+      abandoned.unregister(end);
       onEnd();
     }
   };
@@ -34,6 +44,7 @@ function generatorStream<T>(
       try {
         for (;;) {
           const t = await gen.next();
+          if (cancelled) return;
           if (!t) {
             end();
             controller.close();
@@ -47,16 +58,19 @@ function generatorStream<T>(
         }
       } catch (e) {
         gen.cancel();
+        if (cancelled) return; // cancel() ends it
         end();
         controller.error(e);
       }
     },
     async cancel() {
+      cancelled = true;
       gen.cancel();
       await gen.settled();
       end();
     },
   }, { highWaterMark: 0 });
+  abandoned.register(stream, end, end);
   return Object.assign(stream, { stats: gen.stats });
 }
 

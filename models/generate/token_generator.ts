@@ -15,9 +15,13 @@ import type { TextTokenizer } from "../text/tokenizer.ts";
 
 /** Options of `Model.generate`: sampling plus when to stop. */
 export interface GenerateOptions extends SamplingOptions {
-  /** Most tokens to generate. Default 256. */
+  /** Most tokens to generate: an integer ≥ 0. Default 256. */
   maxTokens?: number;
-  /** Generation ends before the first occurrence of any of these strings. */
+  /**
+   * Generation ends before the first occurrence of any of these strings (each non-empty). An array
+   * even for one string: a bare string is refused with a `TypeError` (it would otherwise be taken as
+   * its characters, stopping at any of them).
+   */
   stop?: readonly string[];
   /** Keep generating past end-of-sequence tokens (as llama.cpp's `ignore_eos`). */
   ignoreEos?: boolean;
@@ -32,6 +36,51 @@ export interface GenerateOptions extends SamplingOptions {
   signal?: AbortSignal;
   /** Add BOS as the tokenizer config says (default true). */
   addSpecialTokens?: boolean;
+}
+
+/**
+ * Checks the options of a generation that are not sampling options (those are checked by
+ * `resolveSampling`): `maxTokens` (a `RangeError`), and the types of `stop`, `ignoreEos`, `signal` and
+ * `addSpecialTokens` (a `TypeError`), each naming the option and the value. Callers run it before
+ * they take anything that must be given back, such as a sequence.
+ */
+export function checkGenerateOptions(options: GenerateOptions): void {
+  const { maxTokens, stop, ignoreEos, signal, addSpecialTokens } = options;
+  if (maxTokens !== undefined && !(Number.isInteger(maxTokens) && maxTokens >= 0)) {
+    throw new RangeError(`Invalid maxTokens ${describe(maxTokens)}: expected an integer ≥ 0`);
+  }
+  if (stop !== undefined) {
+    if (!Array.isArray(stop)) {
+      throw new TypeError(
+        `Invalid stop ${describe(stop)}: expected an array of non-empty strings (one stop string is [${
+          describe(stop)
+        }])`,
+      );
+    }
+    for (const s of stop) {
+      if (typeof s !== "string" || s.length === 0) {
+        throw new TypeError(`Invalid stop string ${describe(s)} in stop: expected a non-empty string`);
+      }
+    }
+  }
+  for (const [name, v] of [["ignoreEos", ignoreEos], ["addSpecialTokens", addSpecialTokens]] as const) {
+    if (v !== undefined && typeof v !== "boolean") {
+      throw new TypeError(`Invalid ${name} ${describe(v)}: expected a boolean`);
+    }
+  }
+  if (signal !== undefined && !(signal instanceof AbortSignal)) {
+    throw new TypeError(`Invalid signal ${describe(signal)}: expected an AbortSignal`);
+  }
+}
+
+/** A value as an error message shows it. */
+function describe(v: unknown): string {
+  return typeof v === "number" ? String(v) : JSON.stringify(v) ?? typeof v;
+}
+
+/** What {@link TokenGenerator.cancel} aborts with: a step that fails with it ended by cancellation. */
+function cancelledReason(): DOMException {
+  return new DOMException("The generation was cancelled", "AbortError");
 }
 
 /**
@@ -100,6 +149,8 @@ export class TokenGenerator {
   readonly #max: number;
   readonly #ignoreEos: boolean;
   readonly #signal?: AbortSignal;
+  /** Aborted by {@link TokenGenerator.cancel}, so that a prompt's evaluation stops at the next chunk. */
+  readonly #cancel = new AbortController();
   readonly #vocab: number;
   readonly #started = performance.now();
   #lastYield = performance.now();
@@ -118,7 +169,7 @@ export class TokenGenerator {
    *   sequence already ends with them, but then the sequence must be non-empty)
    * @param tokenizer for text pieces
    * @param sampler configured sampler
-   * @param options stop conditions
+   * @param options stop conditions (checked by {@link checkGenerateOptions})
    */
   constructor(
     seq: Sequence,
@@ -127,8 +178,8 @@ export class TokenGenerator {
     sampler: Sampler,
     options: GenerateOptions,
   ) {
+    checkGenerateOptions(options);
     const max = options.maxTokens ?? 256;
-    if (!Number.isInteger(max) || max < 0) throw new RangeError(`Invalid maxTokens ${max}: expected an integer ≥ 0`);
     this.#seq = seq;
     this.#prompt = prompt;
     this.#sampler = sampler;
@@ -137,7 +188,9 @@ export class TokenGenerator {
     this.#eos = new Set(tokenizer.eosIds);
     this.#ignoreEos = options.ignoreEos ?? false;
     this.#signal = options.signal;
-    this.#evalOptions = { signal: options.signal };
+    // Evaluation stops on the caller's signal and on cancel(), whichever comes first.
+    const cancel = this.#cancel.signal;
+    this.#evalOptions = { signal: options.signal ? AbortSignal.any([cancel, options.signal]) : cancel };
     this.#vocab = sampler.vocabSize;
     this.#decoder = new StreamingDecoder(tokenizer, [...seq.tokens, ...prompt]);
     for (const id of [...seq.tokens, ...prompt]) sampler.accept(id);
@@ -178,9 +231,15 @@ export class TokenGenerator {
     }
     const first = this.#logits === undefined;
     if (first) {
-      this.#logits = this.#prompt.length > 0
-        ? await this.#seq.evaluate(this.#prompt, this.#evalOptions)
-        : await this.#lastLogits();
+      try {
+        this.#logits = this.#prompt.length > 0
+          ? await this.#seq.evaluate(this.#prompt, this.#evalOptions)
+          : await this.#lastLogits();
+      } catch (e) {
+        if (this.#isCancellation(e)) return undefined;
+        throw e;
+      }
+      if (this.#done) return undefined; // cancelled during the last chunk
     }
     if (this.stats.generatedTokens >= this.#max) return this.#finish("maxTokens");
     this.#signal?.throwIfAborted();
@@ -191,22 +250,25 @@ export class TokenGenerator {
     this.stats.generatedTokens++;
     const eos = this.#eos.has(id) && !this.#ignoreEos;
     let text = eos ? "" : this.#stops.push(this.#decoder.push(id));
-    if (eos) this.#done = true;
-    else if (this.#stops.stopped) this.#done = true;
-    else if (this.stats.generatedTokens >= this.#max) this.#done = true;
-    else if (this.#seq.length >= this.#seq.capacity) this.#done = true;
-    else {
+    const reason: StopReason | undefined = eos
+      ? "eos"
+      : this.#stops.stopped
+      ? "stop"
+      : this.stats.generatedTokens >= this.#max
+      ? "maxTokens"
+      : this.#seq.length >= this.#seq.capacity
+      ? "context"
+      : undefined;
+    if (reason === undefined) {
       this.#next1[0] = id;
-      this.#logits = await this.#seq.evaluate(this.#next1, this.#evalOptions);
-    }
-    if (this.#done) {
-      const reason: StopReason = eos
-        ? "eos"
-        : this.#stops.stopped
-        ? "stop"
-        : this.stats.generatedTokens >= this.#max
-        ? "maxTokens"
-        : "context";
+      try {
+        this.#logits = await this.#seq.evaluate(this.#next1, this.#evalOptions);
+      } catch (e) {
+        if (!this.#isCancellation(e)) throw e; // cancelled: the token is still this call's
+      }
+    } else if (!this.#done) {
+      // Not when cancel() came first: the reason stays "cancelled".
+      this.#done = true;
       if (!this.#stops.stopped) text += this.#stops.push(this.#decoder.flush()) + this.#stops.flush();
       this.stats.stopReason = reason;
     }
@@ -214,10 +276,21 @@ export class TokenGenerator {
     return { id, logprob, text };
   }
 
-  /** Marks the generation as cancelled. */
+  /**
+   * Marks the generation as cancelled and stops the step in flight at its next chance (between
+   * prompt chunks): the pending {@link TokenGenerator.next} then resolves to undefined, or to the
+   * token it had already picked, and later calls to undefined. The stop reason is `"cancelled"`
+   * unless the generation had already ended.
+   */
   cancel(): void {
     if (!this.#done) this.stats.stopReason = "cancelled";
     this.#done = true;
+    if (!this.#cancel.signal.aborted) this.#cancel.abort(cancelledReason());
+  }
+
+  /** Whether `e` is the abort of {@link TokenGenerator.cancel} (not the caller's signal's). */
+  #isCancellation(e: unknown): boolean {
+    return this.#cancel.signal.aborted && e === this.#cancel.signal.reason;
   }
 
   #finish(reason: StopReason): undefined {
@@ -230,6 +303,7 @@ export class TokenGenerator {
     // Re-evaluate the last token to get its logits (after a rollback, say).
     const last = this.#seq.tokens[this.#seq.length - 1];
     if (last === undefined) throw new RangeError("Cannot generate from an empty sequence without a prompt");
+    this.#evalOptions.signal?.throwIfAborted(); // before the token is taken off, not after
     this.#seq.truncate(this.#seq.length - 1);
     return await this.#seq.evaluate([last], this.#evalOptions);
   }
