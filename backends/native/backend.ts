@@ -25,7 +25,12 @@ import { type NativeContext, NativeExecutable } from "./executable.ts";
 import { acquireLibrary, FEATURE_AVX2, type LoadedLibrary, releaseLibrary } from "./library.ts";
 import { addressOf, type NativeTensor } from "./tensor.ts";
 
-/** Options of {@link createNativeBackend}. */
+/**
+ * Options of {@link createNativeBackend}. `threads` fixes the threads every step runs on, capped at
+ * the cores available (`navigator.hardwareConcurrency`: more would only wait on each other; the
+ * description says when it was capped); without it each class of steps runs on 1 thread or on every
+ * core, whichever it measures faster.
+ */
 export interface NativeBackendOptions extends BackendOptions {
   /**
    * Library file. Default: `$LLM_NATIVE_LIB` when set, else `build/libllm_native.so`
@@ -70,15 +75,22 @@ export class NativeBackend implements Backend {
   private constructor(library: LoadedLibrary, options: NativeBackendOptions) {
     this.#library = library;
     const requested = options.threads;
-    if (requested !== undefined && (!Number.isInteger(requested) || requested < 1 || requested > 256)) {
-      throw new RangeError(`Invalid threads ${requested}: expected an integer from 1 to 256`);
+    const cores = availableCores();
+    if (requested !== undefined && !(Number.isSafeInteger(requested) && requested >= 1)) {
+      throw new RangeError(`Invalid threads ${requested}: expected an integer ≥ 1 (this machine has ${cores} cores)`);
     }
-    const wanted = requested ?? Math.max(1, Math.min(navigator.hardwareConcurrency ?? 1, 64));
+    // More threads than cores only makes every barrier wait for a descheduled worker (256 on 2 cores: 2 s a token).
+    const fixed = requested === undefined ? undefined : Math.min(requested, cores);
+    const wanted = fixed ?? Math.min(cores, 64);
     const symbols = library.symbols;
     const pool = this.#pool = wanted > 1 ? symbols.llm_pool_new(wanted) : null;
     const maxThreads = pool ? symbols.llm_pool_size(pool) : 1;
     const simd = library.features & FEATURE_AVX2 ? "AVX2+FMA+F16C" : "portable C";
-    const threads = requested === undefined ? `up to ${maxThreads} threads (auto)` : `${requested} threads`;
+    const threads = fixed === undefined
+      ? `up to ${maxThreads} threads (auto)`
+      : fixed < requested!
+      ? `${fixed} threads (${requested} asked, capped at the ${cores} cores)`
+      : `${fixed} threads`;
     this.description = `native C (${simd}), ${threads}`;
     const check = () => this.#check();
     this.#context = {
@@ -88,7 +100,7 @@ export class NativeBackend implements Backend {
       },
       pool,
       maxThreads,
-      fixedThreads: requested === undefined ? undefined : Math.min(requested, maxThreads),
+      fixedThreads: fixed === undefined ? undefined : Math.min(fixed, maxThreads),
       forget: (e) => this.#executables.delete(e),
     };
     live.add(this);
@@ -213,6 +225,12 @@ export class NativeBackend implements Backend {
     if (this.#pool) this.#library.symbols.llm_pool_free(this.#pool);
     releaseLibrary(this.#library);
   }
+}
+
+/** The cores this process may run on (`navigator.hardwareConcurrency`, which follows CPU affinity and quotas). */
+function availableCores(): number {
+  const n = navigator.hardwareConcurrency;
+  return Number.isInteger(n) && n >= 1 ? n : 1;
 }
 
 /** Backends not yet disposed: disposed at exit so worker threads stop before the process does. */
