@@ -56,6 +56,13 @@ export interface LoadOptions {
   kvDtype?: KvDType;
   /** Called as files download, tensors load and, with {@link LoadOptions.dtype}, tensors convert. */
   onProgress?: (p: LoadProgress) => void;
+  /**
+   * Check every weight once at load for NaN and ±Infinity, refusing the model with a
+   * `NonFiniteTensorError` naming the tensor and the element (as llama.cpp's `--check-tensors`, but
+   * on by default: one pass over the bytes, small next to reading them). Default `true`; `false`
+   * skips the pass for weights you trust.
+   */
+  checkWeights?: boolean;
 }
 
 /** Options of the {@link Model} constructor: the settings {@link loadModel} checked. */
@@ -281,7 +288,10 @@ export async function loadModel(source: string, options: LoadOptions = {}): Prom
   if (!isKvDType(kvDtype)) {
     throw new TypeError(`Invalid kvDtype "${kvDtype}": expected one of ${KV_DTYPES.join(", ")}`);
   }
-  const host = await readWeights(dir, config, options.onProgress);
+  if (options.checkWeights !== undefined && typeof options.checkWeights !== "boolean") {
+    throw new TypeError(`Invalid checkWeights ${JSON.stringify(options.checkWeights)}: expected a boolean`);
+  }
+  const host = await readWeights(dir, config, options.onProgress, { checkWeights: options.checkWeights });
   const backend = await createBackend(options.backend ?? "ts", { threads: options.threads });
   const weights = new Map<string, DeviceTensor>();
   try {

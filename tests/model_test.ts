@@ -4,7 +4,8 @@
  */
 
 import assert from "node:assert/strict";
-import { loadModel, type LoadProgress } from "../mod.ts";
+import { loadModel, type LoadProgress, WeightsError } from "../mod.ts";
+import { encodeSafetensors, parseSafetensors } from "../models/files/safetensors.ts";
 import { TextTokenizer } from "../models/text/tokenizer.ts";
 import { assertClose, MINUEZA_DIR, SHARED, STORY_DIR } from "./helpers.ts";
 
@@ -174,4 +175,42 @@ Deno.test("loadModel: converting to a dtype is reported as progress, after the t
   const plain: LoadProgress[] = [];
   await (await loadModel(STORY_DIR, { onProgress: (p) => plain.push(p) })).dispose();
   assert.ok(plain.length > 0 && plain.every((e) => e.phase !== "convert"));
+});
+
+Deno.test("loadModel checks every weight for NaN and ±Infinity unless checkWeights is false", async () => {
+  const parsed = parseSafetensors(await Deno.readFile(`${STORY_DIR}/model.safetensors`), "story");
+  const name = "model.layers.1.mlp.down_proj.weight";
+  const tensors = [...parsed.tensors.values()].map((t) => ({ ...t, data: t.data.slice() }));
+  const bad = tensors.find((t) => t.name === name)!;
+  bad.data.set(new Uint8Array(new Float32Array([NaN]).buffer), 4 * 77);
+  const dir = await Deno.makeTempDir({ prefix: "llm-check-weights-" });
+  try {
+    for await (const e of Deno.readDir(STORY_DIR)) {
+      if (e.name !== "model.safetensors") await Deno.copyFile(`${STORY_DIR}/${e.name}`, `${dir}/${e.name}`);
+    }
+    await Deno.writeFile(`${dir}/model.safetensors`, encodeSafetensors(tensors, parsed.metadata));
+    for (const options of [{}, { checkWeights: true }]) {
+      await assert.rejects(() => loadModel(dir, options), (e: unknown) => {
+        assert.ok(e instanceof WeightsError && e.name === "NonFiniteTensorError", String(e));
+        assert.match(e.message, new RegExp(`"${name}" .* element 77 = NaN`));
+        return true;
+      }, JSON.stringify(options));
+    }
+    // Opted out, it loads, and the NaN reaches the logits (which is what the check is for).
+    const model = await loadModel(dir, { checkWeights: false });
+    try {
+      const seq = model.createSequence();
+      const logits = await seq.evaluate(model.tokenizer.encode("Once upon a time"));
+      assert.ok(logits.some(Number.isNaN));
+      await seq.dispose();
+    } finally {
+      await model.dispose();
+    }
+    await assert.rejects(() => loadModel(dir, { checkWeights: "no" as unknown as boolean }), {
+      name: "TypeError",
+      message: /Invalid checkWeights "no": expected a boolean/,
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
