@@ -36,6 +36,7 @@ import { SamplingOptionError } from "../models/generate/sampler.ts";
 import { PromptCache, type PromptCacheStats } from "./prompt_cache.ts";
 import { QueueFullError, Scheduler } from "./scheduler.ts";
 import { Door, isLoopbackAddress } from "./door.ts";
+import { maxTokenChars, PromptEncoder } from "./prompt_encoder.ts";
 import {
   ApiError,
   type ChatRequest,
@@ -158,12 +159,18 @@ interface Entry {
   readonly id: string;
   readonly model: Model;
   readonly template: ChatTemplate | ChatTemplateError;
+  /** The longest prompt text that could fit the context: the context times the model's longest token. */
+  readonly maxPromptChars: number;
 }
+
+/** A request's prompt before tokenizing: token ids as given, or text (a rendered chat, or a completion prompt). */
+type PromptSource = { readonly ids: number[] } | { readonly text: string; readonly chat: boolean };
 
 /** Creates the request handler (for `Deno.serve` or tests). Use {@link startServer} to listen. */
 export async function createHandler(options: ServerOptions): Promise<ChatHandler> {
   if (!options.models?.length) throw new TypeError("Cannot serve: no models given");
   const entries = new Map<string, Entry>();
+  const tokenCharsOf = new Map<Model, number>();
   for (const m of options.models) {
     if (typeof m.id !== "string" || m.id === "" || entries.has(m.id)) {
       throw new TypeError(`Invalid model id ${JSON.stringify(m.id)}: expected a unique non-empty string`);
@@ -175,7 +182,9 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
       if (!(e instanceof ChatTemplateError)) throw e;
       template = e;
     }
-    entries.set(m.id, { id: m.id, model: m.model, template });
+    let tokenChars = tokenCharsOf.get(m.model);
+    if (tokenChars === undefined) tokenCharsOf.set(m.model, tokenChars = maxTokenChars(m.model));
+    entries.set(m.id, { id: m.id, model: m.model, template, maxPromptChars: tokenChars * m.model.contextLength });
   }
   const maxBody = options.maxBodyBytes ?? 1 << 20;
   const defaultMax = options.defaultMaxTokens ?? 512;
@@ -184,6 +193,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
   }
   const door = await Door.create({ apiKeys: options.apiKeys, allowedHosts: options.allowedHosts });
   const log = options.onLog ?? ((line: string) => console.error(line));
+  const encoder = new PromptEncoder();
   const scheduler = new Scheduler({ parallel: options.parallel ?? 2, maxQueue: options.maxQueue ?? 16 });
   const cache = new PromptCache(options.cacheBytes ?? 256 << 20);
   const web = new Map<string, string>();
@@ -202,36 +212,12 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
     cache: cache.stats(),
   });
 
-  /** Runs one generation in a slot; yields tokens; frees everything however it ends. */
-  async function start(entry: Entry, ids: number[], params: CommonParams, signal: AbortSignal) {
+  /**
+   * Runs one generation in a slot; yields tokens; frees everything however it ends. The prompt is tokenized only
+   * once the request has its slot (so a burst of long prompts waits in the queue, or gets 429, untokenized).
+   */
+  async function start(entry: Entry, prompt: PromptSource, params: CommonParams, signal: AbortSignal) {
     const model = entry.model;
-    const room = model.contextLength - ids.length;
-    if (room < 1) {
-      throw new ApiError(
-        400,
-        `The prompt has ${ids.length} tokens: model "${entry.id}" holds ${model.contextLength}`,
-        "invalid_request_error",
-        "messages" in params ? "messages" : "prompt",
-        "context_length_exceeded",
-      );
-    }
-    if (params.maxTokens !== undefined && ids.length + params.maxTokens > model.contextLength) {
-      throw new ApiError(
-        400,
-        `Invalid 'max_tokens' ${params.maxTokens}: the prompt has ${ids.length} tokens and model "${entry.id}" ` +
-          `holds ${model.contextLength}, so at most ${room} can be generated`,
-        "invalid_request_error",
-        "max_tokens",
-        "context_length_exceeded",
-      );
-    }
-    const opts: GenerateOptions = {
-      ...params.sampling,
-      maxTokens: params.maxTokens ?? Math.min(defaultMax, room),
-      stop: params.stop,
-      signal,
-      addSpecialTokens: false,
-    };
     let release: () => void;
     try {
       release = await scheduler.acquire(signal);
@@ -240,6 +226,41 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
         counters.rejected++;
         throw new ApiError(429, e.message, "rate_limit_error", null, "rate_limit_exceeded");
       }
+      throw e;
+    }
+    let ids: number[];
+    let opts: GenerateOptions;
+    try {
+      ids = await promptIds(entry, prompt, signal);
+      const room = model.contextLength - ids.length;
+      if (room < 1) {
+        throw new ApiError(
+          400,
+          `The prompt has ${ids.length} tokens: model "${entry.id}" holds ${model.contextLength}`,
+          "invalid_request_error",
+          "messages" in params ? "messages" : "prompt",
+          "context_length_exceeded",
+        );
+      }
+      if (params.maxTokens !== undefined && ids.length + params.maxTokens > model.contextLength) {
+        throw new ApiError(
+          400,
+          `Invalid 'max_tokens' ${params.maxTokens}: the prompt has ${ids.length} tokens and model "${entry.id}" ` +
+            `holds ${model.contextLength}, so at most ${room} can be generated`,
+          "invalid_request_error",
+          "max_tokens",
+          "context_length_exceeded",
+        );
+      }
+      opts = {
+        ...params.sampling,
+        maxTokens: params.maxTokens ?? Math.min(defaultMax, room),
+        stop: params.stop,
+        signal,
+        addSpecialTokens: false,
+      };
+    } catch (e) {
+      release();
       throw e;
     }
     const { seq, reuse } = cache.take(model, ids);
@@ -252,7 +273,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
     };
     try {
       const gen = model.continueSequence(seq, ids.slice(reuse), opts);
-      return { gen, reuse, finish };
+      return { gen, reuse, finish, promptTokens: ids.length };
     } catch (e) {
       await finish();
       if (e instanceof SamplingOptionError) throw new ApiError(400, e.message, "invalid_request_error", e.option);
@@ -260,8 +281,13 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
     }
   }
 
-  function promptIds(entry: Entry, req: ChatRequest | CompletionRequest): number[] {
-    const tok = entry.model.tokenizer;
+  /**
+   * What a request's prompt is, checked without tokenizing: a chat is rendered by its template, and a text
+   * longer than the model's context could hold at any tokenization is refused here.
+   */
+  function promptSource(entry: Entry, req: ChatRequest | CompletionRequest): PromptSource {
+    let text: string;
+    let param: string;
     if ("messages" in req) {
       if (entry.template instanceof ChatTemplateError) {
         throw new ApiError(
@@ -272,29 +298,49 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
           "no_chat_template",
         );
       }
-      let text: string;
       try {
         text = entry.template.render(req.messages);
       } catch (e) {
         throw new ApiError(400, (e as Error).message, "invalid_request_error", "messages");
       }
-      return tok.encode(text, { addSpecialTokens: false });
+      param = "messages";
+    } else if (typeof req.prompt === "string") {
+      text = req.prompt;
+      param = "prompt";
+    } else {
+      const V = entry.model.config.vocabSize;
+      const badId = req.prompt.find((id) => id >= V);
+      if (badId !== undefined) {
+        throw new ApiError(
+          400,
+          `Invalid 'prompt' token id ${badId}: expected ids below ${V}`,
+          "invalid_request_error",
+          "prompt",
+        );
+      }
+      return { ids: req.prompt };
     }
-    if (typeof req.prompt === "string") {
-      const ids = tok.encode(req.prompt);
-      return ids.length > 0 ? ids : tok.bosId !== undefined ? [tok.bosId] : ids;
-    }
-    const V = entry.model.config.vocabSize;
-    const badId = req.prompt.find((id) => id >= V);
-    if (badId !== undefined) {
+    if (text.length > entry.maxPromptChars) {
       throw new ApiError(
         400,
-        `Invalid 'prompt' token id ${badId}: expected ids below ${V}`,
+        `The prompt has ${text.length} characters: model "${entry.id}" holds ${entry.model.contextLength} tokens ` +
+          `of at most ${entry.maxPromptChars / entry.model.contextLength} characters each, so at most ` +
+          `${entry.maxPromptChars} characters fit`,
         "invalid_request_error",
-        "prompt",
+        param,
+        "context_length_exceeded",
       );
     }
-    return req.prompt;
+    return { text, chat: "messages" in req };
+  }
+
+  /** The token ids of a prompt: long texts are tokenized in a worker, off the event loop. */
+  async function promptIds(entry: Entry, prompt: PromptSource, signal: AbortSignal): Promise<number[]> {
+    if ("ids" in prompt) return prompt.ids;
+    // A chat prompt's special tokens come from its template; a completion prompt gets BOS as the tokenizer says.
+    const ids = await encoder.encode(entry.model, prompt.text, !prompt.chat, signal);
+    const bos = entry.model.tokenizer.bosId;
+    return ids.length > 0 || prompt.chat || bos === undefined ? ids : [bos];
   }
 
   async function complete(req: Request, kind: "chat" | "completion"): Promise<Response> {
@@ -302,7 +348,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
     const parsed = kind === "chat" ? parseChatRequest(body) : parseCompletionRequest(body);
     const entry = entries.get(parsed.model);
     if (!entry) throw modelNotFound(parsed.model, `: this server has ${[...entries.keys()].join(", ")}`);
-    const ids = promptIds(entry, parsed);
+    const prompt = promptSource(entry, parsed);
     // One controller stops the generation however it is stopped: close(), the request's signal (the client
     // went away, also while queued), or the response body being cancelled (the connection went while streaming).
     // The signal reaches the generation, which stops within one prefill chunk; cancel() alone waits for the prompt.
@@ -312,7 +358,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
     active.add(ac);
     let run: Awaited<ReturnType<typeof start>>;
     try {
-      run = await start(entry, ids, parsed, ac.signal);
+      run = await start(entry, prompt, parsed, ac.signal);
     } catch (e) {
       active.delete(ac);
       req.signal.removeEventListener("abort", clientGone);
@@ -325,7 +371,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
       created: Math.floor(Date.now() / 1000),
       model: entry.id,
     };
-    const usage = () => usageObject(ids.length, run.reuse, run.gen.stats.generatedTokens);
+    const usage = () => usageObject(run.promptTokens, run.reuse, run.gen.stats.generatedTokens);
     const enc = new TextEncoder();
     const chunkHead = { ...head, object: kind === "chat" ? "chat.completion.chunk" : "text_completion" };
     const sse = (data: unknown) => enc.encode(`data: ${JSON.stringify(data)}\n\n`);
@@ -506,6 +552,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
       for (let i = 0; i < 100 && (active.size > 0 || scheduler.running > 0); i++) {
         await new Promise((r) => setTimeout(r, 10));
       }
+      encoder.close();
       await cache.clear();
     },
   };

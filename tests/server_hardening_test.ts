@@ -51,7 +51,7 @@ async function post(url: string, body: unknown, init: RequestInit = {}): Promise
   return await fetch(url, {
     method: "POST",
     headers: { "content-type": "application/json" },
-    body: typeof body === "string" ? body : JSON.stringify(body),
+    body: typeof body === "string" || body instanceof Uint8Array ? body as BodyInit : JSON.stringify(body),
     ...init,
   });
 }
@@ -236,4 +236,139 @@ Deno.test("server hardening: a client that vanishes mid-body is logged as one li
   assert.equal(logged.length, 1, logged.join("\n---\n"));
   assert.ok(!logged[0].includes("\n"), logged[0]);
   assert.match(logged[0], /^POST \/v1\/chat\/completions: The client went away after \d+ bytes of the body/);
+});
+
+/** Polls `/health` every few milliseconds until `until` settles; resolves with the slowest answer's milliseconds. */
+async function slowestHealth(url: string, until: Promise<unknown>): Promise<{ worst: number; polls: number }> {
+  let settled = false;
+  void until.finally(() => settled = true).catch(() => {});
+  let worst = 0;
+  let polls = 0;
+  while (!settled && polls < 2000) {
+    const t0 = performance.now();
+    const res = await fetch(`${url}/health`);
+    await res.json();
+    worst = Math.max(worst, performance.now() - t0);
+    if (Deno.env.get("DEBUG_POLLS")) console.log(polls, (performance.now() - t0).toFixed(1));
+    polls++;
+    await new Promise((r) => setTimeout(r, 2));
+  }
+  return { worst, polls };
+}
+
+/** `examples/serve.ts` in a subprocess (its own event loop, as in use), serving the story model as "story". */
+async function spawnServe(args: string[]): Promise<{ url: string; stop: () => Promise<string> }> {
+  const dir = await Deno.makeTempDir({ prefix: "serve_hardening_" });
+  await Deno.writeTextFile(`${dir}/template.jinja`, STORY_TEMPLATE);
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-read",
+      "--allow-env",
+      "--allow-net=127.0.0.1",
+      new URL("../examples/serve.ts", import.meta.url).pathname,
+      ...["--model", STORY_DIR, "--name", "story", "--template-file", `${dir}/template.jinja`, "--port", "0"],
+      ...args,
+    ],
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const errText: string[] = [];
+  const errDone = (async () => {
+    for await (const t of child.stderr.pipeThrough(new TextDecoderStream())) errText.push(t);
+  })();
+  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  const stop = async () => {
+    try {
+      child.kill("SIGTERM");
+    } catch { /* already gone */ }
+    await child.status;
+    await lines.cancel().catch(() => {});
+    await errDone.catch(() => {});
+    await Deno.remove(dir, { recursive: true });
+    return errText.join("");
+  };
+  let banner = "";
+  while (!/http:\/\/127\.0\.0\.1:\d+/.test(banner)) {
+    const r = await lines.read();
+    if (r.done) {
+      const err = await stop();
+      throw new Error(`The server did not start: ${banner}${err}`);
+    }
+    banner += r.value;
+  }
+  return { url: /http:\/\/127\.0\.0\.1:\d+/.exec(banner)![0], stop };
+}
+
+Deno.test("server hardening: a 1 MB prompt is refused before tokenizing, a long one is tokenized off the event loop", async () => {
+  const model = await loadModel(STORY_DIR, { contextLength: 512 });
+  const server = await spawnServe(["--context-length", "512", "--cache-mb", "0"]);
+  try {
+    // What /health takes with nothing else to do, on this machine now (busy machines are slower): the bounds
+    // below are on top of it. Before prompts were refused by size and tokenized in a worker, a 1 MB prompt
+    // stalled /health for seconds, and the 36,000-character one for about 300 ms.
+    const idle = await slowestHealth(server.url, new Promise((r) => setTimeout(r, 300)));
+    // 1 MB of text: far more characters than 512 tokens of the longest token (71 characters) could hold.
+    const huge = "Once upon a time, there was a little dog. ".repeat(25_000).slice(0, 1_000_000);
+    const enc = new TextEncoder();
+    const completion = enc.encode(JSON.stringify({ model: "story", prompt: huge, max_tokens: 2 }));
+    const chat = enc.encode(
+      JSON.stringify({ model: "story", messages: [{ role: "user", content: huge }], max_tokens: 2 }),
+    );
+    const requests: [string, () => Promise<Response>][] = [
+      ["completion", () => post(`${server.url}/v1/completions`, completion)],
+      ["chat", () => post(`${server.url}/v1/chat/completions`, chat)],
+    ];
+    // Each case runs up to three times and passes on the first whose slowest /health is within the bound: a stall
+    // the server causes happens every time, a busy machine's scheduling hiccup does not.
+    const measure = async (
+      what: string,
+      send: () => Promise<Response>,
+      bound: number,
+      check: (res: Response, took: number) => Promise<void>,
+    ) => {
+      const seen: string[] = [];
+      for (let attempt = 0; attempt < 3; attempt++) {
+        const t0 = performance.now();
+        const sent = send();
+        const { worst, polls } = await slowestHealth(server.url, sent);
+        await check(await sent, performance.now() - t0);
+        seen.push(`${worst.toFixed(0)} ms over ${polls} polls`);
+        if (worst < idle.worst + bound) return;
+      }
+      assert.fail(`${what}: /health took ${seen.join(", ")} (idle: ${idle.worst.toFixed(0)} ms; bound +${bound} ms)`);
+    };
+    for (const [what, send] of requests) {
+      await measure(what, send, 50, async (res, took) => {
+        assert.equal(res.status, 400, what);
+        const e = errorOf(await res.json());
+        assert.equal(e.code, "context_length_exceeded", what);
+        assert.match(e.message, /characters/, what);
+        assert.ok(took < 1000, `${what}: refused after ${took.toFixed(0)} ms`);
+      });
+    }
+    // 36,000 characters: within the bound (512 × 71), so it is tokenized (a few hundred ms of work), in the worker:
+    // /health keeps answering, and the count is the tokenizer's own.
+    const long = enc.encode(JSON.stringify({
+      model: "story",
+      prompt: "Once upon a time, there was a little dog. ".repeat(900).slice(0, 36_000),
+      max_tokens: 2,
+    }));
+    const tokens = model.tokenizer.encode("Once upon a time, there was a little dog. ".repeat(900).slice(0, 36_000));
+    await measure("a long prompt", () => post(`${server.url}/v1/completions`, long), 100, async (res) => {
+      assert.equal(res.status, 400);
+      const e = errorOf(await res.json());
+      assert.equal(e.code, "context_length_exceeded");
+      assert.match(e.message, new RegExp(`^The prompt has ${tokens.length} tokens`));
+    });
+    // Long prompts that fit are answered as before.
+    const fits = "something unexpected happened. The ".repeat(130); // 35 characters a token
+    assert.ok(fits.length > 4096);
+    const ok = await post(`${server.url}/v1/completions`, { model: "story", prompt: fits, max_tokens: 2 });
+    assert.equal(ok.status, 200, await ok.clone().text());
+    assert.equal((await ok.json()).usage.prompt_tokens, model.tokenizer.encode(fits).length);
+  } finally {
+    await server.stop();
+    await model.dispose();
+  }
 });

@@ -1,0 +1,47 @@
+/**
+ * A worker that tokenizes long prompts off the server's event loop. It loads
+ * each model's tokenizer from the model folder the way `loadModel` does, so
+ * its ids are the main thread's; see `prompt_encoder.ts`.
+ *
+ * @module
+ */
+
+/// <reference no-default-lib="true" />
+/// <reference lib="deno.worker" />
+
+import { TextTokenizer } from "../models/text/tokenizer.ts";
+
+/** One text to encode, with the tokenizer's folder and the model's EOS ids. */
+export interface EncodeJob {
+  /** Matches the reply to the job. */
+  readonly id: number;
+  /** The model folder holding `tokenizer.json`. */
+  readonly dir: string;
+  /** The EOS ids of the model's config. */
+  readonly eosIds: readonly number[];
+  /** The text. */
+  readonly text: string;
+  /** Add BOS/EOS as the tokenizer config says. */
+  readonly addSpecialTokens: boolean;
+}
+
+/** The ids of a job, or why there are none. */
+export type EncodeReply = { readonly id: number; readonly ids: number[] } | {
+  readonly id: number;
+  readonly error: string;
+};
+
+const tokenizers = new Map<string, Promise<TextTokenizer>>();
+
+self.onmessage = async (e: MessageEvent<EncodeJob>) => {
+  const job = e.data;
+  let reply: EncodeReply;
+  try {
+    let tok = tokenizers.get(job.dir);
+    if (!tok) tokenizers.set(job.dir, tok = TextTokenizer.load(job.dir, job.eosIds));
+    reply = { id: job.id, ids: (await tok).encode(job.text, { addSpecialTokens: job.addSpecialTokens }) };
+  } catch (err) {
+    reply = { id: job.id, error: (err as Error).message };
+  }
+  self.postMessage(reply);
+};
