@@ -52,6 +52,9 @@ Options:
   --api-key-file FILE   read the keys from FILE, one per line (blank lines and # comments skipped)
   --allowed-hosts LIST  comma-separated host names the Host header may name besides this machine's
                         (checked always on a loopback address, and on any address once given)
+  --header-timeout S    seconds a request's line and headers may take (default 30)
+  --body-timeout S      seconds a request's body may take (default 30)
+  --max-connections N   connections open at once; more get 503 (default 64)
   --debug               serve GET /debug/stats (counters and memory)
   -h, --help            show this help
   --version             show the version
@@ -64,6 +67,12 @@ function announce(text: string): void {
   } catch (e) {
     if (!(e instanceof OutputClosedError)) throw e;
   }
+}
+
+/** A flag in seconds (fractions allowed), as milliseconds. */
+function seconds(flag: string, value: string | undefined): number | undefined {
+  const s = numberFlag(flag, value, { min: 0.001, max: 86_400 });
+  return s === undefined ? undefined : s * 1000;
 }
 
 /** The keys of `--api-key` and `--api-key-file`; a key with spaces or an empty file is a {@link CliError}. */
@@ -97,6 +106,9 @@ async function main(progress: ProgressDisplay): Promise<void> {
     "api-key": { type: "string", multiple: true },
     "api-key-file": { type: "string" },
     "allowed-hosts": { type: "string" },
+    "header-timeout": { type: "string" },
+    "body-timeout": { type: "string" },
+    "max-connections": { type: "string" },
     debug: { type: "boolean", default: false },
   });
   if (!parsed) return;
@@ -112,6 +124,9 @@ async function main(progress: ProgressDisplay): Promise<void> {
     cacheBytes: cacheMb === undefined ? undefined : cacheMb * 1024 * 1024,
     maxBodyBytes: bodyKb === undefined ? undefined : bodyKb * 1024,
     defaultMaxTokens: numberFlag("max-tokens", args["max-tokens"], { integer: true, min: 1 }),
+    headersTimeoutMs: seconds("header-timeout", args["header-timeout"]),
+    bodyTimeoutMs: seconds("body-timeout", args["body-timeout"]),
+    maxConnections: numberFlag("max-connections", args["max-connections"], { integer: true, min: 1 }),
     debug: args.debug,
     apiKeys: await apiKeys(args["api-key"] ?? [], args["api-key-file"]),
     allowedHosts: args["allowed-hosts"]?.split(",").map((h) => h.trim()).filter((h) => h !== ""),

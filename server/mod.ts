@@ -37,6 +37,7 @@ import { PromptCache, type PromptCacheStats } from "./prompt_cache.ts";
 import { QueueFullError, Scheduler } from "./scheduler.ts";
 import { Door, isLoopbackAddress } from "./door.ts";
 import { maxTokenChars, PromptEncoder } from "./prompt_encoder.ts";
+import { type Http1Server, serveHttp1 } from "./http1.ts";
 import {
   ApiError,
   type ChatRequest,
@@ -109,6 +110,15 @@ export interface StartOptions extends ServerOptions {
   port?: number;
   /** Called once listening (default: nothing is printed). */
   onListen?: (addr: Deno.NetAddr) => void;
+  /**
+   * Milliseconds a request's line and headers may take, from when its connection opens or goes idle; a client
+   * past it is answered `408` and closed (an idle keep-alive connection is just closed). Default 30 s.
+   */
+  headersTimeoutMs?: number;
+  /** Milliseconds a request's whole body may take, from the end of its headers; past it, `408`. Default 30 s. */
+  bodyTimeoutMs?: number;
+  /** Connections open at once; each one more is answered `503` (code `too_many_connections`). Default 64. */
+  maxConnections?: number;
 }
 
 /** Counters of the server, as `GET /debug/stats` reports them. */
@@ -569,14 +579,23 @@ export async function startServer(options: StartOptions): Promise<RunningServer>
   // DNS-rebinding page.
   const allowedHosts = isLoopbackAddress(hostname) ? [...options.allowedHosts ?? [], hostname] : options.allowedHosts;
   const h = await createHandler({ ...options, allowedHosts });
-  const { promise: listening, resolve } = Promise.withResolvers<Deno.NetAddr>();
-  const server = Deno.serve({
-    hostname,
-    port: options.port ?? 8080,
-    onListen: (addr) => resolve(addr as Deno.NetAddr),
-  }, h.handler);
-  const addr = await listening;
-  options.onListen?.(addr);
+  // Deno.serve has no header or body timeout and no connection cap: a small HTTP/1.1 server of our own does.
+  let server: Http1Server;
+  try {
+    server = serveHttp1({
+      hostname,
+      port: options.port ?? 8080,
+      headersTimeoutMs: options.headersTimeoutMs ?? 30_000,
+      bodyTimeoutMs: options.bodyTimeoutMs ?? 30_000,
+      maxConnections: options.maxConnections ?? 64,
+      onListen: options.onListen,
+      onLog: options.onLog ?? ((line) => console.error(line)),
+    }, h.handler);
+  } catch (e) {
+    await h.close();
+    throw e;
+  }
+  const addr = server.addr;
   const host = addr.hostname.includes(":") ? `[${addr.hostname}]` : addr.hostname;
   return {
     ...h,

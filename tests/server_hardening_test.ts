@@ -372,3 +372,121 @@ Deno.test("server hardening: a 1 MB prompt is refused before tokenizing, a long 
     await model.dispose();
   }
 });
+
+/**
+ * A raw client that sends `prefix` at once, then one byte of `drip` every 100 ms (at most 60 of them); resolves
+ * with what the server answered (maybe nothing) and how long after opening the server closed the connection.
+ */
+async function trickle(port: number, prefix: string, drip: string): Promise<{ reply: string; closedMs: number }> {
+  const t0 = performance.now();
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  const enc = new TextEncoder();
+  let closed = false;
+  const reading = (async () => {
+    let reply = "";
+    const buf = new Uint8Array(4096);
+    try {
+      for (let n = await conn.read(buf); n !== null; n = await conn.read(buf)) {
+        reply += new TextDecoder().decode(buf.subarray(0, n));
+      }
+    } catch { /* reset: closed too */ }
+    closed = true;
+    return { reply, closedMs: performance.now() - t0 };
+  })();
+  try {
+    if (prefix) await conn.write(enc.encode(prefix));
+    for (let i = 0; i < 60 && !closed; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      if (!closed) await conn.write(enc.encode(drip[i % drip.length]));
+    }
+  } catch { /* the server closed it */ }
+  const result = await Promise.race([reading, new Promise<null>((r) => setTimeout(() => r(null), 1000))]);
+  try {
+    conn.close();
+  } catch { /* closed */ }
+  if (result === null) return { reply: "", closedMs: Infinity }; // still open after 6 s of trickling
+  return result;
+}
+
+Deno.test("server hardening: clients trickling headers or a body are closed after the timeouts; open connections are capped", async () => {
+  await withServer({ headersTimeoutMs: 1000, bodyTimeoutMs: 1000, maxConnections: 4 }, async (server) => {
+    const port = server.addr.port;
+    const head = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ";
+    // Three trickle their headers; a normal request still gets in beside them.
+    const slow = [0, 1, 2].map(() => trickle(port, head, "abcdefghij"));
+    await new Promise((r) => setTimeout(r, 200));
+    const health = await rawRequest(port, ["GET /health HTTP/1.1", "Host: 127.0.0.1"]);
+    assert.equal(health.status, 200, health.text);
+    // A fourth fills the cap: the next connection is refused at once, in the OpenAI shape.
+    slow.push(trickle(port, head, "abcdefghij"));
+    await new Promise((r) => setTimeout(r, 200));
+    const t0 = performance.now();
+    const refused = await rawRequest(port, ["GET /health HTTP/1.1", "Host: 127.0.0.1"]);
+    assert.equal(refused.status, 503, refused.text);
+    assert.match(refused.text, /"code":"too_many_connections"/);
+    assert.ok(performance.now() - t0 < 500, `refused after ${performance.now() - t0} ms`);
+    // Each trickler is told 408 and closed after about the 1 s header timeout (they would go on for 6 s).
+    for (const r of await Promise.all(slow)) {
+      assert.match(r.reply, /^HTTP\/1\.1 408 /, r.reply);
+      assert.match(r.reply, /"code":"request_timeout"/);
+      assert.ok(r.closedMs > 900 && r.closedMs < 3000, `closed after ${r.closedMs.toFixed(0)} ms`);
+    }
+    // A body trickled after its headers: 408 after the 1 s body timeout, and nothing ran.
+    const body = await trickle(
+      port,
+      "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n",
+      '{"model": "story", "prompt": "Once upon a time", "max_tokens": 2, "pad": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx',
+    );
+    assert.match(body.reply, /^HTTP\/1\.1 408 /, body.reply);
+    assert.match(body.reply, /Request body timeout/);
+    assert.ok(body.closedMs > 900 && body.closedMs < 3000, `closed after ${body.closedMs.toFixed(0)} ms`);
+    // A connection that never sends anything is closed without a word after the header timeout.
+    const silent = await trickle(port, "", "");
+    assert.equal(silent.reply, "");
+    assert.ok(silent.closedMs > 900 && silent.closedMs < 3000, `closed after ${silent.closedMs.toFixed(0)} ms`);
+    // Once they are gone, everything works again, over fetch's keep-alive connections too.
+    for (let i = 0; i < 3; i++) {
+      const res = await post(`${server.url}/v1/completions`, { model: "story", prompt: "Once", max_tokens: 2 });
+      assert.equal(res.status, 200);
+      await res.json();
+    }
+    assert.equal(server.stats().completed, 3);
+  });
+});
+
+Deno.test("server hardening: deno task serve takes --header-timeout, --max-connections, --api-key-file and --allowed-hosts", async () => {
+  const keyFile = await Deno.makeTempFile({ prefix: "serve_keys_" });
+  await Deno.writeTextFile(keyFile, "# keys\nsk-from-file-1\n\n  sk-from-file-2  \n");
+  const server = await spawnServe([
+    ...["--header-timeout", "1", "--body-timeout", "1.5", "--max-connections", "2"],
+    ...["--api-key-file", keyFile, "--allowed-hosts", "llm.test,other.test"],
+  ]);
+  try {
+    const port = Number(new URL(server.url).port);
+    const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: "sk-from-file-2", maxRetries: 0 });
+    const res = await client.completions.create({ model: "story", prompt: "Once", max_tokens: 2 });
+    assert.equal(res.object, "text_completion");
+    const wrong = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: "sk-from-file-3", maxRetries: 0 });
+    await assert.rejects(wrong.models.list(), (e) => e instanceof OpenAI.AuthenticationError);
+    const named = await rawRequest(port, ["GET /health HTTP/1.1", `Host: other.test:${port}`]);
+    assert.equal(named.status, 200, named.text);
+    const other = await rawRequest(port, ["GET /health HTTP/1.1", "Host: third.test"]);
+    assert.equal(other.status, 403, other.text);
+    // Two tricklers fill the cap (fetch's own keep-alive connections are closed by now or count as idle ones):
+    // wait for the idle ones to time out first, so the count is the tricklers'.
+    await new Promise((r) => setTimeout(r, 1300));
+    const slow = [0, 1].map(() => trickle(port, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", "abc"));
+    await new Promise((r) => setTimeout(r, 200));
+    const refused = await rawRequest(port, ["GET /health HTTP/1.1", "Host: 127.0.0.1"]);
+    assert.equal(refused.status, 503, refused.text);
+    for (const r of await Promise.all(slow)) {
+      assert.match(r.reply, /^HTTP\/1\.1 408 /, r.reply);
+      assert.ok(r.closedMs > 900 && r.closedMs < 3000, `closed after ${r.closedMs.toFixed(0)} ms`);
+    }
+    const health = await rawRequest(port, ["GET /health HTTP/1.1", "Host: 127.0.0.1"]);
+    assert.equal(health.status, 200, health.text);
+  } finally {
+    await server.stop();
+    await Deno.remove(keyFile);
+  }
+});
