@@ -10,17 +10,9 @@ import { parseConfig } from "../models/arch/config.ts";
 import { encodeSafetensors, parseSafetensors } from "../models/files/safetensors.ts";
 import { WeightsError } from "../models/files/weights.ts";
 import { STORY_DIR } from "./helpers.ts";
+import { safetensorsBytes } from "./safetensors_bytes.ts";
 
-/** A safetensors file with the given header JSON and data bytes. */
-function file(header: unknown, data = new Uint8Array(0), headerLength?: number): Uint8Array {
-  const json = new TextEncoder().encode(typeof header === "string" ? header : JSON.stringify(header));
-  const out = new Uint8Array(8 + json.length + data.length);
-  new DataView(out.buffer).setBigUint64(0, BigInt(headerLength ?? json.length), true);
-  out.set(json, 8);
-  out.set(data, 8 + json.length);
-  return out;
-}
-
+const file = safetensorsBytes;
 const f32 = (n: number) => new Uint8Array(n * 4);
 
 Deno.test("safetensors: a valid file round-trips as zero-copy views", () => {

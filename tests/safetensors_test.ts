@@ -9,15 +9,11 @@ import assert from "node:assert/strict";
 import { loadModel, SafetensorsError } from "../mod.ts";
 import { encodeSafetensors, parseSafetensors } from "../models/files/safetensors.ts";
 import { STORY_DIR } from "./helpers.ts";
+import { safetensorsBytes } from "./safetensors_bytes.ts";
 
-/** A safetensors file with the given header JSON (padded with `padding` spaces) and data bytes. */
+/** A safetensors file with the given header JSON, padded with `padding` spaces, and data bytes. */
 function file(header: unknown, data: Uint8Array, padding = 0): Uint8Array {
-  const json = new TextEncoder().encode(JSON.stringify(header) + " ".repeat(padding));
-  const out = new Uint8Array(8 + json.length + data.length);
-  new DataView(out.buffer).setBigUint64(0, BigInt(json.length), true);
-  out.set(json, 8);
-  out.set(data, 8 + json.length);
-  return out;
+  return safetensorsBytes(JSON.stringify(header) + " ".repeat(padding), data);
 }
 
 /** `bytes` with its header length lowered by `by`. */
