@@ -6,9 +6,6 @@
  * @module
  */
 
-/// <reference no-default-lib="true" />
-/// <reference lib="deno.worker" />
-
 import { TextTokenizer } from "../models/text/tokenizer.ts";
 
 /** One text to encode, with the tokenizer's folder and the model's EOS ids. */
@@ -33,7 +30,13 @@ export type EncodeReply = { readonly id: number; readonly ids: number[] } | {
 
 const tokenizers = new Map<string, Promise<TextTokenizer>>();
 
-self.onmessage = async (e: MessageEvent<EncodeJob>) => {
+/** The worker's own scope (typed here rather than through a `lib` directive, which JSR refuses). */
+const scope = self as unknown as {
+  onmessage: (e: MessageEvent<EncodeJob>) => void;
+  postMessage: (reply: EncodeReply) => void;
+};
+
+scope.onmessage = async (e: MessageEvent<EncodeJob>) => {
   const job = e.data;
   let reply: EncodeReply;
   try {
@@ -43,5 +46,5 @@ self.onmessage = async (e: MessageEvent<EncodeJob>) => {
   } catch (err) {
     reply = { id: job.id, error: (err as Error).message };
   }
-  self.postMessage(reply);
+  scope.postMessage(reply);
 };
