@@ -4,12 +4,11 @@
  * @module
  */
 
-import { Template } from "@huggingface/jinja";
 import type { TextTokenizer } from "./tokenizer.ts";
+import { BudgetedTemplate, templateBudget, TemplateBudgetExceeded } from "./template_budget.ts";
 
 /** One message of a conversation. */
 export interface ChatMessage {
-  /** `"system"`, `"user"` or `"assistant"` (templates may accept others). */
   /** `"system"`, `"user"` or `"assistant"` (templates may accept others). */
   readonly role: string;
   /** The message text. */
@@ -33,7 +32,7 @@ export class ChatTemplateError extends Error {
 export class ChatTemplate {
   /** The template source. */
   readonly source: string;
-  readonly #template: Template;
+  readonly #template: BudgetedTemplate;
   readonly #bos: string;
   readonly #eos: string;
 
@@ -47,7 +46,7 @@ export class ChatTemplate {
       throw new ChatTemplateError(`Invalid chat template ${JSON.stringify(source)}: expected Jinja source text`);
     }
     try {
-      this.#template = new Template(source);
+      this.#template = new BudgetedTemplate(source);
     } catch (e) {
       throw new ChatTemplateError(`Cannot parse the chat template: ${(e as Error).message}`, { cause: e });
     }
@@ -72,22 +71,36 @@ export class ChatTemplate {
     return new ChatTemplate(source, { bosToken: model.tokenizer.bosToken, eosToken: model.tokenizer.eosToken });
   }
 
-  /** The prompt text of `messages`, ending with the assistant's header when `addGenerationPrompt` (default true). */
+  /**
+   * The prompt text of `messages`, ending with the assistant's header when
+   * `addGenerationPrompt` (default true). The template runs within a budget of
+   * steps, string length and list length that grows with the messages
+   * (models/text/template_budget.ts); past it, or when the template fails, this
+   * throws a {@link ChatTemplateError}.
+   */
   render(messages: readonly ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
+    let inputChars = this.#bos.length + this.#eos.length;
     for (const [i, m] of messages.entries()) {
       if (typeof m !== "object" || m === null || typeof m.role !== "string" || typeof m.content !== "string") {
         throw new TypeError(`Invalid message ${i} ${JSON.stringify(m)}: expected { role: string, content: string }`);
       }
+      inputChars += m.role.length + m.content.length;
     }
+    const variables = {
+      messages: messages.map((m) => ({ role: m.role, content: m.content })),
+      add_generation_prompt: options.addGenerationPrompt ?? true,
+      bos_token: this.#bos,
+      eos_token: this.#eos,
+    };
     try {
-      return this.#template.render({
-        messages: messages.map((m) => ({ role: m.role, content: m.content })),
-        add_generation_prompt: options.addGenerationPrompt ?? true,
-        bos_token: this.#bos,
-        eos_token: this.#eos,
-      });
+      return this.#template.render(variables, templateBudget(inputChars, messages.length));
     } catch (e) {
-      throw new ChatTemplateError(`Cannot render the chat template: ${(e as Error).message}`, { cause: e });
+      const why = e instanceof TemplateBudgetExceeded
+        ? `${e.message}: the template loops or grows without bound`
+        : e instanceof RangeError
+        ? `${e.message} (the template recurses or grows without bound)`
+        : (e as Error).message;
+      throw new ChatTemplateError(`Cannot render the chat template: ${why}`, { cause: e });
     }
   }
 }

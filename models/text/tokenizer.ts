@@ -8,6 +8,11 @@
 
 import { Tokenizer } from "@huggingface/tokenizers";
 import { readJsonFile } from "../files/json.ts";
+import { checkTokenizerJson, TokenizerFileError } from "./tokenizer_file.ts";
+import { SegmentEncoder, type TextSegment } from "./segment_encoder.ts";
+
+export { MAX_TOKEN_ID, TokenizerFileError } from "./tokenizer_file.ts";
+export type { TextSegment } from "./segment_encoder.ts";
 
 /** Options of {@link TextTokenizer.encode}. */
 export interface EncodeOptions {
@@ -20,12 +25,15 @@ export class TextTokenizer {
   readonly #tok: Tokenizer;
   readonly #addBos: boolean | undefined;
   readonly #addEos: boolean;
+  readonly #segments: SegmentEncoder;
   /** Beginning-of-sequence id, when the tokenizer has one. */
   readonly bosId: number | undefined;
   /** End-of-sequence ids (from the tokenizer config and the model config). */
   readonly eosIds: readonly number[];
   /** Ids of the special tokens (skipped when decoding text for display). */
   readonly specialIds: ReadonlySet<number>;
+  /** The text of each special token (`<|im_start|>`, `<s>`, …). */
+  readonly specialTokens: readonly string[];
   /** Number of ids the tokenizer can produce. */
   readonly vocabSize: number;
   /** The Jinja chat template of `tokenizer_config.json`, if any. */
@@ -40,12 +48,17 @@ export class TextTokenizer {
    * @param tokenizerJson parsed `tokenizer.json`
    * @param config parsed `tokenizer_config.json` (or `{}`)
    * @param extraEosIds EOS ids from the model config
+   * @param path the file `tokenizerJson` came from, for errors
+   * @throws {TokenizerFileError} for an id out of range or used twice, or a regex that backtracks without bound
    */
   constructor(
     tokenizerJson: Record<string, unknown>,
     config: Record<string, unknown>,
     extraEosIds: readonly number[] = [],
+    path = "tokenizer.json",
   ) {
+    // The library trusts its input: a huge id or a pathological regex would freeze it (see tokenizer_file.ts).
+    checkTokenizerJson(tokenizerJson, path);
     this.#tok = new Tokenizer(tokenizerJson, config);
     const tokenString = (v: unknown): string | undefined =>
       typeof v === "string"
@@ -61,8 +74,15 @@ export class TextTokenizer {
     this.#addBos = typeof config.add_bos_token === "boolean" ? config.add_bos_token : undefined;
     this.#addEos = config.add_eos_token === true;
     const special = new Set<number>();
-    for (const [id, t] of this.#tok.get_added_tokens_decoder()) if (t.special) special.add(id);
+    const specialTokens: string[] = [];
+    for (const [id, t] of this.#tok.get_added_tokens_decoder()) {
+      if (!t.special) continue;
+      special.add(id);
+      specialTokens.push(t.content);
+    }
     this.specialIds = special;
+    this.specialTokens = specialTokens;
+    this.#segments = new SegmentEncoder(tokenizerJson, config);
     let max = 0;
     for (const id of this.#tok.get_vocab().values()) max = Math.max(max, id);
     for (const id of special) max = Math.max(max, id);
@@ -72,7 +92,8 @@ export class TextTokenizer {
 
   /** Loads `tokenizer.json` (required) and `tokenizer_config.json` (optional) from `dir`. */
   static async load(dir: string, extraEosIds: readonly number[] = []): Promise<TextTokenizer> {
-    const json = await readJsonFile(`${dir}/tokenizer.json`);
+    const path = `${dir}/tokenizer.json`;
+    const json = await readJsonFile(path);
     let config: Record<string, unknown> = {};
     try {
       config = await readJsonFile(`${dir}/tokenizer_config.json`);
@@ -80,9 +101,10 @@ export class TextTokenizer {
       if (!(e instanceof Deno.errors.NotFound)) throw e;
     }
     try {
-      return new TextTokenizer(json, config, extraEosIds);
+      return new TextTokenizer(json, config, extraEosIds, path);
     } catch (e) {
-      throw new SyntaxError(`Cannot load tokenizer "${dir}/tokenizer.json": ${(e as Error).message}`);
+      if (e instanceof TokenizerFileError) throw e;
+      throw new SyntaxError(`Cannot load tokenizer "${path}": ${(e as Error).message}`);
     }
   }
 
@@ -96,6 +118,19 @@ export class TextTokenizer {
     if (this.#addBos && this.bosId !== undefined) ids.unshift(this.bosId);
     if (this.#addEos && this.eosIds.length) ids.push(this.eosIds[0]);
     return ids;
+  }
+
+  /**
+   * Token ids of the segments' text as one text, without BOS/EOS, where a special
+   * token's text becomes that token only inside a segment with `parseSpecial`
+   * (and never across segments); elsewhere it is ordinary text. With every
+   * segment parsing special tokens this is `encode(text, { addSpecialTokens: false })`.
+   */
+  encodeSegments(segments: readonly TextSegment[]): number[] {
+    if (segments.every((s) => s.parseSpecial)) {
+      return this.encode(segments.map((s) => s.text).join(""), { addSpecialTokens: false });
+    }
+    return this.#segments.encode(segments);
   }
 
   /** Text of `ids`; special tokens are kept unless `skipSpecialTokens`. */
