@@ -70,7 +70,7 @@ export {
   SafetensorsError,
   type SafetensorsFile,
 } from "./models/files/safetensors.ts";
-export { type LoadProgress, WeightsError } from "./models/files/weights.ts";
+export { type LoadProgress, NonFiniteTensorError, WeightsError } from "./models/files/weights.ts";
 export { type AtomicWriteOptions, writeFileAtomic } from "./models/files/atomic_write.ts";
 export {
   DEFAULT_MODEL_ID,
