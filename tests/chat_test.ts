@@ -278,7 +278,8 @@ Deno.test("chat session: saved to a file and restored; bad files are refused wit
         await readAll(chat.send("Who was Ben?"));
         const path = `${dir}/s.chat`;
         await chat.save(path);
-        const restored = await ChatSession.load(model, path); // the generation defaults come from the file
+        // The generation defaults and (trusted here) the template come from the file.
+        const restored = await ChatSession.load(model, path, { trustTemplate: true });
         try {
           assert.deepEqual(restored.messages, chat.messages);
           assert.deepEqual([...restored.cachedTokens], [...chat.cachedTokens]);
@@ -366,10 +367,10 @@ Deno.test("chat session: an f16 KV cache takes half the bytes; a saved session m
         await readAll(chat.send("Who was Ben?"));
         const saved = await chat.serialize();
         // f16 → f32 widens exactly, and back to f16 gives the same bits: the round trip is byte-identical.
-        const wide = await ChatSession.deserialize(f32, saved);
+        const wide = await ChatSession.deserialize(f32, saved, { trustTemplate: true });
         try {
           assert.deepEqual([...wide.cachedTokens], [...chat.cachedTokens]);
-          const back = await ChatSession.deserialize(f16, await wide.serialize());
+          const back = await ChatSession.deserialize(f16, await wide.serialize(), { trustTemplate: true });
           try {
             assert.deepEqual(await back.serialize(), saved);
           } finally {

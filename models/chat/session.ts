@@ -23,6 +23,8 @@ import type { Model } from "../model.ts";
 import { ContextOverflowError, type Sequence } from "../exec/sequence.ts";
 import { CONTEXT_POLICIES, type ContextPolicy, isContextPolicy } from "./context_policy.ts";
 import { type ChatMessage, ChatTemplate, ChatTemplateError } from "../text/chat_template.ts";
+import { encodeChatPrompt } from "../text/chat_prompt.ts";
+import { writeFileAtomic } from "../files/atomic_write.ts";
 import {
   decodeSessionFile,
   encodeSessionFile,
@@ -36,6 +38,7 @@ export { type ChatMessage, ChatTemplate, ChatTemplateError } from "../text/chat_
 export { modelFingerprint, SessionFileError, SessionModelMismatchError } from "./session_file.ts";
 
 export type { ContextPolicy } from "./context_policy.ts";
+export { type ChatPromptOptions, encodeChatPrompt } from "../text/chat_prompt.ts";
 
 /** Options of {@link ChatSession}: generation defaults for every turn plus session settings. */
 export interface ChatSessionOptions extends GenerateOptions {
@@ -53,6 +56,18 @@ export interface ChatSessionOptions extends GenerateOptions {
   contextPolicy?: ContextPolicy;
   /** Positions kept free for the answer. Default: `maxTokens` (256 if unset), at most a quarter of the context. */
   reserveTokens?: number;
+}
+
+/** Options of {@link ChatSession.deserialize} and {@link ChatSession.load}. */
+export interface SessionLoadOptions extends ChatSessionOptions {
+  /**
+   * Use a chat template stored in the file even when it is neither the model's
+   * own nor `template` (default false). A template is a program: one from an
+   * untrusted file could loop, inflate the prompt or forge turns, so such a file
+   * is refused with a {@link SessionFileError} (reason `"template"`) unless the
+   * caller opts in.
+   */
+  trustTemplate?: boolean;
 }
 
 /** Token counts of one answer. */
@@ -287,27 +302,45 @@ export class ChatSession {
     );
   }
 
-  /** Writes the session to `path` (see {@link ChatSession.serialize}). */
+  /**
+   * Writes the session to `path` (see {@link ChatSession.serialize}), all or
+   * nothing: through a temporary file renamed over `path`, so a save that fails
+   * or is killed midway leaves the previous file as it was.
+   */
   async save(path: string): Promise<void> {
-    await Deno.writeFile(path, await this.serialize());
+    await writeFileAtomic(path, await this.serialize());
   }
 
   /**
    * A session restored from {@link ChatSession.serialize} bytes. Throws a
    * {@link SessionFileError} for a file that is not a session, of another
    * version, truncated or damaged, and a {@link SessionModelMismatchError} for a
-   * file saved with another model. The generation defaults, template, context
-   * policy and reserve saved in the file apply unless `options` override them.
+   * file saved with another model. The generation defaults, context policy and
+   * reserve saved in the file apply unless `options` override them. A template
+   * saved in the file is used only when it is the model's own or `options.template`,
+   * or with `options.trustTemplate`; otherwise the file is refused with a
+   * {@link SessionFileError} whose reason is `"template"`.
    */
-  static async deserialize(model: Model, bytes: Uint8Array, options: ChatSessionOptions = {}): Promise<ChatSession> {
+  static async deserialize(model: Model, bytes: Uint8Array, options: SessionLoadOptions = {}): Promise<ChatSession> {
+    const { trustTemplate, ...sessionOptions } = options;
     const { header: h, tokens, kv } = await decodeSessionFile(bytes, await modelFingerprint(model));
     if (h.tokens > model.contextLength) throw new ContextOverflowError(h.tokens, model.contextLength);
+    if (
+      h.template !== null && trustTemplate !== true && h.template !== model.tokenizer.chatTemplate &&
+      h.template !== options.template
+    ) {
+      throw new SessionFileError(
+        "template",
+        "Cannot restore the session: the file carries its own chat template, which would run as code; " +
+          "pass { trustTemplate: true } to use it or { template } to use another",
+      );
+    }
     const session = new ChatSession(model, {
       template: h.template ?? undefined,
       contextPolicy: h.policy,
       reserveTokens: h.reserveTokens ?? undefined,
       ...h.defaults,
-      ...options,
+      ...sessionOptions,
     });
     // A session saved with the other KV cache dtype converts on restore.
     const c = model.config;
@@ -328,7 +361,7 @@ export class ChatSession {
   }
 
   /** Reads a session written by {@link ChatSession.save} (see {@link ChatSession.deserialize}). */
-  static async load(model: Model, path: string, options: ChatSessionOptions = {}): Promise<ChatSession> {
+  static async load(model: Model, path: string, options: SessionLoadOptions = {}): Promise<ChatSession> {
     return await ChatSession.deserialize(model, await Deno.readFile(path), options);
   }
 
@@ -353,8 +386,8 @@ export class ChatSession {
   #fit(maxTokens: number): { ids: number[]; dropped: number } {
     const capacity = this.#seq.capacity;
     const reserve = Math.min(this.#reserve ?? Math.min(maxTokens, Math.floor(capacity / 4)), capacity - 1);
-    const encode = () =>
-      this.model.tokenizer.encode(this.#template.render(this.#messages), { addSpecialTokens: false });
+    // Special tokens come only from the template's text, never from what a user typed.
+    const encode = () => encodeChatPrompt(this.#template, this.model.tokenizer, this.#messages);
     let ids = encode();
     if (ids.length === 0) throw new ChatTemplateError("Cannot chat: the chat template rendered an empty prompt");
     let dropped = 0;

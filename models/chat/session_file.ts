@@ -19,8 +19,12 @@ import { safetensorsFiles } from "../files/weights.ts";
 
 /** A session file that cannot be used; `reason` says why. */
 export class SessionFileError extends Error {
-  /** `"magic"` (not a session file), `"version"`, `"corrupt"` (truncated or damaged) or `"model"` (another model). */
-  readonly reason: "magic" | "version" | "corrupt" | "model";
+  /**
+   * `"magic"` (not a session file), `"version"`, `"corrupt"` (truncated or
+   * damaged), `"model"` (another model) or `"template"` (it carries a chat
+   * template the caller did not trust).
+   */
+  readonly reason: "magic" | "version" | "corrupt" | "model" | "template";
   /**
    * A session file error of a kind, with its message.
    * @param reason what kind of problem
@@ -64,9 +68,11 @@ export const SESSION_VERSION = 1;
 const fingerprints = new WeakMap<Model, Promise<string>>();
 
 /**
- * The identity of a model for session files: SHA-256 (hex) over its config,
- * KV cache shape, tokenizer files, and each weight file's size plus its first
- * and last MiB.
+ * The identity of a model for session files: SHA-256 (hex) over its config, KV
+ * cache shape, tokenizer files, and each weight file's name, size and full
+ * content hash ({@link weightFileDigest}), so that a model that differs in any
+ * byte of its weights (tensor names, shapes and dtypes are in the files'
+ * headers) is another model. Computed once per model.
  */
 export function modelFingerprint(model: Model): Promise<string> {
   let p = fingerprints.get(model);
@@ -91,23 +97,51 @@ async function computeFingerprint(model: Model): Promise<string> {
   }
   for (const path of await safetensorsFiles(model.dir)) {
     const name = path.slice(path.lastIndexOf("/") + 1);
-    using file = await Deno.open(path);
-    const size = (await file.stat()).size;
-    parts.push(enc.encode(`${name}:${size}`));
-    const MiB = 1 << 20;
-    for (const at of size > 2 * MiB ? [0, size - MiB] : [0]) {
-      const buf = new Uint8Array(Math.min(size, size > 2 * MiB ? MiB : size));
-      await file.seek(at, Deno.SeekMode.Start);
-      let read = 0;
-      while (read < buf.length) {
-        const n = await file.read(buf.subarray(read));
-        if (n === null) break;
-        read += n;
-      }
-      parts.push(buf.subarray(0, read));
-    }
+    const { size, digest } = await weightFileDigest(path);
+    parts.push(enc.encode(`${name}:${size}:${digest}`));
   }
   return hexString(await sha256(concatBytes(parts)));
+}
+
+/** Digests already computed in this process, by path, size and modification time. */
+const fileDigests = new Map<string, Promise<string>>();
+
+/** Bytes hashed at a time: the digest of a file is the SHA-256 of its chunks' SHA-256s. */
+const DIGEST_CHUNK = 16 << 20;
+
+/**
+ * A SHA-256 hash over every byte of the file at `path` (hex; the hash of the
+ * SHA-256 of each 16 MiB chunk, since WebCrypto cannot hash a stream), with its
+ * size. A file already hashed in this process with the same size and
+ * modification time is not read again.
+ */
+export async function weightFileDigest(path: string): Promise<{ size: number; digest: string }> {
+  const info = await Deno.stat(path);
+  const key = `${path}\0${info.size}\0${info.mtime?.getTime() ?? ""}`;
+  let digest = fileDigests.get(key);
+  if (!digest) {
+    digest = hashFile(path);
+    fileDigests.set(key, digest);
+    digest.catch(() => fileDigests.delete(key));
+  }
+  return { size: info.size, digest: await digest };
+}
+
+async function hashFile(path: string): Promise<string> {
+  using file = await Deno.open(path);
+  const chunk = new Uint8Array(DIGEST_CHUNK);
+  const digests: Uint8Array[] = [];
+  for (;;) {
+    let filled = 0;
+    while (filled < chunk.length) {
+      const n = await file.read(chunk.subarray(filled));
+      if (n === null) break;
+      filled += n;
+    }
+    if (filled > 0) digests.push(await sha256(chunk.subarray(0, filled)));
+    if (filled < chunk.length) break;
+  }
+  return hexString(await sha256(concatBytes(digests)));
 }
 
 /** An exchange of a conversation, as a session remembers it. */
