@@ -7,6 +7,7 @@
 
 import assert from "node:assert/strict";
 import {
+  type ChatMessage,
   ChatSession,
   ChatTemplateError,
   modelFingerprint,
@@ -18,25 +19,24 @@ import { loadModel, type Model } from "../models/model.ts";
 import { SHAPES, writeRandomModel } from "../examples/_random_model.ts";
 import { MINUEZA_DIR, STORY_DIR } from "./helpers.ts";
 import { ROOT } from "./subprocess.ts";
+import { readAll, STORY_TEMPLATE } from "./chat_fixtures.ts";
 
-/** The story model has no chat template; this one is the same as in chat_test.ts. */
-const STORY_TEMPLATE = "{{ bos_token }}{% for m in messages %}" +
-  "{% if m.role == 'system' %}{{ m.content }}\n" +
-  "{% elif m.role == 'user' %}Question: {{ m.content }}\n" +
-  "{% else %}Answer:{{ m.content }}\n{% endif %}" +
-  "{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}";
-
-async function readAll(stream: ReadableStream<string>): Promise<string> {
-  let text = "";
-  for await (const piece of stream) text += piece;
-  return text;
-}
-
-async function withStory(fn: (model: Model, dir: string) => Promise<void>): Promise<void> {
+/** Runs `fn` with the story model and a session of one answered turn, saved (template included) to `path`. */
+async function withSavedSession(
+  fn: (model: Model, path: string, messages: readonly ChatMessage[], dir: string) => Promise<void>,
+): Promise<void> {
   const dir = await Deno.makeTempDir({ prefix: "chat_hardening_" });
   const model = await loadModel(STORY_DIR, { contextLength: 256 });
   try {
-    await fn(model, dir);
+    const chat = new ChatSession(model, { template: STORY_TEMPLATE, maxTokens: 4, temperature: 0 });
+    const path = `${dir}/s.chat`;
+    try {
+      await readAll(chat.send("Who was Ben?"));
+      await chat.save(path);
+    } finally {
+      chat.dispose();
+    }
+    await fn(model, path, chat.messages, dir);
   } finally {
     await model.dispose();
     await Deno.remove(dir, { recursive: true });
@@ -44,39 +44,31 @@ async function withStory(fn: (model: Model, dir: string) => Promise<void>): Prom
 }
 
 Deno.test("session file: a template stored in the file runs only when it is the caller's, the model's, or trusted", async () => {
-  await withStory(async (model, dir) => {
-    const chat = new ChatSession(model, { template: STORY_TEMPLATE, maxTokens: 4, temperature: 0 });
-    try {
-      await readAll(chat.send("Who was Ben?"));
-      const path = `${dir}/s.chat`;
-      await chat.save(path);
-      const untrusted = (e: unknown) =>
-        e instanceof SessionFileError && e.reason === "template" && /trustTemplate/.test(e.message);
-      await assert.rejects(ChatSession.load(model, path), untrusted);
-      for (const options of [{ template: STORY_TEMPLATE }, { trustTemplate: true }]) {
-        const restored = await ChatSession.load(model, path, options);
-        assert.deepEqual(restored.messages, chat.messages);
-        restored.dispose();
-      }
+  await withSavedSession(async (model, path, messages) => {
+    const untrusted = (e: unknown) =>
+      e instanceof SessionFileError && e.reason === "template" && /trustTemplate/.test(e.message);
+    await assert.rejects(ChatSession.load(model, path), untrusted);
+    for (const options of [{ template: STORY_TEMPLATE }, { trustTemplate: true }]) {
+      const restored = await ChatSession.load(model, path, options);
+      assert.deepEqual(restored.messages, messages);
+      restored.dispose();
+    }
 
-      // A tampered file whose template would loop for ever: refused without running it; trusted, it fails its budget.
-      const decoded = await decodeSessionFile(await Deno.readFile(path), await modelFingerprint(model));
-      const hostile = await encodeSessionFile(
-        { ...decoded.header, template: "{% for i in range(100000000) %}x{% endfor %}" },
-        Int32Array.from(decoded.tokens),
-        decoded.kv,
-      );
-      await assert.rejects(ChatSession.deserialize(model, hostile), untrusted);
-      const trusted = await ChatSession.deserialize(model, hostile, { trustTemplate: true });
-      try {
-        const t0 = performance.now();
-        assert.throws(() => trusted.send("Hi"), (e) => e instanceof ChatTemplateError && /budget/.test(e.message));
-        assert.ok(performance.now() - t0 < 1000);
-      } finally {
-        trusted.dispose();
-      }
+    // A tampered file whose template would loop for ever: refused without running it; trusted, it fails its budget.
+    const decoded = await decodeSessionFile(await Deno.readFile(path), await modelFingerprint(model));
+    const hostile = await encodeSessionFile(
+      { ...decoded.header, template: "{% for i in range(100000000) %}x{% endfor %}" },
+      Int32Array.from(decoded.tokens),
+      decoded.kv,
+    );
+    await assert.rejects(ChatSession.deserialize(model, hostile), untrusted);
+    const trusted = await ChatSession.deserialize(model, hostile, { trustTemplate: true });
+    try {
+      const t0 = performance.now();
+      assert.throws(() => trusted.send("Hi"), (e) => e instanceof ChatTemplateError && /budget/.test(e.message));
+      assert.ok(performance.now() - t0 < 1000);
     } finally {
-      chat.dispose();
+      trusted.dispose();
     }
   });
 });
@@ -92,41 +84,33 @@ async function copyStory(to: string, edit: (bytes: Uint8Array) => void = () => {
 }
 
 Deno.test("session file: the fingerprint covers the middle of the weights, not only their first and last MiB", async () => {
-  await withStory(async (model, dir) => {
-    const chat = new ChatSession(model, { template: STORY_TEMPLATE, maxTokens: 4, temperature: 0 });
+  await withSavedSession(async (model, path, _messages, dir) => {
+    // The same files in another folder are the same model.
+    await copyStory(`${dir}/same`);
+    const same = await loadModel(`${dir}/same`, { contextLength: 256 });
     try {
-      await readAll(chat.send("Who was Ben?"));
-      const path = `${dir}/s.chat`;
-      await chat.save(path);
-      // The same files in another folder are the same model.
-      await copyStory(`${dir}/same`);
-      const same = await loadModel(`${dir}/same`, { contextLength: 256 });
-      try {
-        assert.equal(await modelFingerprint(same), await modelFingerprint(model));
-        (await ChatSession.load(same, path, { template: STORY_TEMPLATE })).dispose();
-      } finally {
-        await same.dispose();
-      }
-      // One weight changed by its lowest mantissa bit, in the middle of a 2.6 MB file (outside both sampled MiB).
-      let flipped = -1;
-      await copyStory(`${dir}/other`, (bytes) => {
-        const dataStart = 8 + Number(new DataView(bytes.buffer).getBigUint64(0, true));
-        flipped = dataStart + 4 * Math.floor((bytes.length / 2 - dataStart) / 4);
-        assert.ok(flipped > 1 << 20 && flipped < bytes.length - (1 << 20));
-        bytes[flipped] ^= 1;
-      });
-      const other = await loadModel(`${dir}/other`, { contextLength: 256 });
-      try {
-        assert.notEqual(await modelFingerprint(other), await modelFingerprint(model));
-        await assert.rejects(
-          ChatSession.load(other, path, { template: STORY_TEMPLATE }),
-          (e) => e instanceof SessionModelMismatchError && e.reason === "model",
-        );
-      } finally {
-        await other.dispose();
-      }
+      assert.equal(await modelFingerprint(same), await modelFingerprint(model));
+      (await ChatSession.load(same, path, { template: STORY_TEMPLATE })).dispose();
     } finally {
-      chat.dispose();
+      await same.dispose();
+    }
+    // One weight changed by its lowest mantissa bit, in the middle of a 2.6 MB file (outside both sampled MiB).
+    let flipped = -1;
+    await copyStory(`${dir}/other`, (bytes) => {
+      const dataStart = 8 + Number(new DataView(bytes.buffer).getBigUint64(0, true));
+      flipped = dataStart + 4 * Math.floor((bytes.length / 2 - dataStart) / 4);
+      assert.ok(flipped > 1 << 20 && flipped < bytes.length - (1 << 20));
+      bytes[flipped] ^= 1;
+    });
+    const other = await loadModel(`${dir}/other`, { contextLength: 256 });
+    try {
+      assert.notEqual(await modelFingerprint(other), await modelFingerprint(model));
+      await assert.rejects(
+        ChatSession.load(other, path, { template: STORY_TEMPLATE }),
+        (e) => e instanceof SessionModelMismatchError && e.reason === "model",
+      );
+    } finally {
+      await other.dispose();
     }
   });
 });
@@ -207,9 +191,12 @@ Deno.test("chat session: a save killed midway (file size limit) leaves the previ
     assert.ok(killed.stdout.includes("saving"), `the limited child did not get to its save: ${killed.stderr}`);
     assert.ok(!killed.success && !killed.stdout.includes("saved"), "the save under a 16 KiB limit succeeded");
     assert.deepEqual(await Deno.readFile(path), good);
-    await withStory(async (model) => {
+    const model = await loadModel(STORY_DIR, { contextLength: 256 });
+    try {
       (await ChatSession.load(model, path, { template: STORY_TEMPLATE })).dispose();
-    });
+    } finally {
+      await model.dispose();
+    }
   } finally {
     await Deno.remove(dir, { recursive: true });
     await Deno.remove(script);

@@ -21,22 +21,10 @@ import { decodeSessionFile, encodeSessionFile } from "../models/chat/session_fil
 import { SHAPES, writeRandomModel } from "../examples/_random_model.ts";
 import { ContextOverflowError } from "../models/exec/sequence.ts";
 import { MINUEZA_DIR, STORY_DIR } from "./helpers.ts";
-
-/** A chat template for the story model (which has none): plain "Question:/Answer:" turns. */
-const STORY_TEMPLATE = "{{ bos_token }}{% for m in messages %}" +
-  "{% if m.role == 'system' %}{{ m.content }}\n" +
-  "{% elif m.role == 'user' %}Question: {{ m.content }}\n" +
-  "{% else %}Answer:{{ m.content }}\n{% endif %}" +
-  "{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}";
+import { readAll, STORY_TEMPLATE } from "./chat_fixtures.ts";
 
 function renderChatML(messages: readonly { role: string; content: string }[]): string {
   return messages.map((m) => `<|im_start|>${m.role}\n${m.content}<|im_end|>\n`).join("") + "<|im_start|>assistant\n";
-}
-
-async function readAll(stream: ReadableStream<string>): Promise<string> {
-  let text = "";
-  for await (const piece of stream) text += piece;
-  return text;
 }
 
 /** Tokens the model evaluates for a turn: the prefill plus every generated token but the last. */
