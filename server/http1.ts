@@ -10,6 +10,8 @@
  * Supported: keep-alive and pipelining, `Content-Length` and chunked request
  * bodies, `Expect: 100-continue`, `HEAD`, HTTP/1.0 clients (answered without
  * chunking, then closed). Not supported: upgrades, TLS (put a proxy in front).
+ * A client that shuts down its sending side after its request counts as gone,
+ * as with hyper's (and so `Deno.serve`'s) default.
  *
  * @module
  */
@@ -298,7 +300,32 @@ class Connection {
       body.complete() && !this.#stopping;
     const delivered = await this.#writeResponse(response, head, keepAlive, gone.signal);
     if (!delivered && !gone.signal.aborted) gone.abort(new DOMException("The client disconnected", "AbortError"));
+    if (delivered && !body.complete()) await this.#linger();
     return delivered && keepAlive && body.complete();
+  }
+
+  /**
+   * Before closing a connection whose client may still be sending (a body answered without being read, a 401
+   * say): stop writing, then read and drop what comes for a moment, so that closing with unread bytes does not
+   * reset the connection before the client has read the answer.
+   */
+  async #linger(): Promise<void> {
+    try {
+      await this.#conn.closeWrite();
+    } catch {
+      return;
+    }
+    const until = timeout(500);
+    try {
+      for (let dropped = 0; dropped < 1 << 20;) {
+        dropped += this.#buf.length;
+        this.#buf = new Uint8Array(0);
+        const got = await Promise.race([this.#readMore(), until.expired]);
+        if (got !== true) return;
+      }
+    } finally {
+      until.clear();
+    }
   }
 
   /** Reads and parses a request head within the headers timeout. */
@@ -310,13 +337,13 @@ class Connection {
         // Empty lines before a request are allowed (RFC 9112 §2.2).
         while (this.#buf.length >= 2 && this.#buf[0] === 13 && this.#buf[1] === 10) this.#buf = this.#buf.subarray(2);
         const end = indexOf(this.#buf, CRLFCRLF, searchFrom);
+        if (end > this.#settings.maxHeadBytes || (end < 0 && this.#buf.length > this.#settings.maxHeadBytes)) {
+          throw new HeadError(431, `Request head too large: the limit is ${this.#settings.maxHeadBytes} bytes`);
+        }
         if (end >= 0) {
           const text = latin1.decode(this.#buf.subarray(0, end));
           this.#buf = this.#buf.subarray(end + 4);
           return parseHead(text);
-        }
-        if (this.#buf.length > this.#settings.maxHeadBytes) {
-          throw new HeadError(431, `Request head too large: the limit is ${this.#settings.maxHeadBytes} bytes`);
         }
         searchFrom = Math.max(0, this.#buf.length - 3);
         const got = await Promise.race([this.#readMore(), deadline.expired]);
@@ -479,7 +506,7 @@ class Connection {
   async #writeError(status: number, message: string, code: string | null): Promise<void> {
     const res = new ApiError(status, message, "invalid_request_error", null, code).toResponse();
     const head: Head = { method: "GET", target: "/", http10: false, headers: new Headers() };
-    await this.#writeResponse(res, head, false, new AbortController().signal);
+    if (await this.#writeResponse(res, head, false, new AbortController().signal)) await this.#linger();
   }
 
   /** Writes all of `data`; false if the socket is gone. */

@@ -13,6 +13,7 @@ import assert from "node:assert/strict";
 import OpenAI from "openai";
 import { loadModel, type Model } from "../models/model.ts";
 import { createHandler, type RunningServer, type StartOptions, startServer } from "../server/mod.ts";
+import { serveHttp1 } from "../server/http1.ts";
 import { registerInstrumentedTs, STORY_DIR } from "./helpers.ts";
 
 /** A chat template for the story model (which has none); the same as in server_test.ts. */
@@ -417,7 +418,9 @@ Deno.test("server hardening: clients trickling headers or a body are closed afte
     await new Promise((r) => setTimeout(r, 200));
     const health = await rawRequest(port, ["GET /health HTTP/1.1", "Host: 127.0.0.1"]);
     assert.equal(health.status, 200, health.text);
-    // A fourth fills the cap: the next connection is refused at once, in the OpenAI shape.
+    // A fourth fills the cap (once the server has closed that request's connection): the next connection is
+    // refused at once, in the OpenAI shape.
+    await new Promise((r) => setTimeout(r, 100));
     slow.push(trickle(port, head, "abcdefghij"));
     await new Promise((r) => setTimeout(r, 200));
     const t0 = performance.now();
@@ -445,6 +448,11 @@ Deno.test("server hardening: clients trickling headers or a body are closed afte
     assert.equal(silent.reply, "");
     assert.ok(silent.closedMs > 900 && silent.closedMs < 3000, `closed after ${silent.closedMs.toFixed(0)} ms`);
     // Once they are gone, everything works again, over fetch's keep-alive connections too.
+    await waitFor(
+      "the tricklers' connections to close",
+      async () => (await rawRequest(port, ["GET /health HTTP/1.1", "Host: 127.0.0.1"])).status === 200,
+      3000,
+    );
     for (let i = 0; i < 3; i++) {
       const res = await post(`${server.url}/v1/completions`, { model: "story", prompt: "Once", max_tokens: 2 });
       assert.equal(res.status, 200);
@@ -458,11 +466,28 @@ Deno.test("server hardening: deno task serve takes --header-timeout, --max-conne
   const keyFile = await Deno.makeTempFile({ prefix: "serve_keys_" });
   await Deno.writeTextFile(keyFile, "# keys\nsk-from-file-1\n\n  sk-from-file-2  \n");
   const server = await spawnServe([
-    ...["--header-timeout", "1", "--body-timeout", "1.5", "--max-connections", "2"],
+    ...["--header-timeout", "1", "--body-timeout", "1.5", "--max-connections", "3"],
     ...["--api-key-file", keyFile, "--allowed-hosts", "llm.test,other.test"],
   ]);
   try {
     const port = Number(new URL(server.url).port);
+    // Three tricklers fill the cap before anything else connects: the next connection is refused, and each is
+    // closed after the 1 s header timeout.
+    const slow = [0, 1, 2].map(() => trickle(port, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", "abc"));
+    await new Promise((r) => setTimeout(r, 300));
+    const refused = await rawRequest(port, ["GET /health HTTP/1.1", "Host: 127.0.0.1"]);
+    assert.equal(refused.status, 503, refused.text);
+    for (const r of await Promise.all(slow)) {
+      assert.match(r.reply, /^HTTP\/1\.1 408 /, r.reply);
+      assert.ok(r.closedMs > 900 && r.closedMs < 3000, `closed after ${r.closedMs.toFixed(0)} ms`);
+    }
+    // The server closes its side at once, and its count drops when the client's side is gone too.
+    await waitFor(
+      "the tricklers' connections to close",
+      async () => (await rawRequest(port, ["GET /health HTTP/1.1", "Host: 127.0.0.1"])).status === 200,
+      3000,
+    );
+    // The keys come from the file; the listed hosts are allowed, others not.
     const client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: "sk-from-file-2", maxRetries: 0 });
     const res = await client.completions.create({ model: "story", prompt: "Once", max_tokens: 2 });
     assert.equal(res.object, "text_completion");
@@ -472,21 +497,104 @@ Deno.test("server hardening: deno task serve takes --header-timeout, --max-conne
     assert.equal(named.status, 200, named.text);
     const other = await rawRequest(port, ["GET /health HTTP/1.1", "Host: third.test"]);
     assert.equal(other.status, 403, other.text);
-    // Two tricklers fill the cap (fetch's own keep-alive connections are closed by now or count as idle ones):
-    // wait for the idle ones to time out first, so the count is the tricklers'.
-    await new Promise((r) => setTimeout(r, 1300));
-    const slow = [0, 1].map(() => trickle(port, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", "abc"));
-    await new Promise((r) => setTimeout(r, 200));
-    const refused = await rawRequest(port, ["GET /health HTTP/1.1", "Host: 127.0.0.1"]);
-    assert.equal(refused.status, 503, refused.text);
-    for (const r of await Promise.all(slow)) {
-      assert.match(r.reply, /^HTTP\/1\.1 408 /, r.reply);
-      assert.ok(r.closedMs > 900 && r.closedMs < 3000, `closed after ${r.closedMs.toFixed(0)} ms`);
-    }
-    const health = await rawRequest(port, ["GET /health HTTP/1.1", "Host: 127.0.0.1"]);
-    assert.equal(health.status, 200, health.text);
   } finally {
     await server.stop();
     await Deno.remove(keyFile);
   }
+});
+
+Deno.test("server hardening: the HTTP/1.1 layer reads chunked bodies, pipelined requests, 100-continue and HTTP/1.0", async () => {
+  const logged: string[] = [];
+  const server = serveHttp1({
+    hostname: "127.0.0.1",
+    port: 0,
+    headersTimeoutMs: 2000,
+    bodyTimeoutMs: 2000,
+    maxConnections: 8,
+    maxHeadBytes: 4096,
+    onLog: (line) => logged.push(line),
+  }, async (req) => {
+    const body = req.body ? await req.text() : "";
+    return new Response(`${req.method} ${new URL(req.url).pathname} ${body.length}:${body}`);
+  });
+  // The client never shuts down its sending side: like hyper's (Deno.serve's) default, that means it went away.
+  const exchange = async (text: string): Promise<string> => {
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+    await conn.write(new TextEncoder().encode(text));
+    return await new Response(conn.readable).text();
+  };
+  /** The bodies of the chunked responses in `reply`, in order (a malformed one ends the list with its rest). */
+  const bodies = (reply: string) => {
+    const out: string[] = [];
+    let at = 0;
+    for (let responses = 0; at < reply.length && responses < 10; responses++) {
+      const headEnd = reply.indexOf("\r\n\r\n", at);
+      if (headEnd < 0) return [...out, `malformed: ${reply.slice(at)}`];
+      const interim = reply.startsWith("HTTP/1.1 100 ", at);
+      at = headEnd + 4;
+      if (interim) continue;
+      let body = "";
+      for (let chunks = 0; chunks < 100; chunks++) {
+        const lineEnd = reply.indexOf("\r\n", at);
+        const size = parseInt(reply.slice(at, lineEnd), 16);
+        if (lineEnd < 0 || !(size >= 0)) return [...out, `malformed: ${reply.slice(at)}`];
+        at = lineEnd + 2;
+        if (size === 0) break;
+        body += reply.slice(at, at + size);
+        at += size + 2;
+      }
+      at += 2; // the end of the (empty) trailers
+      out.push(body);
+    }
+    return out;
+  };
+  try {
+    const h = "Host: 127.0.0.1\r\n";
+    // A chunked body with an extension and a trailer.
+    const chunked = await exchange(
+      `POST /a HTTP/1.1\r\n${h}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n` +
+        "5;x=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n",
+    );
+    assert.match(chunked, /^HTTP\/1\.1 200 OK\r\n/);
+    assert.deepEqual(bodies(chunked), ["POST /a 11:hello world"]);
+    // Three pipelined requests on one connection, answered in order.
+    const piped = await exchange(
+      `GET /one HTTP/1.1\r\n${h}\r\nPOST /two HTTP/1.1\r\n${h}Content-Length: 3\r\n\r\nabc` +
+        `GET /three HTTP/1.1\r\n${h}Connection: close\r\n\r\n`,
+    );
+    assert.deepEqual(bodies(piped), ["GET /one 0:", "POST /two 3:abc", "GET /three 0:"]);
+    // Expect: 100-continue gets its interim answer once the handler reads the body.
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+    await conn.write(
+      new TextEncoder().encode(
+        `POST /c HTTP/1.1\r\n${h}Content-Length: 2\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n`,
+      ),
+    );
+    const buf = new Uint8Array(1024);
+    const n = await conn.read(buf);
+    assert.equal(new TextDecoder().decode(buf.subarray(0, n!)), "HTTP/1.1 100 Continue\r\n\r\n");
+    await conn.write(new TextEncoder().encode("ok"));
+    const rest = await new Response(conn.readable).text();
+    assert.deepEqual(bodies(rest), ["POST /c 2:ok"]);
+    // HTTP/1.0: no chunking, then closed.
+    const old = await exchange("GET /old HTTP/1.0\r\n\r\n");
+    assert.match(old, /^HTTP\/1\.1 200 OK\r\n[^]*connection: close\r\n\r\nGET \/old 0:$/);
+    // Bad heads: 431 past the size limit, 400 for garbage, 505 for another version; each closes.
+    assert.match(await exchange(`GET / HTTP/1.1\r\n${h}X-Big: ${"a".repeat(5000)}\r\n\r\n`), /^HTTP\/1\.1 431 /);
+    assert.match(await exchange("NOT HTTP\r\n\r\n"), /^HTTP\/1\.1 400 /);
+    assert.match(await exchange(`GET / HTTP/2.0\r\n${h}\r\n`), /^HTTP\/1\.1 505 /);
+    assert.match(
+      await exchange(`POST / HTTP/1.1\r\n${h}Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n`),
+      /^HTTP\/1\.1 400 /,
+    );
+    // fetch works over it, keep-alive included.
+    for (let i = 0; i < 3; i++) {
+      const res = await fetch(`http://127.0.0.1:${server.addr.port}/f`, { method: "POST", body: `n${i}` });
+      assert.equal(await res.text(), `POST /f 2:n${i}`);
+    }
+    assert.deepEqual(logged, []);
+  } finally {
+    await server.shutdown();
+  }
+  assert.equal(server.connections, 0);
 });
