@@ -9,7 +9,7 @@
 import { Tokenizer } from "@huggingface/tokenizers";
 import { readJsonFile } from "../files/json.ts";
 import { checkTokenizerJson, TokenizerFileError } from "./tokenizer_file.ts";
-import { SegmentEncoder, type TextSegment } from "./segment_encoder.ts";
+import { SegmentEncoder } from "./segment_encoder.ts";
 
 export { MAX_TOKEN_ID, TokenizerFileError } from "./tokenizer_file.ts";
 export type { TextSegment } from "./segment_encoder.ts";
@@ -126,7 +126,7 @@ export class TextTokenizer {
    * (and never across segments); elsewhere it is ordinary text. With every
    * segment parsing special tokens this is `encode(text, { addSpecialTokens: false })`.
    */
-  encodeSegments(segments: readonly TextSegment[]): number[] {
+  encodeSegments(segments: readonly { readonly text: string; readonly parseSpecial: boolean }[]): number[] {
     if (segments.every((s) => s.parseSpecial)) {
       return this.encode(segments.map((s) => s.text).join(""), { addSpecialTokens: false });
     }
