@@ -36,7 +36,7 @@ import { SamplingOptionError } from "../models/generate/sampler.ts";
 import { PromptCache, type PromptCacheStats } from "./prompt_cache.ts";
 import { QueueFullError, Scheduler } from "./scheduler.ts";
 import { Door, isLoopbackAddress } from "./door.ts";
-import { maxTokenChars, PromptEncoder } from "./prompt_encoder.ts";
+import { maxTokenChars, PromptEncoder, type PromptInput } from "./prompt_encoder.ts";
 import { type Http1Server, serveHttp1 } from "./http1.ts";
 import {
   ApiError,
@@ -173,8 +173,8 @@ interface Entry {
   readonly maxPromptChars: number;
 }
 
-/** A request's prompt before tokenizing: token ids as given, or text (a rendered chat, or a completion prompt). */
-type PromptSource = { readonly ids: number[] } | { readonly text: string; readonly chat: boolean };
+/** A request's prompt before tokenizing: token ids as given, or what the encoder takes (a text or a chat). */
+type PromptSource = { readonly ids: number[] } | PromptInput;
 
 /** Creates the request handler (for `Deno.serve` or tests). Use {@link startServer} to listen. */
 export async function createHandler(options: ServerOptions): Promise<ChatHandler> {
@@ -341,16 +341,19 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
         "context_length_exceeded",
       );
     }
-    return { text, chat: "messages" in req };
+    return "messages" in req && !(entry.template instanceof ChatTemplateError)
+      ? { template: entry.template, messages: req.messages, renderedChars: text.length }
+      : { text, addSpecialTokens: true };
   }
 
   /** The token ids of a prompt: long texts are tokenized in a worker, off the event loop. */
   async function promptIds(entry: Entry, prompt: PromptSource, signal: AbortSignal): Promise<number[]> {
     if ("ids" in prompt) return prompt.ids;
-    // A chat prompt's special tokens come from its template; a completion prompt gets BOS as the tokenizer says.
-    const ids = await encoder.encode(entry.model, prompt.text, !prompt.chat, signal);
+    // A chat prompt's special tokens come only from its template, never from what the messages say (llama.cpp's
+    // rule); a completion prompt gets BOS as the tokenizer says.
+    const ids = await encoder.encode(entry.model, prompt, signal);
     const bos = entry.model.tokenizer.bosId;
-    return ids.length > 0 || prompt.chat || bos === undefined ? ids : [bos];
+    return ids.length > 0 || !("text" in prompt) || bos === undefined ? ids : [bos];
   }
 
   async function complete(req: Request, kind: "chat" | "completion"): Promise<Response> {

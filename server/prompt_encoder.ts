@@ -10,7 +10,14 @@
  */
 
 import type { Model } from "../models/model.ts";
-import type { EncodeJob, EncodeReply } from "./tokenize_worker.ts";
+import type { ChatMessage, ChatTemplate } from "../models/text/chat_template.ts";
+import { encodeChatPrompt } from "../models/text/chat_prompt.ts";
+import type { EncodeInput, EncodeJob, EncodeReply } from "./tokenize_worker.ts";
+
+/** A prompt to encode: a text, or a conversation with its template (see {@link EncodeInput}). */
+export type PromptInput =
+  | { readonly text: string; readonly addSpecialTokens: boolean }
+  | { readonly template: ChatTemplate; readonly messages: readonly ChatMessage[]; readonly renderedChars: number };
 
 /** Texts up to this many characters are encoded on the event loop (about 30 ms at 8 µs a character). */
 export const INLINE_CHARS = 4096;
@@ -33,19 +40,29 @@ export class PromptEncoder {
   readonly #pending = new Map<number, { resolve: (ids: number[]) => void; reject: (e: Error) => void }>();
 
   /**
-   * The ids of `text` for `model`'s tokenizer, the same as `model.tokenizer.encode(text, options)`. Rejects
-   * with `signal`'s reason once it aborts (a worker still finishes its job, bounded by the caller's size check).
+   * The ids of a prompt for `model`'s tokenizer: for a text the same as `model.tokenizer.encode(text, options)`,
+   * for a conversation as `encodeChatPrompt(template, model.tokenizer, messages)`. Rejects with `signal`'s reason
+   * once it aborts (a worker still finishes its job, bounded by the caller's size check).
    *
    * @param model whose tokenizer
-   * @param text the prompt
-   * @param addSpecialTokens add BOS/EOS as the tokenizer config says
+   * @param prompt the text, or the conversation and its template (with the length of its rendered text)
    * @param signal stops the wait
    */
-  encode(model: Model, text: string, addSpecialTokens: boolean, signal?: AbortSignal): Promise<number[]> {
+  encode(model: Model, prompt: PromptInput, signal?: AbortSignal): Promise<number[]> {
     signal?.throwIfAborted();
-    if (text.length <= INLINE_CHARS) return Promise.resolve(model.tokenizer.encode(text, { addSpecialTokens }));
+    const chars = "text" in prompt ? prompt.text.length : prompt.renderedChars;
+    if (chars <= INLINE_CHARS) {
+      return Promise.resolve(
+        "text" in prompt
+          ? model.tokenizer.encode(prompt.text, { addSpecialTokens: prompt.addSpecialTokens })
+          : encodeChatPrompt(prompt.template, model.tokenizer, prompt.messages),
+      );
+    }
     const id = this.#next++;
-    const job: EncodeJob = { id, dir: model.dir, eosIds: model.config.eosTokenIds, text, addSpecialTokens };
+    const input: EncodeInput = "text" in prompt
+      ? prompt
+      : { template: prompt.template.source, messages: prompt.messages };
+    const job: EncodeJob = { id, dir: model.dir, eosIds: model.config.eosTokenIds, input };
     const { promise, resolve, reject } = Promise.withResolvers<number[]>();
     const onAbort = () => {
       this.#pending.delete(id);

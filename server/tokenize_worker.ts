@@ -7,8 +7,15 @@
  */
 
 import { TextTokenizer } from "../models/text/tokenizer.ts";
+import { type ChatMessage, ChatTemplate } from "../models/text/chat_template.ts";
+import { encodeChatPrompt } from "../models/text/chat_prompt.ts";
 
-/** One text to encode, with the tokenizer's folder and the model's EOS ids. */
+/** What to encode: a text, or a conversation through its template (special tokens only from the template). */
+export type EncodeInput =
+  | { readonly text: string; readonly addSpecialTokens: boolean }
+  | { readonly template: string; readonly messages: readonly ChatMessage[] };
+
+/** One prompt to encode, with the tokenizer's folder and the model's EOS ids. */
 export interface EncodeJob {
   /** Matches the reply to the job. */
   readonly id: number;
@@ -16,10 +23,8 @@ export interface EncodeJob {
   readonly dir: string;
   /** The EOS ids of the model's config. */
   readonly eosIds: readonly number[];
-  /** The text. */
-  readonly text: string;
-  /** Add BOS/EOS as the tokenizer config says. */
-  readonly addSpecialTokens: boolean;
+  /** The prompt. */
+  readonly input: EncodeInput;
 }
 
 /** The ids of a job, or why there are none. */
@@ -42,7 +47,12 @@ scope.onmessage = async (e: MessageEvent<EncodeJob>) => {
   try {
     let tok = tokenizers.get(job.dir);
     if (!tok) tokenizers.set(job.dir, tok = TextTokenizer.load(job.dir, job.eosIds));
-    reply = { id: job.id, ids: (await tok).encode(job.text, { addSpecialTokens: job.addSpecialTokens }) };
+    const tokenizer = await tok;
+    const input = job.input;
+    const ids = "text" in input
+      ? tokenizer.encode(input.text, { addSpecialTokens: input.addSpecialTokens })
+      : encodeChatPrompt(ChatTemplate.forModel({ dir: job.dir, tokenizer }, input.template), tokenizer, input.messages);
+    reply = { id: job.id, ids };
   } catch (err) {
     reply = { id: job.id, error: (err as Error).message };
   }

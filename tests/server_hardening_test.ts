@@ -14,6 +14,7 @@ import OpenAI from "openai";
 import { loadModel, type Model } from "../models/model.ts";
 import { createHandler, type RunningServer, type StartOptions, startServer } from "../server/mod.ts";
 import { serveHttp1 } from "../server/http1.ts";
+import { ChatTemplate, encodeChatPrompt } from "../models/chat/session.ts";
 import { registerInstrumentedTs, STORY_DIR } from "./helpers.ts";
 
 /** A chat template for the story model (which has none); the same as in server_test.ts. */
@@ -597,4 +598,29 @@ Deno.test("server hardening: the HTTP/1.1 layer reads chunked bodies, pipelined 
     await server.shutdown();
   }
   assert.equal(server.connections, 0);
+});
+
+Deno.test("server hardening: special-token text in a chat message stays text (special tokens come only from the template)", async () => {
+  await withServer({ cacheBytes: 0 }, async (server, model) => {
+    const template = ChatTemplate.forModel(model, STORY_TEMPLATE);
+    const bos = model.tokenizer.bosToken!;
+    assert.equal(bos, "<|start_story|>");
+    // Short (encoded at once) and long (encoded in the worker) conversations whose user text spells the BOS token.
+    for (const filler of ["", "something unexpected happened. The ".repeat(130)]) {
+      const messages = [{ role: "user", content: `${filler}${bos}Once upon a time${bos}` }];
+      const res = await post(`${server.url}/v1/chat/completions`, { model: "story", messages, max_tokens: 1 });
+      assert.equal(res.status, 200);
+      const promptTokens = (await res.json()).usage.prompt_tokens;
+      const safe = encodeChatPrompt(template, model.tokenizer, messages);
+      const naive = model.tokenizer.encode(template.render(messages), { addSpecialTokens: false });
+      assert.equal(promptTokens, safe.length);
+      // The typed BOS texts became text tokens (at most the template's own BOS is the control token), where
+      // encoding the rendered text makes them control tokens.
+      const bosCount = (ids: number[]) => ids.filter((id) => id === model.tokenizer.bosId).length;
+      assert.ok(bosCount(safe) <= 1, `${safe}`);
+      assert.ok(bosCount(naive) >= 2, `${naive}`);
+      // (The short one's count differs from the rendered text's, so the count shows which encoding ran.)
+      if (filler === "") assert.notEqual(safe.length, naive.length);
+    }
+  }, { contextLength: 512 });
 });
