@@ -1,5 +1,8 @@
 /**
- * An OpenAI-compatible HTTP server for loaded models, on `Deno.serve`.
+ * An OpenAI-compatible HTTP server for loaded models. {@link startServer}
+ * listens through a small HTTP/1.1 layer of its own (`http1.ts`: header and
+ * body timeouts, a connection cap, which `Deno.serve` lacks);
+ * {@link createHandler} gives the bare handler, for `Deno.serve` or tests.
  *
  * Endpoints: `POST /v1/chat/completions` and `POST /v1/completions`
  * (server-sent events with `stream: true`, else one JSON object; `usage` with
@@ -10,6 +13,15 @@
  * `/v1/models` carries, beyond OpenAI's fields, `capabilities:
  * { chat_completions, completions }`: a model without a chat template answers
  * only `/v1/completions`.
+ *
+ * The door: optional API keys (`Authorization: Bearer`, `401`; `/health` and
+ * the page stay open), POST bodies only as `application/json` (`415`), on a
+ * loopback address only this machine's `Host` names or `allowedHosts`
+ * (`403`). A prompt longer than the context could hold at any tokenization is
+ * refused before tokenizing; long ones are tokenized in a worker once the
+ * request has its slot. A client that goes away (also while queued or in the
+ * prompt) stops its generation within one prefill chunk. In chat prompts,
+ * special tokens come only from the template, never from message text.
  *
  * @example Serve a model folder on 127.0.0.1:8080 until the process ends
  * ```ts
