@@ -12,7 +12,9 @@
  * make a huge value in one step from small inputs, which are checked before they
  * run: `range` is replaced by one that refuses a range longer than the list
  * budget before building it, and the filters `indent`, `join`, `replace` and
- * `tojson` have their result size estimated from their operand and arguments.
+ * `tojson` and the string method `replace` have their result size estimated
+ * from their operand and arguments (a filter's arguments are evaluated once
+ * more for that; each evaluation counts against the step budget).
  * Walking or rewriting the parsed program instead could not bound loops whose
  * length is only known at run time.
  *
@@ -86,6 +88,8 @@ class BudgetedInterpreter extends Interpreter {
   readonly #budget: TemplateBudget;
   #steps = 0;
   readonly #loopIterables = new WeakSet<object>();
+  /** The receivers of `.replace` method calls, with their last value. */
+  readonly #receivers = new Map<object, Value | undefined>();
 
   constructor(env: Environment, budget: TemplateBudget) {
     super(env);
@@ -103,6 +107,15 @@ class BudgetedInterpreter extends Interpreter {
       body?: Statement[];
       iterable?: { type: string; lhs?: unknown };
     };
+    const member = statement as unknown as {
+      type?: string;
+      computed?: boolean;
+      object?: object;
+      property?: FilterNode;
+    };
+    const isReplaceMethod = member?.type === "MemberExpression" && !member.computed &&
+      member.property?.type === "Identifier" && member.property.value === "replace";
+    if (isReplaceMethod) this.#receivers.set(member.object!, undefined);
     if (node?.type === "For" && node.iterable) {
       // An empty loop body evaluates nothing: charge each loop its iterations when its iterable is evaluated.
       this.#loopIterables.add(node.iterable.type === "SelectExpression" ? node.iterable.lhs as object : node.iterable);
@@ -117,6 +130,10 @@ class BudgetedInterpreter extends Interpreter {
       value = steps.applyFilter(operand, node.filter!, environment);
     } else value = super.evaluate(statement, environment);
     this.#checkSize(value);
+    if (this.#receivers.has(statement as object)) this.#receivers.set(statement as object, value);
+    if (isReplaceMethod && value.type === "FunctionValue") {
+      value = this.#checkedReplace(value, this.#receivers.get(member.object!));
+    }
     if (this.#loopIterables.has(statement as object)) {
       const n = value.value instanceof Map ? value.value.size : Array.isArray(value.value) ? value.value.length : 0;
       this.#steps += n;
@@ -125,6 +142,24 @@ class BudgetedInterpreter extends Interpreter {
       }
     }
     return value;
+  }
+
+  /** `s.replace(old, new)` (a string's method), checked like the filter before it runs. */
+  #checkedReplace(method: Value, receiver: Value | undefined): Value {
+    if (receiver?.type !== "StringValue") return method;
+    const s = receiver.value as string;
+    const run = method.value as (args: Value[], env: Environment) => Value;
+    // The library's FunctionValue class is not exported: make one through the method's own constructor.
+    const FunctionValue = method.constructor as new (fn: (args: Value[], env: Environment) => Value) => Value;
+    return new FunctionValue((args, env) => {
+      const text = (v: Value | undefined) => (v?.type === "StringValue" ? v.value as string : "");
+      const old = text(args[0]), replacement = text(args[1]);
+      const estimate = s.length + (old === "" ? s.length + 1 : s.split(old).length - 1) * replacement.length;
+      if (estimate > this.#budget.chars) {
+        throw new TemplateBudgetExceeded("chars", this.#budget.chars, `A replace() result of about ${estimate}`);
+      }
+      return run(args, env);
+    });
   }
 
   #checkSize(value: Value): void {
