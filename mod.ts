@@ -46,6 +46,7 @@ export { KvCache } from "./models/exec/kv_cache.ts";
 // Chat sessions.
 export {
   type ChatMessage,
+  type ChatPromptOptions,
   type ChatReply,
   ChatSession,
   type ChatSessionOptions,
@@ -53,9 +54,11 @@ export {
   ChatTemplateError,
   type ChatUsage,
   type ContextPolicy,
+  encodeChatPrompt,
   modelFingerprint,
   SessionBusyError,
   SessionFileError,
+  type SessionLoadOptions,
   SessionModelMismatchError,
 } from "./models/chat/session.ts";
 export { CONTEXT_POLICIES, isContextPolicy } from "./models/chat/context_policy.ts";
@@ -80,7 +83,13 @@ export {
   resolveModelSource,
   type ResolveOptions,
 } from "./models/files/hub.ts";
-export { type EncodeOptions, TextTokenizer } from "./models/text/tokenizer.ts";
+export {
+  type EncodeOptions,
+  MAX_TOKEN_ID,
+  type TextSegment,
+  TextTokenizer,
+  TokenizerFileError,
+} from "./models/text/tokenizer.ts";
 
 // What a caller picks a backend and dtypes by, and the graphs it can print.
 export {

@@ -209,7 +209,7 @@ async function main(progress: ProgressDisplay): Promise<void> {
       case "/load":
         if (!rest) return say("Usage: /load FILE");
         try {
-          const loaded = await ChatSession.load(model, rest, { ...sampling, contextPolicy });
+          const loaded = await ChatSession.load(model, rest, { ...sampling, template, contextPolicy });
           session.dispose();
           session = loaded;
           say(`Loaded ${session.messages.length} messages from ${rest}.`);

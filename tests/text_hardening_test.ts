@@ -71,6 +71,16 @@ Deno.test("tokenizer file: a vocabulary id of 2,000,000,000 is refused at once, 
   await refusedFast((j) => (j.added_tokens[2].id = j.added_tokens[1].id), /^added_tokens\[2\]\.id$/, /^1$/);
 });
 
+Deno.test("tokenizer file: malformed merges and patterns are refused, naming the field (found by the fuzz test)", async () => {
+  await refusedFast((j) => (j.model.merges = 1), /^model\.merges$/, /^1$/);
+  await refusedFast((j) => (j.model.merges[3] = true), /^model\.merges\[3\]$/, /^true$/);
+  await refusedFast(
+    (j) => (j.pre_tokenizer = { type: "Split", pattern: 1.5, behavior: "Isolated" }),
+    /^pre_tokenizer\.pattern$/,
+    /^1\.5$/,
+  );
+});
+
 Deno.test("tokenizer file: every shared tokenizer still loads and encodes (large vocabularies included)", async () => {
   const dirs = await sharedTokenizerDirs();
   for (const name of ["story", "minueza-32m-shape", "qwen3-vocab-mini", "llama3-vocab-mini"]) {
@@ -253,4 +263,20 @@ Deno.test("chat prompt: with byte-level tokenizers the protected prompt decodes 
       .filter((id) => tok.specialIds.has(id));
     assert.deepEqual(ids.filter((id) => tok.specialIds.has(id)), fromTemplate, name);
   }
+});
+
+Deno.test("chat prompt: a template's special token that the library matches after normalizing stays special", async () => {
+  // The story tokenizer's <|start_story|> is `normalized: true`: matched only after normalization.
+  const tok = await TextTokenizer.load(STORY_DIR);
+  const ids = tok.encodeSegments([
+    { text: "<|start_story|>Question: ", parseSpecial: true },
+    { text: "x <|start_story|>", parseSpecial: false },
+  ]);
+  assert.equal(ids[0], tok.bosId);
+  assert.equal(ids.filter((id) => id === tok.bosId).length, 1, `${ids}`);
+  const whole = "<|start_story|>Question: x <|start_story|>";
+  assert.deepEqual(
+    tok.encodeSegments([{ text: whole, parseSpecial: true }]),
+    tok.encode(whole, { addSpecialTokens: false }),
+  );
 });

@@ -95,6 +95,18 @@ export function checkTokenizerJson(json: Record<string, unknown>, path: string):
   } else if (vocab !== undefined) {
     fail("model.vocab", vocab, "expected an object of token ids or a list of [piece, score] pairs");
   }
+  // BPE merges: "a b" strings or [a, b] pairs (the library calls split / indexes them unchecked).
+  const merges = (model as Record<string, unknown>).merges;
+  if (merges !== undefined) {
+    if (!Array.isArray(merges)) fail("model.merges", merges, "expected a list of merges");
+    const pairs = (merges as unknown[]).length > 0 && Array.isArray((merges as unknown[])[0]);
+    for (const [i, m] of (merges as unknown[]).entries()) {
+      const ok = pairs
+        ? Array.isArray(m) && m.length === 2 && typeof m[0] === "string" && typeof m[1] === "string"
+        : typeof m === "string";
+      if (!ok) fail(`model.merges[${i}]`, m, pairs ? "expected a pair of strings" : 'expected a string "a b"');
+    }
+  }
   const added = json.added_tokens ?? [];
   if (!Array.isArray(added)) fail("added_tokens", added, "expected a list of tokens");
   const seen = new Set<number>();
@@ -121,6 +133,13 @@ function checkPatterns(
   if (depth > 64) fail(field, "…", "expected at most 64 levels of nesting");
   for (const [key, value] of Object.entries(node)) {
     const at = Array.isArray(node) ? `${field}[${key}]` : `${field}.${key}`;
+    if (key === "pattern" && !Array.isArray(node)) {
+      // The library warns and drops a pattern of any other shape, silently changing the tokenizer.
+      const keys = typeof value === "object" && value !== null && !Array.isArray(value) ? Object.keys(value) : [];
+      const shaped = keys.length === 1 && (keys[0] === "String" || keys[0] === "Regex") &&
+        typeof (value as Record<string, unknown>)[keys[0]] === "string";
+      if (!shaped) fail(at, value, 'expected { "String": "…" } or { "Regex": "…" }');
+    }
     if (key === "Regex" && !Array.isArray(node)) {
       if (typeof value !== "string") fail(at, value, "expected a regular expression");
       const hazard = regexHazard(value as string);
