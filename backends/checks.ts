@@ -1,8 +1,8 @@
 /**
  * The checks every backend makes the same way, written once: the bytes of an
  * upload, the dtype of a KV cache, byte ranges of a tensor, the arguments of
- * `writeInput` and `readOutput`, token ids against the embedding tables that read
- * them, and which ops a backend supports.
+ * `writeInput` and `readOutput`, index inputs (token ids, positions, page tables,
+ * rows) against what they index, and which ops a backend supports.
  *
  * Each backend keeps only what is its own (where the bytes live); the checks, and
  * the messages a caller sees, are the same on every backend.
@@ -13,7 +13,7 @@
 import { byteSize, type DType, isKvDType, KV_DTYPES, type KvDType } from "../graph/dtype.ts";
 import { elementCount, type OpKind } from "../graph/ir.ts";
 import type { BufferSlot, ExecutionPlan } from "../graph/plan.ts";
-import { type DeviceTensor, type HostTensor, UnsupportedError } from "./contract.ts";
+import { type DeviceTensor, type HostTensor, type IndexLimit, indexLimits, UnsupportedError } from "./contract.ts";
 
 /**
  * Checks that a weight given to `upload` has exactly the bytes its dtype and shape
@@ -52,6 +52,29 @@ export function checkRange(t: DeviceTensor, offset: number, length: number): voi
     !Number.isInteger(offset) || !Number.isInteger(length) || offset < 0 || length < 0 || offset + length > t.byteLength
   ) {
     throw new RangeError(`Cannot access bytes ${offset}..${offset + length} of "${t.name}": it holds ${t.byteLength}`);
+  }
+}
+
+/**
+ * Checks the arguments of `copyTensor`: both ranges inside their tensors
+ * ({@link checkRange}), and not overlapping when `src` is `dst`; a `RangeError` names
+ * the ranges.
+ */
+export function checkCopy(
+  src: DeviceTensor,
+  dst: DeviceTensor,
+  byteLength: number,
+  srcOffset: number,
+  dstOffset: number,
+): void {
+  checkRange(src, srcOffset, byteLength);
+  checkRange(dst, dstOffset, byteLength);
+  if (src === dst && srcOffset < dstOffset + byteLength && dstOffset < srcOffset + byteLength && byteLength > 0) {
+    throw new RangeError(
+      `Cannot copy bytes ${srcOffset}..${srcOffset + byteLength} of "${src.name}" over ${dstOffset}..${
+        dstOffset + byteLength
+      } of itself: the ranges overlap`,
+    );
   }
 }
 
@@ -97,34 +120,44 @@ export function checkOutputRead(plan: ExecutionPlan, tensorId: number, dst: Floa
 }
 
 /**
- * The token-id bound of each `i32` graph input: the fewest rows of the embedding
- * tables that read it. An executable records every embedding node when it compiles
- * and checks every id `writeInput` receives, so no kernel reads past a table.
+ * The bounds of a plan's index inputs ({@link indexLimits}): an executable makes one
+ * when it compiles and checks every value `writeInput` receives for an index input,
+ * so no kernel reads or writes past a table, a page table or the KV pool.
  */
-export class TokenIdLimits {
-  readonly #limits = new Map<number, number>();
+export class IndexChecks {
+  readonly #plan: ExecutionPlan;
+  readonly #limits: Map<number, IndexLimit>;
 
-  /** Records that input `inputId` indexes a table of `rows` rows. */
-  add(inputId: number, rows: number): void {
-    this.#limits.set(inputId, Math.min(this.#limits.get(inputId) ?? Infinity, rows));
+  /**
+   * The bounds of `plan`'s index inputs.
+   * @param plan the plan an executable runs
+   */
+  constructor(plan: ExecutionPlan) {
+    this.#plan = plan;
+    this.#limits = indexLimits(plan);
   }
 
-  /** One past the largest id input `inputId` accepts (Infinity when no table reads it). */
+  /** One past the largest value input `inputId` accepts (Infinity when nothing bounds it). */
   limit(inputId: number): number {
-    return this.#limits.get(inputId) ?? Infinity;
+    return this.#limits.get(inputId)?.limit ?? Infinity;
   }
 
   /**
-   * Checks the first `count` ids of `data` for input `inputId`: a `RangeError` names the
-   * first that is not an integer from 0 to the limit minus 1.
+   * Checks the first `count` values of `data` for input `inputId` (nothing for an input
+   * no op indexes with): a `RangeError` names the first that is not an integer from 0
+   * to the limit minus 1.
    */
   check(inputId: number, data: Int32Array | Float32Array, count: number): void {
-    const limit = this.limit(inputId);
+    const bound = this.#limits.get(inputId);
+    if (!bound) return;
+    const { limit, what } = bound;
     for (let i = 0; i < count; i++) {
-      const id = data[i];
-      if (!Number.isInteger(id) || !(id >= 0 && id < limit)) {
-        throw new RangeError(`Cannot embed token id ${id}: expected an integer from 0 to ${limit - 1}`);
-      }
+      const v = data[i];
+      if (Number.isInteger(v) && v >= 0 && v < limit) continue;
+      const expected = limit === Infinity ? "a non-negative integer" : `an integer from 0 to ${limit - 1}`;
+      if (what === "token id") throw new RangeError(`Cannot embed token id ${v}: expected ${expected}`);
+      const name = this.#plan.graph.tensors[inputId].name;
+      throw new RangeError(`Cannot use ${what} ${v} at index ${i} of input "${name}": expected ${expected}`);
     }
   }
 }

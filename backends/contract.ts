@@ -46,20 +46,24 @@ export interface DeviceTensor {
   readonly byteLength: number;
 }
 
-/** What changes from one step to the next. */
+/**
+ * What changes from one step to the next besides the inputs: the values of the
+ * symbolic dimensions, e.g. `{ T: 5, S: 2, R: 2 }`, each an integer from 1 to the
+ * plan's `maxDims`. Which sequence and position each token has are inputs of the
+ * graph (see the `rope` and `attention` ops).
+ */
 export interface StepArgs {
-  /** Values of the symbolic dimensions, e.g. `{ T: 5 }`; each at most the plan's `maxDims`. */
+  /** Values of the symbolic dimensions. */
   readonly dims: DimBindings;
-  /** Position of the first new token in the sequence (rows already in the KV cache). */
-  readonly pos: number;
 }
 
 /** A plan prepared to run on one backend, with its activation arena allocated. */
 export interface Executable {
   /**
-   * Copies `count` values into a graph input before a step: token ids (`i32`), or
-   * activations (`f32`) when a graph takes them as input (the conformance suite does).
-   * Token ids outside the embedding table give a `RangeError`.
+   * Copies `count` values into a graph input before a step: token ids, positions,
+   * page tables and rows (`i32`), or activations (`f32`) when a graph takes them as
+   * input (the conformance suite does). An index outside what it indexes (see
+   * `indexLimits`) gives a `RangeError`, so no kernel addresses memory it must not.
    */
   writeInput(tensorId: number, data: Int32Array | Float32Array, count: number): void;
   /**
@@ -99,8 +103,12 @@ export interface Backend {
   readTensor(tensor: DeviceTensor, byteOffset: number, byteLength: number): Promise<Uint8Array>;
   /** Writes bytes into a tensor at `byteOffset`. */
   writeTensor(tensor: DeviceTensor, byteOffset: number, data: Uint8Array): void;
-  /** Copies the first `byteLength` bytes of `src` into `dst`. */
-  copyTensor(src: DeviceTensor, dst: DeviceTensor, byteLength: number): void;
+  /**
+   * Copies `byteLength` bytes of `src` from `srcOffset` into `dst` at `dstOffset`
+   * (offsets default to 0). `src` and `dst` may be the same tensor when the two
+   * ranges do not overlap (a KV page copied within the pool).
+   */
+  copyTensor(src: DeviceTensor, dst: DeviceTensor, byteLength: number, srcOffset?: number, dstOffset?: number): void;
   /** Frees a weight or state tensor. */
   release(tensor: DeviceTensor): void;
   /**
@@ -121,7 +129,7 @@ const OPERAND_DTYPE: Readonly<Record<OpKind, (graph: Graph, node: Node) => DType
   siluMul: () => "f32",
   add: () => "f32",
   attention: (graph, node) => graph.tensors[node.inputs[3]].dtype,
-  lastRow: () => "f32",
+  gatherRows: () => "f32",
 };
 
 /**
@@ -177,42 +185,66 @@ export function validateBindings(
   }
 }
 
-/** Checks a step against the plan's room; a `RangeError` names the offending value. */
-export function validateStep(plan: ExecutionPlan, step: StepArgs, capacity: number): void {
+/**
+ * Checks a step's dimensions against the plan's room: every symbolic dimension of
+ * the plan bound to an integer from 1 to its `maxDims`; a `RangeError` names the
+ * offending value.
+ */
+export function validateStep(plan: ExecutionPlan, step: StepArgs): void {
   for (const [name, max] of Object.entries(plan.maxDims)) {
-    const v = step.dims[name];
+    const v = step.dims?.[name];
     if (!Number.isInteger(v) || v < 1 || v > max) {
       throw new RangeError(`Cannot run a step with ${name} = ${v}: expected an integer from 1 to ${max}`);
     }
   }
-  const t = step.dims.T ?? 1;
-  if (!Number.isInteger(step.pos) || step.pos < 0 || step.pos + t > capacity) {
-    throw new RangeError(
-      `Cannot run a step at position ${step.pos} with ${t} new tokens: the KV cache holds ${capacity} positions`,
-    );
-  }
 }
 
 /**
- * The rows a node processes when the graph fixes them: the first dimension of its
- * first input when that is a number (after `lastRow`: 1), or undefined when it is
- * symbolic and so the step's `T`. A node with fixed rows must not run on `T` rows
- * (its buffers hold only the fixed ones).
+ * The name of the symbolic dimension a node's rows run over (`"T"`, `"R"`), or its
+ * fixed row count: the first dimension of its output. Row-wise kernels process that
+ * many rows of a step.
  */
-export function fixedRows(graph: Graph, node: Node): number | undefined {
-  const rows = graph.tensors[node.inputs[0]].shape[0];
-  return typeof rows === "number" ? rows : undefined;
+export function nodeRows(graph: Graph, node: Node): number | string {
+  return graph.tensors[node.output].shape[0];
 }
 
-/** The fewest cache rows any attention node of a plan holds (its key or value cache), or Infinity without one. */
-export function cacheCapacity(plan: ExecutionPlan): number {
-  let rows = Infinity;
-  for (const node of plan.graph.nodes) {
-    if (node.op.kind !== "attention") continue;
-    for (const cache of [node.inputs[3], node.inputs[4]]) {
-      const first = plan.graph.tensors[cache].shape[0];
-      if (typeof first === "number") rows = Math.min(rows, first);
+/** What the values of an index input address, and one past the largest allowed. */
+export interface IndexLimit {
+  /** One past the largest value: every value is an integer from 0 to `limit - 1`. */
+  readonly limit: number;
+  /** What the values index, for the error message (`"token id"`, `"page"`, …). */
+  readonly what: string;
+}
+
+/**
+ * The bound of every `i32` graph input that some op uses as an index (see
+ * `INDEX_INPUTS` in `graph/ir.ts`), the smallest over its uses: token ids below the
+ * embedding table's rows; positions below the page table's reach
+ * (`pagesPerSeq × pageSize`); page-table rows below the plan's largest `S`; pages
+ * below the pool's page count; gathered rows below the plan's largest row count.
+ * Positions read only by `rope` must be non-negative integers. Index values beyond
+ * the step's own `S` or `T` but inside these bounds stay inside the buffers.
+ */
+export function indexLimits(plan: ExecutionPlan): Map<number, IndexLimit> {
+  const { graph, maxDims } = plan;
+  const dim = (d: number | string): number => typeof d === "number" ? d : maxDims[d] ?? Infinity;
+  const limits = new Map<number, IndexLimit>();
+  const add = (id: number, limit: number, what: string) => {
+    const old = limits.get(id);
+    if (!old || limit < old.limit) limits.set(id, { limit, what });
+  };
+  for (const node of graph.nodes) {
+    const op = node.op;
+    const shape = (i: number) => graph.tensors[node.inputs[i]].shape;
+    if (op.kind === "embedding") add(node.inputs[0], dim(shape(1)[0]), "token id");
+    else if (op.kind === "rope") add(node.inputs[1], Infinity, "position");
+    else if (op.kind === "gatherRows") add(node.inputs[1], dim(shape(0)[0]), "row");
+    else if (op.kind === "attention") {
+      const pages = shape(7);
+      add(node.inputs[5], dim(pages[1]) * op.pageSize, "position");
+      add(node.inputs[6], dim(pages[0]), "page-table row");
+      add(node.inputs[7], Math.min(dim(shape(3)[0]), dim(shape(4)[0])) / op.pageSize, "page");
     }
   }
-  return rows;
+  return limits;
 }

@@ -16,7 +16,7 @@
  * ```ts
  * import {
  *   type Backend,
- *   cacheCapacity,
+ *   checkCopy,
  *   checkInputWrite,
  *   checkOutputRead,
  *   checkRange,
@@ -27,6 +27,7 @@
  *   type ExecutionPlan,
  *   f32Only,
  *   GraphBuilder,
+ *   IndexChecks,
  *   type OpSupport,
  *   planGraph,
  *   referenceOp,
@@ -41,7 +42,7 @@
  * // One entry per op kind: a new op kind is a compile error here until it is handled.
  * const SUPPORT: OpSupport = {
  *   embedding: f32Only, rmsNorm: f32Only, matmul: f32Only, rope: f32Only,
- *   siluMul: f32Only, add: f32Only, attention: f32Only, lastRow: f32Only,
+ *   siluMul: f32Only, add: f32Only, attention: f32Only, gatherRows: f32Only,
  * };
  *
  * interface RefDeviceTensor extends DeviceTensor {
@@ -52,13 +53,16 @@
  * function referenceExecutable(plan: ExecutionPlan, bindings: ReadonlyMap<number, DeviceTensor>): Executable {
  *   const values = new Map<number, Float32Array | Int32Array>();
  *   for (const [id, t] of bindings) values.set(id, (t as RefDeviceTensor).values);
+ *   // Indices (token ids, positions, page tables, rows) are checked before any kernel sees them.
+ *   const indices = new IndexChecks(plan);
  *   return {
  *     writeInput(id, data, count) {
  *       checkInputWrite(plan, id, data, count);
+ *       indices.check(id, data, count);
  *       values.set(id, data.slice(0, count));
  *     },
  *     async run(step) {
- *       validateStep(plan, step, cacheCapacity(plan));
+ *       validateStep(plan, step);
  *       const { graph } = plan;
  *       for (const nodeId of plan.order) {
  *         const node = graph.nodes[nodeId];
@@ -66,7 +70,7 @@
  *           shape: resolveShape(graph.tensors[id].shape, step.dims),
  *           data: values.get(id)!,
  *         }));
- *         values.set(node.output, referenceOp(node.op, inputs, step.pos));
+ *         values.set(node.output, referenceOp(node.op, inputs));
  *       }
  *     },
  *     async readOutput(id, dst, count) {
@@ -101,10 +105,9 @@
  *       checkRange(t, offset, data.byteLength);
  *       bytesOf(t).set(data, offset);
  *     },
- *     copyTensor(src, dst, length) {
- *       checkRange(src, 0, length);
- *       checkRange(dst, 0, length);
- *       bytesOf(dst).set(bytesOf(src).subarray(0, length));
+ *     copyTensor(src, dst, length, from = 0, to = 0) {
+ *       checkCopy(src, dst, length, from, to);
+ *       bytesOf(dst).set(bytesOf(src).subarray(from, from + length), to);
  *     },
  *     release() {},
  *     async compile(plan, bindings) {
@@ -126,7 +129,7 @@
  * const exec = await backend.compile(planGraph(g.build(), { T: 2 }), new Map());
  * exec.writeInput(a.id, new Float32Array([1, 2, 3, 4, 5, 6, 7, 8]), 8);
  * exec.writeInput(b.id, new Float32Array(8).fill(10), 8);
- * await exec.run({ dims: { T: 2 }, pos: 0 });
+ * await exec.run({ dims: { T: 2 } });
  * const result = new Float32Array(8);
  * await exec.readOutput(out.id, result, 8);
  * console.log(result); // Float32Array(8) [ 11, 12, 13, 14, 15, 16, 17, 18 ]
@@ -141,11 +144,12 @@ import "./builtin.ts";
 export {
   type Backend,
   type BackendOptions,
-  cacheCapacity,
   type DeviceTensor,
   type Executable,
-  fixedRows,
   type HostTensor,
+  type IndexLimit,
+  indexLimits,
+  nodeRows,
   operandDType,
   type StepArgs,
   UnsupportedError,
@@ -153,15 +157,16 @@ export {
   validateStep,
 } from "./contract.ts";
 export {
+  checkCopy,
   checkInputWrite,
   checkOutputRead,
   checkRange,
   checkStateDType,
   checkUploadSize,
   f32Only,
+  IndexChecks,
   type OpSupport,
   supportsOp,
-  TokenIdLimits,
 } from "./checks.ts";
 export {
   type BackendFactory,
@@ -179,6 +184,7 @@ export {
   elementCount,
   formatShape,
   type Graph,
+  INDEX_INPUTS,
   type Node,
   type Op,
   OP_KINDS,

@@ -23,10 +23,10 @@ export interface RefTensor {
 }
 
 /**
- * Runs one op. `pos` is the step's start position (rope, attention). For attention,
- * inputs 3 and 4 (the caches) are written in place, as the op specifies.
+ * Runs one op. For attention, inputs 3 and 4 (the caches) are written in place, as
+ * the op specifies.
  */
-export function referenceOp(op: Op, inputs: readonly RefTensor[], pos: number): Float32Array {
+export function referenceOp(op: Op, inputs: readonly RefTensor[]): Float32Array {
   const [a, b] = inputs;
   const T = a.shape[0];
   switch (op.kind) {
@@ -70,7 +70,7 @@ export function referenceOp(op: Op, inputs: readonly RefTensor[], pos: number): 
         for (let h = 0; h < heads; h++) {
           const base = t * heads * headDim + h * headDim;
           for (let i = 0; i < half; i++) {
-            const angle = (pos + t) * theta ** (-2 * i / headDim);
+            const angle = b.data[t] * theta ** (-2 * i / headDim);
             const [x0, x1] = [a.data[base + i], a.data[base + i + half]];
             out[base + i] = x0 * Math.cos(angle) - x1 * Math.sin(angle);
             out[base + i + half] = x1 * Math.cos(angle) + x0 * Math.sin(angle);
@@ -83,50 +83,55 @@ export function referenceOp(op: Op, inputs: readonly RefTensor[], pos: number): 
       return Float32Array.from(a.data, (g, i) => (g / (1 + Math.exp(-g))) * b.data[i]);
     case "add":
       return Float32Array.from(a.data, (x, i) => x + b.data[i]);
-    case "lastRow": {
+    case "gatherRows": {
       const D = a.shape[1];
-      return Float32Array.from(a.data.subarray((T - 1) * D, T * D));
+      const R = b.shape[0];
+      const out = new Float32Array(R * D);
+      for (let r = 0; r < R; r++) out.set(a.data.subarray(b.data[r] * D, (b.data[r] + 1) * D), r * D);
+      return out;
     }
     case "attention":
-      return referenceAttention(op, inputs, pos);
+      return referenceAttention(op, inputs);
   }
 }
 
 function referenceAttention(
   op: Extract<Op, { kind: "attention" }>,
-  [q, k, v, kCache, vCache]: readonly RefTensor[],
-  pos: number,
+  [q, k, v, kCache, vCache, positions, seqOf, pages]: readonly RefTensor[],
 ): Float32Array {
-  const { heads, kvHeads, headDim, scale, window } = op;
+  const { heads, kvHeads, headDim, scale, window, pageSize } = op;
   const T = q.shape[0];
   const kvDim = kvHeads * headDim;
-  const store = (cache: RefTensor, rows: Float32Array | Int32Array) => {
-    const values = rows.subarray(0, T * kvDim);
-    cache.data.set(cache.dtype === "f16" ? values.map(Math.f16round) : values, pos * kvDim);
-  };
-  store(kCache, k.data);
-  store(vCache, v.data);
+  const perSeq = pages.shape[1];
+  // The cache row of position j of the sequence of page-table row s.
+  const row = (s: number, j: number) => pages.data[s * perSeq + Math.floor(j / pageSize)] * pageSize + j % pageSize;
+  for (let t = 0; t < T; t++) {
+    const at = row(seqOf.data[t], positions.data[t]) * kvDim;
+    for (const [cache, rows] of [[kCache, k], [vCache, v]] as const) {
+      const values = rows.data.subarray(t * kvDim, (t + 1) * kvDim);
+      cache.data.set(cache.dtype === "f16" ? values.map(Math.f16round) : values, at);
+    }
+  }
   const out = new Float32Array(T * heads * headDim);
   for (let t = 0; t < T; t++) {
-    const p = pos + t;
+    const [s, p] = [seqOf.data[t], positions.data[t]];
     const start = window > 0 ? Math.max(0, p - window + 1) : 0;
     for (let h = 0; h < heads; h++) {
       const g = Math.floor(h / (heads / kvHeads));
       const scores: number[] = [];
       for (let j = start; j <= p; j++) {
-        let s = 0;
-        for (let d = 0; d < headDim; d++) {
-          s += q.data[(t * heads + h) * headDim + d] * kCache.data[j * kvDim + g * headDim + d];
-        }
-        scores.push(s * scale);
+        let sum = 0;
+        const base = row(s, j) * kvDim + g * headDim;
+        for (let d = 0; d < headDim; d++) sum += q.data[(t * heads + h) * headDim + d] * kCache.data[base + d];
+        scores.push(sum * scale);
       }
       const max = Math.max(...scores);
-      const exps = scores.map((s) => Math.exp(s - max));
-      const sum = exps.reduce((x, y) => x + y, 0);
+      const exps = scores.map((x) => Math.exp(x - max));
+      const total = exps.reduce((x, y) => x + y, 0);
       for (let d = 0; d < headDim; d++) {
         let acc = 0;
-        for (let j = start; j <= p; j++) acc += exps[j - start] * vCache.data[j * kvDim + g * headDim + d];
-        out[(t * heads + h) * headDim + d] = acc / sum;
+        for (let j = start; j <= p; j++) acc += exps[j - start] * vCache.data[row(s, j) * kvDim + g * headDim + d];
+        out[(t * heads + h) * headDim + d] = acc / total;
       }
     }
   }

@@ -72,11 +72,12 @@ export class GraphBuilder {
     return this.#node({ kind: "matmul" }, [x, w], name, [x.shape[0], w.shape[0]]);
   }
 
-  /** Rotary embedding of x `[T, heads * headDim]`. */
-  rope(x: TensorSpec, heads: number, headDim: number, theta: number, name: string): TensorSpec {
+  /** Rotary embedding of x `[T, heads * headDim]` at each token's position (`i32 [T]`). */
+  rope(x: TensorSpec, positions: TensorSpec, heads: number, headDim: number, theta: number, name: string): TensorSpec {
     this.#expectDims(x.shape.slice(1), [heads * headDim], `rope input "${x.name}"`);
+    this.#expectIndex(positions, [x.shape[0]], "rope positions");
     if (headDim % 2 !== 0) throw new RangeError(`Cannot apply rope to head dimension ${headDim}: it must be even`);
-    return this.#node({ kind: "rope", heads, headDim, theta }, [x], name, x.shape);
+    return this.#node({ kind: "rope", heads, headDim, theta }, [x, positions], name, x.shape);
   }
 
   /** `silu(gate) * up`. */
@@ -91,20 +92,35 @@ export class GraphBuilder {
     return this.#node({ kind: "add" }, [a, b], name, a.shape);
   }
 
-  /** Causal grouped-query attention that appends k, v to the caches first. */
+  /**
+   * Causal grouped-query attention over a paged cache that writes k, v first: see the
+   * `attention` op for the page table (`index.pages [S, pagesPerSeq]`) and the
+   * per-token `index.positions` and `index.seqOf` (`i32 [T]`).
+   */
   attention(
     q: TensorSpec,
     k: TensorSpec,
     v: TensorSpec,
     kCache: TensorSpec,
     vCache: TensorSpec,
-    attrs: { heads: number; kvHeads: number; headDim: number; scale: number; window: number },
+    index: { positions: TensorSpec; seqOf: TensorSpec; pages: TensorSpec },
+    attrs: { heads: number; kvHeads: number; headDim: number; scale: number; window: number; pageSize: number },
     name: string,
   ): TensorSpec {
-    const { heads, kvHeads, headDim } = attrs;
+    const { heads, kvHeads, headDim, pageSize } = attrs;
     if (heads % kvHeads !== 0) {
       throw new RangeError(`Cannot group ${heads} query heads over ${kvHeads} kv heads: not a multiple`);
     }
+    const rows = kCache.shape[0];
+    if (!Number.isInteger(pageSize) || pageSize < 1 || typeof rows !== "number" || rows % pageSize !== 0) {
+      throw new RangeError(
+        `Cannot page cache "${kCache.name}" of ${rows} rows in pages of ${pageSize}: expected a whole number of pages`,
+      );
+    }
+    this.#expectIndex(index.positions, [q.shape[0]], "attention positions");
+    this.#expectIndex(index.seqOf, [q.shape[0]], "attention sequence rows");
+    this.#expectRank(index.pages, 2, "attention page table");
+    this.#expectIndex(index.pages, index.pages.shape, "attention page table");
     this.#expectDims(q.shape.slice(1), [heads * headDim], `attention query "${q.name}"`);
     this.#expectDims(k.shape.slice(1), [kvHeads * headDim], `attention key "${k.name}"`);
     this.#expectDims(v.shape.slice(1), [kvHeads * headDim], `attention value "${v.name}"`);
@@ -113,13 +129,21 @@ export class GraphBuilder {
     for (const c of [kCache, vCache]) {
       if (c.kind !== "state") throw new TypeError(`Cannot use "${c.name}" as a cache: it must be a state tensor`);
     }
-    return this.#node({ kind: "attention", ...attrs }, [q, k, v, kCache, vCache], name, q.shape);
+    const { positions, seqOf, pages } = index;
+    return this.#node(
+      { kind: "attention", ...attrs },
+      [q, k, v, kCache, vCache, positions, seqOf, pages],
+      name,
+      q.shape,
+    );
   }
 
-  /** The last row of x `[T, D]`, as `[1, D]`. */
-  lastRow(x: TensorSpec, name: string): TensorSpec {
-    this.#expectRank(x, 2, "lastRow input");
-    return this.#node({ kind: "lastRow" }, [x], name, [1, x.shape[1]]);
+  /** Rows `rows` (`i32 [R]`) of x `[T, D]`, as `[R, D]`. */
+  gatherRows(x: TensorSpec, rows: TensorSpec, name: string): TensorSpec {
+    this.#expectRank(x, 2, "gatherRows input");
+    this.#expectRank(rows, 1, "gatherRows rows");
+    this.#expectIndex(rows, rows.shape, "gatherRows rows");
+    return this.#node({ kind: "gatherRows" }, [x, rows], name, [rows.shape[0], x.shape[1]]);
   }
 
   /** The finished graph (the builder can keep adding afterwards). */
@@ -158,6 +182,12 @@ export class GraphBuilder {
     if (t.shape.length !== rank) {
       throw new TypeError(`Cannot use "${t.name}" of shape ${formatShape(t.shape)} as ${what}: expected rank ${rank}`);
     }
+  }
+
+  /** An `i32` tensor of shape `want`. */
+  #expectIndex(t: TensorSpec, want: readonly Dim[], what: string): void {
+    if (t.dtype !== "i32") throw new TypeError(`Cannot use "${t.name}" as ${what}: it must be "i32", got "${t.dtype}"`);
+    this.#expectDims(t.shape, want, `${what} "${t.name}"`);
   }
 
   #expectDims(got: readonly Dim[], want: readonly Dim[], what: string): void {

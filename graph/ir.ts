@@ -3,8 +3,16 @@
  *
  * A graph only records what to compute. The scheduler ({@link planGraph}) orders
  * it and plans its buffers, and a backend runs the plan. Shapes may hold symbolic
- * dimensions (strings such as `"T"`, the number of new tokens of a step) that are
- * bound when a step runs.
+ * dimensions (strings) that are bound when a step runs. The model graphs use three:
+ *
+ * - `T`: the tokens of the step. A step is a batch: its tokens may belong to
+ *   several sequences (decode tokens of some, prompt chunks of others), and every
+ *   row-wise op sees them as one `[T, …]` batch.
+ * - `S`: the sequences the step's tokens belong to (rows of the page table).
+ * - `R`: the rows whose logits the step reads (see `gatherRows`).
+ *
+ * Per-token facts (a token's sequence and position) are `i32` inputs, so nothing
+ * about a step is hidden in arguments: a graph and its inputs say everything.
  *
  * @module
  */
@@ -50,8 +58,8 @@ export type Op =
   /**
    * Rotary position embedding in the "rotate half" layout of Hugging Face Llama:
    * for each head, element `i < d/2` pairs with `i + d/2`, angle
-   * `(pos + t) * theta^(-2i/d)`, where `pos` is the step's start position.
-   * Input x `[T, heads * headDim]`; output the same shape.
+   * `positions[t] * theta^(-2i/d)`. Inputs: x `[T, heads * headDim]`, positions
+   * `i32 [T]` (each token's position in its own sequence). Output the shape of x.
    */
   | {
     readonly kind: "rope";
@@ -64,13 +72,25 @@ export type Op =
   /** `out = a + b`, same shapes. */
   | { readonly kind: "add" }
   /**
-   * Causal self-attention with grouped-query heads over a KV cache. Inputs:
-   * q `[T, heads * headDim]`, k and v `[T, kvHeads * headDim]`, kCache and vCache
-   * (state) `[capacity, kvHeads * headDim]`. First writes k and v to cache rows
-   * `pos .. pos + T - 1`, then for each new token `t` (absolute position `p = pos + t`)
-   * and head `h` attends over cache rows `max(0, p - window + 1) .. p` (all rows up
-   * to `p` when `window` is 0) of kv head `h / (heads / kvHeads)`, with scores
-   * scaled by `scale` and a softmax. Output `[T, heads * headDim]`.
+   * Causal self-attention with grouped-query heads over a paged KV cache shared by
+   * the step's sequences. Inputs:
+   *
+   * 0. q `[T, heads * headDim]`; 1, 2. k and v `[T, kvHeads * headDim]`;
+   * 3, 4. kCache and vCache (state) `[pageCount * pageSize, kvHeads * headDim]`: the pool;
+   * 5. positions `i32 [T]`: each token's position `p` in its sequence;
+   * 6. seqOf `i32 [T]`: each token's row of the page table;
+   * 7. pages `i32 [S, pagesPerSeq]`: per sequence, the pool page holding each run
+   *    of `pageSize` positions.
+   *
+   * Position `j` of the sequence of page-table row `s` lives in cache row
+   * `pages[s][floor(j / pageSize)] * pageSize + j % pageSize`. First every token's k
+   * and v are written to the row of its own `(seqOf[t], positions[t])`; then for each
+   * token `t` and head `h`, attention runs over the rows of its sequence's positions
+   * `max(0, p - window + 1) .. p` (all positions up to `p` when `window` is 0) of kv
+   * head `h / (heads / kvHeads)`, with scores scaled by `scale` and a softmax. So the
+   * causal rule holds per sequence, and tokens of one sequence in the step see each
+   * other as they would in separate steps. The caller keeps the rows a step writes
+   * distinct and owned by one sequence. Output `[T, heads * headDim]`.
    */
   | {
     readonly kind: "attention";
@@ -79,9 +99,15 @@ export type Op =
     readonly headDim: number;
     readonly scale: number;
     readonly window: number;
+    readonly pageSize: number;
   }
-  /** Copies the last row: input `[T, D]`, output `[1, D]`. */
-  | { readonly kind: "lastRow" };
+  /**
+   * Picks rows: `out[r] = x[rows[r]]`. Inputs: x `[T, D]`, rows `i32 [R]`. Output
+   * `[R, D]`. The model graphs pick the tokens whose logits a step needs (the last
+   * token of each sequence that samples next, or every token), so the output head
+   * runs on those rows only.
+   */
+  | { readonly kind: "gatherRows" };
 
 /** The name of an op. */
 export type OpKind = Op["kind"];
@@ -95,8 +121,24 @@ export const OP_KINDS: readonly OpKind[] = [
   "siluMul",
   "add",
   "attention",
-  "lastRow",
+  "gatherRows",
 ];
+
+/**
+ * The input positions of each op that hold indices (`i32` values a kernel uses to
+ * address memory or rows), with what each indexes: backends check every value
+ * written to such an input against its bound (see `backends/checks.ts`).
+ */
+export const INDEX_INPUTS: Readonly<Record<OpKind, readonly number[]>> = {
+  embedding: [0],
+  rmsNorm: [],
+  matmul: [],
+  rope: [1],
+  siluMul: [],
+  add: [],
+  attention: [5, 6, 7],
+  gatherRows: [1],
+};
 
 /** One operation: reads its input tensors, writes its output tensor. */
 export interface Node {

@@ -46,15 +46,17 @@ interface CaseInput {
   kind: "input" | "weight" | "state";
   dtype: DType;
   shape: number[];
-  /** f32 values (for weights, before encoding); i32 ids for id inputs. */
+  /** An input's shape in the graph (default: `T` rows, then `shape` past the first). */
+  dims?: Dim[];
+  /** f32 values (for weights, before encoding); i32 values for index inputs. */
   values: Float32Array | Int32Array;
 }
 
 interface OpCase {
   label: string;
   op: Op;
-  T: number;
-  pos: number;
+  /** The step's dimensions (the plan gets room for more). */
+  dims: Record<string, number>;
   inputs: CaseInput[];
 }
 
@@ -62,9 +64,54 @@ function f32Input(name: string, shape: number[], seed: number, scale = 1): CaseI
   return { name, kind: "input", dtype: "f32", shape, values: randomF32(shape[0] * shape[1], seed, scale) };
 }
 
+function i32Input(name: string, dims: Dim[], shape: number[], values: number[]): CaseInput {
+  return { name, kind: "input", dtype: "i32", shape, dims, values: Int32Array.from(values) };
+}
+
 function weight(name: string, dtype: DType, shape: number[], seed: number, scale = 1): CaseInput {
   return { name, kind: "weight", dtype, shape, values: randomF32(elementCount(shape), seed, scale) };
 }
+
+/**
+ * A paged-attention case: `seqs` gives, per page-table row, its pool pages; each
+ * token is `[row, position]`. The pool (6 pages of 4 rows) starts with random rows,
+ * so positions before a sequence's new tokens have keys and values to attend to.
+ */
+interface AttentionLayout {
+  label: string;
+  window: number;
+  seqs: number[][];
+  tokens: [number, number][];
+}
+
+const ATTENTION_LAYOUTS: AttentionLayout[] = [
+  { label: "one sequence, 3 tokens at 5..7", window: 0, seqs: [[2, 0, 5, 1]], tokens: [[0, 5], [0, 6], [0, 7]] },
+  { label: "one sequence, decode at 9", window: 0, seqs: [[3, 1, 4, 0]], tokens: [[0, 9]] },
+  {
+    label: "one sequence, a prompt from 0",
+    window: 0,
+    seqs: [[1, 2, 0, 0]],
+    tokens: [0, 1, 2, 3, 4, 5].map((p) => [0, p]),
+  },
+  {
+    label: "three sequences decoding",
+    window: 0,
+    seqs: [[1, 3, 0, 0], [4, 5, 0, 0], [2, 0, 0, 0]],
+    tokens: [[0, 6], [1, 2], [2, 3]],
+  },
+  {
+    label: "a decode and a prompt chunk, window 4",
+    window: 4,
+    seqs: [[0, 1, 2, 0], [3, 4, 0, 0]],
+    tokens: [[0, 10], [1, 0], [1, 1], [1, 2], [1, 3], [1, 4]],
+  },
+  {
+    label: "two sequences sharing their first page",
+    window: 0,
+    seqs: [[0, 1, 0, 0], [0, 2, 0, 0]],
+    tokens: [[0, 5], [1, 4], [1, 5]],
+  },
+];
 
 function cases(): OpCase[] {
   const out: OpCase[] = [];
@@ -73,8 +120,7 @@ function cases(): OpCase[] {
       out.push({
         label: `matmul ${dtype} T=${T} K=${K} N=${N}`,
         op: { kind: "matmul" },
-        T,
-        pos: 0,
+        dims: { T },
         inputs: [f32Input("x", [T, K], T * 7 + K), weight("w", dtype, [N, K], N * 13 + K, 0.5)],
       });
     }
@@ -82,77 +128,87 @@ function cases(): OpCase[] {
     out.push({
       label: `embedding ${dtype}`,
       op: { kind: "embedding" },
-      T: 4,
-      pos: 0,
-      inputs: [
-        { name: "ids", kind: "input", dtype: "i32", shape: [4], values: Int32Array.from([0, 10, 3, 3]) },
-        weight("table", dtype, [V, D], 5),
-      ],
+      dims: { T: 4 },
+      inputs: [i32Input("ids", ["T"], [4], [0, 10, 3, 3]), weight("table", dtype, [V, D], 5)],
     });
   }
   out.push({
     label: "matmul f32 K=40 (tails)",
     op: { kind: "matmul" },
-    T: 5,
-    pos: 0,
+    dims: { T: 5 },
     inputs: [f32Input("x", [5, 40], 1), weight("w", "f32", [7, 40], 2)],
   });
   out.push({
     label: "rmsNorm",
     op: { kind: "rmsNorm", eps: 1e-5 },
-    T: 3,
-    pos: 0,
+    dims: { T: 3 },
     inputs: [f32Input("x", [3, 40], 3, 4), weight("w", "f32", [40], 4)],
   });
-  for (const pos of [0, 7]) {
+  for (const positions of [[0, 1, 2], [7, 0, 1000]]) {
     out.push({
-      label: `rope pos=${pos}`,
+      label: `rope positions ${positions}`,
       op: { kind: "rope", heads: 3, headDim: 8, theta: 10000 },
-      T: 3,
-      pos,
-      inputs: [f32Input("x", [3, 24], 5 + pos)],
+      dims: { T: 3 },
+      inputs: [f32Input("x", [3, 24], 5 + positions[0]), i32Input("positions", ["T"], [3], positions)],
     });
   }
   out.push({
     label: "siluMul",
     op: { kind: "siluMul" },
-    T: 3,
-    pos: 0,
+    dims: { T: 3 },
     inputs: [f32Input("gate", [3, 37], 6, 6), f32Input("up", [3, 37], 7)],
   });
   out.push({
     label: "add",
     op: { kind: "add" },
-    T: 3,
-    pos: 0,
+    dims: { T: 3 },
     inputs: [f32Input("a", [3, 37], 8), f32Input("b", [3, 37], 9)],
   });
-  out.push({ label: "lastRow", op: { kind: "lastRow" }, T: 3, pos: 0, inputs: [f32Input("x", [3, 37], 10)] });
+  out.push({
+    label: "gatherRows",
+    op: { kind: "gatherRows" },
+    dims: { T: 5, R: 3 },
+    inputs: [f32Input("x", [5, 37], 10), i32Input("rows", ["R"], [3], [4, 0, 4])],
+  });
   for (const kvDType of ["f32", "f16"] as const) {
-    for (const [T, pos, window] of [[3, 5, 0], [1, 9, 0], [4, 6, 4], [6, 0, 0]]) {
-      const [heads, kvHeads, headDim, cap] = [4, 2, 8, 16];
+    for (const layout of ATTENTION_LAYOUTS) {
+      const [heads, kvHeads, headDim, pageSize, pageCount] = [4, 2, 8, 4, 6];
+      const rows = pageSize * pageCount;
       const cache = (name: string, seed: number): CaseInput => {
-        const values = randomF32(cap * kvHeads * headDim, seed);
+        const values = randomF32(rows * kvHeads * headDim, seed);
         // An f16 cache starts from values it can hold.
         return {
           name,
           kind: "state",
           dtype: kvDType,
-          shape: [cap, kvHeads * headDim],
+          shape: [rows, kvHeads * headDim],
           values: kvDType === "f16" ? values.map(Math.f16round) : values,
         };
       };
+      const T = layout.tokens.length;
+      const S = layout.seqs.length;
+      const perSeq = layout.seqs[0].length;
       out.push({
-        label: `attention kv=${kvDType} T=${T} pos=${pos} window=${window}`,
-        op: { kind: "attention", heads, kvHeads, headDim, scale: 1 / Math.sqrt(headDim), window },
-        T,
-        pos,
+        label: `attention kv=${kvDType}: ${layout.label}`,
+        op: {
+          kind: "attention",
+          heads,
+          kvHeads,
+          headDim,
+          scale: 1 / Math.sqrt(headDim),
+          window: layout.window,
+          pageSize,
+        },
+        dims: { T, S },
         inputs: [
           f32Input("q", [T, heads * headDim], 11, 2),
           f32Input("k", [T, kvHeads * headDim], 12, 2),
           f32Input("v", [T, kvHeads * headDim], 13),
           cache("kCache", 14),
           cache("vCache", 15),
+          i32Input("positions", ["T"], [T], layout.tokens.map(([, p]) => p)),
+          i32Input("seqOf", ["T"], [T], layout.tokens.map(([s]) => s)),
+          i32Input("pages", ["S", perSeq], [S, perSeq], layout.seqs.flat()),
         ],
       });
     }
@@ -160,14 +216,12 @@ function cases(): OpCase[] {
   return out;
 }
 
-/** Builds the one-node graph of a case: T is symbolic so the plan is made for a larger T. */
+/** Builds the one-node graph of a case: its dims are symbolic so the plan is made for larger ones. */
 function buildCase(c: OpCase): { specs: TensorSpec[]; out: TensorSpec; graph: ReturnType<GraphBuilder["build"]> } {
   const g = new GraphBuilder();
-  const dim = (shape: number[], kind: CaseInput["kind"]): Dim[] =>
-    kind === "input" ? ["T", ...shape.slice(1)] : [...shape];
   const specs = c.inputs.map((i) =>
     i.kind === "input"
-      ? g.input(i.name, i.dtype, dim(i.shape, i.kind))
+      ? g.input(i.name, i.dtype, i.dims ?? ["T", ...i.shape.slice(1)])
       : i.kind === "weight"
       ? g.weight(i.name, i.dtype, i.shape)
       : g.state(i.name, i.dtype, i.shape)
@@ -181,21 +235,39 @@ function buildCase(c: OpCase): { specs: TensorSpec[]; out: TensorSpec; graph: Re
     : op.kind === "matmul"
     ? g.matmul(a, b, "out")
     : op.kind === "rope"
-    ? g.rope(a, op.heads, op.headDim, op.theta, "out")
+    ? g.rope(a, b, op.heads, op.headDim, op.theta, "out")
     : op.kind === "siluMul"
     ? g.siluMul(a, b, "out")
     : op.kind === "add"
     ? g.add(a, b, "out")
-    : op.kind === "lastRow"
-    ? g.lastRow(a, "out")
-    : g.attention(a, b, specs[2], specs[3], specs[4], op, "out");
+    : op.kind === "gatherRows"
+    ? g.gatherRows(a, b, "out")
+    : g.attention(
+      a,
+      b,
+      specs[2],
+      specs[3],
+      specs[4],
+      {
+        positions: specs[5],
+        seqOf: specs[6],
+        pages: specs[7],
+      },
+      op,
+      "out",
+    );
   g.output(out);
   return { specs, out, graph: g.build() };
 }
 
+/** Room for more than the case uses of every dimension, so the kernels see a plan larger than the step. */
+function roomFor(dims: Record<string, number>): Record<string, number> {
+  return Object.fromEntries(Object.entries(dims).map(([k, v]) => [k, Math.max(v, 8)]));
+}
+
 async function runCase(backend: Backend, c: OpCase): Promise<void> {
   const { specs, out, graph } = buildCase(c);
-  const plan = planGraph(graph, { T: Math.max(c.T, 8) });
+  const plan = planGraph(graph, roomFor(c.dims));
   const bindings = new Map<number, DeviceTensor>();
   const refInputs: RefTensor[] = [];
   const states: { spec: TensorSpec; device: DeviceTensor; ref: Float32Array }[] = [];
@@ -237,8 +309,8 @@ async function runCase(backend: Backend, c: OpCase): Promise<void> {
     c.inputs.forEach((i, idx) => {
       if (i.kind === "input") exec.writeInput(specs[idx].id, i.values, i.values.length);
     });
-    await exec.run({ dims: { T: c.T }, pos: c.pos });
-    const expected = referenceOp(c.op, refInputs, c.pos);
+    await exec.run({ dims: c.dims });
+    const expected = referenceOp(c.op, refInputs);
     const actual = new Float32Array(expected.length);
     await exec.readOutput(out.id, actual, expected.length);
     assertClose(actual, expected, tolerance, `${backend.name}: ${c.label}`);
@@ -286,28 +358,26 @@ Deno.test("conformance: every op on every backend matches the reference kernels"
   }, (name) => `backend ${name}`);
 });
 
-Deno.test("conformance: nodes after lastRow run on one row, whatever the step's T", async (t) => {
-  // x [T, 32] → lastRow → rmsNorm → matmul [1, 24], planned for T = 16 and run with T = 5.
+Deno.test("conformance: nodes after gatherRows run on its R rows, whatever the step's T", async (t) => {
+  // x [T, 32] → gatherRows [R, 32] → rmsNorm → matmul [R, 24], planned for T = R = 16 and run with T = 5, R = 2.
   const g = new GraphBuilder();
   const x = g.input("x", "f32", ["T", 32]);
+  const rows = g.input("rows", "i32", ["R"]);
   const norm = g.weight("norm", "f32", [32]);
   const w = g.weight("w", "f32", [24, 32]);
-  const out = g.matmul(g.rmsNorm(g.lastRow(x, "last"), norm, 1e-6, "normed"), w, "out");
+  const out = g.matmul(g.rmsNorm(g.gatherRows(x, rows, "picked"), norm, 1e-6, "normed"), w, "out");
   g.output(out);
-  const plan = planGraph(g.build(), { T: 16 });
+  const plan = planGraph(g.build(), { T: 16, R: 16 });
   const xs = randomF32(5 * 32, 21);
   const nw = randomF32(32, 22);
   const ww = randomF32(24 * 32, 23);
-  const last = referenceOp({ kind: "lastRow" }, [{ shape: [5, 32], data: xs }], 0);
-  const normed = referenceOp({ kind: "rmsNorm", eps: 1e-6 }, [{ shape: [1, 32], data: last }, {
+  const picks = Int32Array.of(4, 1);
+  const picked = referenceOp({ kind: "gatherRows" }, [{ shape: [5, 32], data: xs }, { shape: [2], data: picks }]);
+  const normed = referenceOp({ kind: "rmsNorm", eps: 1e-6 }, [{ shape: [2, 32], data: picked }, {
     shape: [32],
     data: nw,
-  }], 0);
-  const expected = referenceOp(
-    { kind: "matmul" },
-    [{ shape: [1, 32], data: normed }, { shape: [24, 32], data: ww }],
-    0,
-  );
+  }]);
+  const expected = referenceOp({ kind: "matmul" }, [{ shape: [2, 32], data: normed }, { shape: [24, 32], data: ww }]);
   await onEachBackend(t, async (backend) => {
     const bytes = (a: Float32Array) => new Uint8Array(a.buffer);
     const bindings = new Map<number, DeviceTensor>([
@@ -317,47 +387,72 @@ Deno.test("conformance: nodes after lastRow run on one row, whatever the step's 
     const exec = await backend.compile(plan, bindings);
     try {
       exec.writeInput(x.id, xs, xs.length);
-      await exec.run({ dims: { T: 5 }, pos: 0 });
-      const actual = new Float32Array(24);
-      await exec.readOutput(out.id, actual, 24);
-      assertClose(actual, expected, TOLERANCE.f32, `${backend.name}: lastRow chain`);
+      exec.writeInput(rows.id, picks, 2);
+      await exec.run({ dims: { T: 5, R: 2 } });
+      const actual = new Float32Array(48);
+      await exec.readOutput(out.id, actual, 48);
+      assertClose(actual, expected, TOLERANCE.f32, `${backend.name}: gatherRows chain`);
     } finally {
       exec.dispose();
     }
   });
 });
 
-Deno.test("conformance: a step past the smallest KV cache of any attention node is refused", async (t) => {
-  // Two attention nodes over the same q, k, v: the first with 16 cache rows, the second with 8.
-  const [heads, kvHeads, headDim] = [2, 1, 8];
+Deno.test("conformance: index inputs and step dimensions outside the plan are refused", async (t) => {
+  // Attention over a pool of 3 pages of 4 rows, page tables of 2 pages (positions below 8), room for S = 2.
+  const [heads, kvHeads, headDim, pageSize] = [2, 1, 8, 4];
   const g = new GraphBuilder();
   const q = g.input("q", "f32", ["T", heads * headDim]);
   const k = g.input("k", "f32", ["T", kvHeads * headDim]);
   const v = g.input("v", "f32", ["T", kvHeads * headDim]);
-  const op = { kind: "attention", heads, kvHeads, headDim, scale: 0.25, window: 0 } as const;
-  const caches = [16, 16, 8, 8].map((rows, i) => g.state(`c${i}`, "f32", [rows, kvHeads * headDim]));
-  const a = g.attention(q, k, v, caches[0], caches[1], op, "a");
-  const b = g.attention(q, k, v, caches[2], caches[3], op, "b");
-  g.output(g.add(a, b, "out"));
-  const plan = planGraph(g.build(), { T: 4 });
+  const positions = g.input("positions", "i32", ["T"]);
+  const seqOf = g.input("seqOf", "i32", ["T"]);
+  const pages = g.input("pages", "i32", ["S", 2]);
+  const op = { heads, kvHeads, headDim, scale: 0.25, window: 0, pageSize };
+  const caches = [0, 1].map((i) => g.state(`c${i}`, "f32", [12, kvHeads * headDim]));
+  g.output(g.attention(q, k, v, caches[0], caches[1], { positions, seqOf, pages }, op, "out"));
+  const plan = planGraph(g.build(), { T: 4, S: 2 });
   await onEachBackend(t, async (backend) => {
     const bindings = new Map<number, DeviceTensor>(
       caches.map((c) => [c.id, backend.createState(c.name, "f32", c.shape as number[])]),
     );
     const exec = await backend.compile(plan, bindings);
     try {
+      const refused = (id: number, values: number[], message: string) =>
+        assert.throws(() => exec.writeInput(id, Int32Array.from(values), values.length), {
+          name: "RangeError",
+          message,
+        });
+      refused(
+        positions.id,
+        [0, 8],
+        'Cannot use position 8 at index 1 of input "positions": expected an integer from 0 to 7',
+      );
+      refused(
+        positions.id,
+        [-1],
+        'Cannot use position -1 at index 0 of input "positions": expected an integer from 0 to 7',
+      );
+      refused(
+        seqOf.id,
+        [2],
+        'Cannot use page-table row 2 at index 0 of input "seqOf": expected an integer from 0 to 1',
+      );
+      refused(pages.id, [0, 1, 2, 3], 'Cannot use page 3 at index 3 of input "pages": expected an integer from 0 to 2');
       for (const x of [q, k, v]) {
         const n = 3 * (x.shape[1] as number);
         exec.writeInput(x.id, randomF32(n, x.id), n);
       }
-      await exec.run({ dims: { T: 3 }, pos: 5 }); // rows 5..7 fit both caches
-      await assert.rejects(() => exec.run({ dims: { T: 3 }, pos: 6 }), (e: unknown) => {
-        assert.ok(e instanceof RangeError);
-        assert.match((e as Error).message, /holds 8 positions/);
-        return true;
-      });
+      exec.writeInput(positions.id, Int32Array.of(0, 1, 4), 3);
+      exec.writeInput(seqOf.id, Int32Array.of(0, 0, 1), 3);
+      exec.writeInput(pages.id, Int32Array.of(2, 0, 1, 0), 4);
+      await exec.run({ dims: { T: 3, S: 2 } });
+      for (const dims of [{ T: 5, S: 1 }, { T: 0, S: 1 }, { T: 1, S: 3 }, { T: 1 }]) {
+        await assert.rejects(() => exec.run({ dims }), RangeError);
+      }
     } finally {
       exec.dispose();
+      for (const t of bindings.values()) backend.release(t);
     }
   });
 });
@@ -395,7 +490,7 @@ Deno.test("conformance: every backend checks inputs, outputs, token ids, byte ra
       assert.throws(() => exec.writeInput(ids.id, Float32Array.of(0.5), 1), RangeError);
       exec.writeInput(ids.id, Int32Array.of(5, 0), 2);
       exec.writeInput(x.id, new Float32Array(8), 8);
-      await exec.run({ dims: { T: 2 }, pos: 0 });
+      await exec.run({ dims: { T: 2 } });
       const dst = new Float32Array(8);
       await exec.readOutput(out.id, dst, 8);
       assertClose(dst, [...values.subarray(20, 24), ...values.subarray(0, 4)], TOLERANCE.f32, `${backend.name}: rows`);
@@ -414,6 +509,16 @@ Deno.test("conformance: every backend checks inputs, outputs, token ids, byte ra
       });
       await assert.rejects(() => backend.readTensor(tensor, -4, 4), RangeError);
       assert.throws(() => backend.copyTensor(tensor, tensor, 100), RangeError);
+      assert.throws(() => backend.copyTensor(tensor, tensor, 32, 0, 16), {
+        name: "RangeError",
+        message: 'Cannot copy bytes 0..32 of "table" over 16..48 of itself: the ranges overlap',
+      });
+      assert.throws(() => backend.copyTensor(tensor, tensor, 32, 70, 0), RangeError);
+      // A copy within one tensor (a KV page moved in the pool): rows 0..1 over rows 4..5.
+      backend.copyTensor(tensor, tensor, 32, 0, 64);
+      const copied = new Float32Array((await backend.readTensor(tensor, 0, 96)).buffer);
+      assert.deepEqual([...copied.subarray(16, 24)], [...values.subarray(0, 8)]);
+      assert.deepEqual([...copied.subarray(0, 16)], [...values.subarray(0, 16)]);
       assert.equal(backend.supports("conv" as OpKind, "f32"), false);
       assert.equal(backend.supports("toString" as OpKind, "f32"), false);
       assert.equal(backend.supports("add", "q8_0"), false);
