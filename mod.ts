@@ -20,7 +20,7 @@
  */
 
 // Models: loading and generating.
-export { loadModel, type LoadOptions, Model, type ModelOptions } from "./models/model.ts";
+export { KV_PAGE_SIZE, loadModel, type LoadOptions, Model, type ModelOptions } from "./models/model.ts";
 export {
   type GeneratedToken,
   type GenerateOptions,
@@ -40,8 +40,8 @@ export {
   type SamplingOptions,
 } from "./models/generate/sampler.ts";
 export { ContextOverflowError, type EvaluateOptions, Sequence } from "./models/exec/sequence.ts";
-export type { LogitsMode } from "./models/exec/plans.ts";
-export { KvCache } from "./models/exec/kv_cache.ts";
+export { DisposedError, type LogitsMode } from "./models/exec/engine.ts";
+export { KvPool, KvPoolFullError, type KvStats } from "./models/exec/kv_pool.ts";
 
 // Chat sessions.
 export {

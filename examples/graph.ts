@@ -1,20 +1,19 @@
 /**
- * `deno task graph [--model SRC] [--format text|dot] [--logits last|all]`: prints the model's forward
- * graph, as readable text or as Graphviz DOT (`deno task graph --format dot | dot -Tsvg > graph.svg`).
+ * `deno task graph [--model SRC] [--format text|dot]`: prints the model's batched step
+ * graph (T tokens of S sequences over the shared KV pool, logits for R rows), as readable text or as Graphviz DOT (`deno task graph --format dot | dot -Tsvg > graph.svg`).
  *
  * @module
  */
 
-import { DEFAULT_MODEL_ID, graphToDot, graphToText, type LogitsMode } from "../mod.ts";
+import { DEFAULT_MODEL_ID, graphToDot, graphToText } from "../mod.ts";
 import { choiceFlag, loadCliModel, parseToolArgs, type ProgressDisplay, runCli } from "./_cli.ts";
 import { stdout } from "./_stdout.ts";
 
-const HELP = `Usage: deno task graph [--model SRC] [--format text|dot] [--logits last|all]
+const HELP = `Usage: deno task graph [--model SRC] [--format text|dot]
 
-Prints the model's forward graph on stdout: one line per node (text, the default), or Graphviz DOT.
+Prints the model's step graph (T tokens of S sequences, logits for R rows) on stdout: one line per node (text, the default), or Graphviz DOT.
   --model SRC      a model folder, a name in LLM_MODELS_DIR, or a Hugging Face id (default ${DEFAULT_MODEL_ID})
   --format FORMAT  text or dot
-  --logits MODE    last (logits of the last token, the decode graph) or all (every token's)
   --help           show this help
   --version        show the version`;
 
@@ -22,15 +21,13 @@ async function main(progress: ProgressDisplay): Promise<void> {
   const args = parseToolArgs("graph", HELP, {
     model: { type: "string" },
     format: { type: "string" },
-    logits: { type: "string" },
   });
   if (!args) return;
   const { values } = args;
   const format = choiceFlag("format", values.format, ["text", "dot"] as const) ?? "text";
-  const logits = choiceFlag<LogitsMode>("logits", values.logits, ["last", "all"]) ?? "last";
   const model = await loadCliModel(values.model ?? DEFAULT_MODEL_ID, {}, progress);
   try {
-    const graph = model.graph(logits);
+    const graph = model.graph();
     await stdout.write(`${format === "dot" ? graphToDot(graph) : graphToText(graph)}\n`);
   } finally {
     await model.dispose();

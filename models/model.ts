@@ -20,15 +20,20 @@ import {
 } from "./generate/token_generator.ts";
 import { type TextStream, textStream, type TokenStream, tokenStream } from "./generate/streams.ts";
 import { resolveModelSource } from "./files/hub.ts";
-import { type LogitsMode, ModelPlans } from "./exec/plans.ts";
+import { ModelPlans } from "./exec/plans.ts";
+import { Engine } from "./exec/engine.ts";
+import { KvPool, type KvStats } from "./exec/kv_pool.ts";
 import { resolveSampling, Sampler } from "./generate/sampler.ts";
 import { ContextOverflowError, Sequence } from "./exec/sequence.ts";
 import { TextTokenizer } from "./text/tokenizer.ts";
 import { type LoadProgress, readWeights } from "./files/weights.ts";
 import { convertWeight } from "./files/weight_dtype.ts";
 
-export type { GeneratedToken, GenerateOptions, LoadProgress, TextStream, TokenStream, WeightDType };
+export type { GeneratedToken, GenerateOptions, KvStats, LoadProgress, TextStream, TokenStream, WeightDType };
 export { KV_DTYPES, type KvDType };
+
+/** Rows of one page of the shared KV pool: what forks share and what the pool hands out at a time. */
+export const KV_PAGE_SIZE = 16;
 
 /** Options of {@link loadModel}. */
 export interface LoadOptions {
@@ -40,10 +45,20 @@ export interface LoadOptions {
    * steps and runs the faster, which is the fastest choice.
    */
   threads?: number;
-  /** Context length (KV cache rows per sequence). Default: the config's maximum, capped at 4096. */
+  /** Context length (the most positions one sequence holds). Default: the config's maximum, capped at 4096. */
   contextLength?: number;
-  /** Most tokens evaluated in one step while reading a prompt. Default 64. */
+  /**
+   * Most tokens evaluated in one step, all sequences together: each step runs one token of every
+   * decoding sequence and fills the rest with chunks of pending prompts. Default 64.
+   */
   prefillChunk?: number;
+  /**
+   * The most tokens the KV cache pool shared by all sequences may hold (it grows on demand, a page
+   * of {@link KV_PAGE_SIZE} tokens at a time, up to this; a sequence takes only the pages its tokens
+   * fill). Default: 4 × the context length. A sequence that needs a page past it fails with a
+   * `KvPoolFullError`.
+   */
+  kvCacheTokens?: number;
   /**
    * Weight dtype to hold the model in (converted at load). Default: as stored. Norms
    * stay f32; quantized types fall back to f16 for rows that are not whole blocks.
@@ -69,10 +84,12 @@ export interface LoadOptions {
 export interface ModelOptions {
   /** Positions each sequence holds. */
   contextLength: number;
-  /** Most tokens evaluated in one step while reading a prompt. */
+  /** Most tokens evaluated in one step, all sequences together. */
   prefillChunk: number;
   /** Dtype of the KV cache. Default `"f32"`. */
   kvDtype?: KvDType;
+  /** The most tokens the shared KV pool may hold. Default: 4 × `contextLength`. */
+  kvCacheTokens?: number;
   /** Milliseconds the load took, for {@link Model.loadMs}. Default 0. */
   loadMs?: number;
 }
@@ -92,11 +109,8 @@ export class Model {
   /** Milliseconds {@link loadModel} took: finding the folder (a download included), reading, converting, uploading. */
   readonly loadMs: number;
   readonly #plans: ModelPlans;
+  readonly #engine: Engine;
   readonly #weights: Map<string, DeviceTensor>;
-  readonly #live = new Set<Sequence>();
-  /** Sequences of finished generations, kept with their compiled steps for the next one. */
-  readonly #idle: Sequence[] = [];
-  #disposed = false;
 
   /**
    * A model over weights already on `backend`. Use {@link loadModel}, which checks the options.
@@ -123,11 +137,23 @@ export class Model {
     this.backend = backend;
     this.#weights = weights;
     this.weightBytes = [...weights.values()].reduce((a, t) => a + t.byteLength, 0);
+    const kvDtype = options.kvDtype ?? "f32";
     this.#plans = new ModelPlans(config, backend, weights, {
-      prefillChunk: options.prefillChunk,
+      stepTokens: options.prefillChunk,
       capacity: options.contextLength,
-      kvDtype: options.kvDtype ?? "f32",
+      kvDtype,
+      pageSize: KV_PAGE_SIZE,
     });
+    const maxPages = Math.ceil((options.kvCacheTokens ?? 4 * options.contextLength) / KV_PAGE_SIZE);
+    const pool = new KvPool(backend, {
+      numLayers: config.numLayers,
+      rowLength: config.numKvHeads * config.headDim,
+      dtype: kvDtype,
+      pageSize: KV_PAGE_SIZE,
+      initialPages: Math.min(maxPages, this.#plans.pagesPerSeq),
+      maxPages,
+    });
+    this.#engine = new Engine(this.#plans, pool);
   }
 
   /** The dtype of each sequence's KV cache. */
@@ -140,24 +166,38 @@ export class Model {
     return this.#plans.capacity;
   }
 
-  /** The model's forward graph (for printing): `"last"` gives only the last token's logits (decode), `"all"` every token's. */
-  graph(logits: LogitsMode = "last"): Graph {
-    return this.#plans.planned(logits).llama.graph;
+  /**
+   * The model's step graph (for printing): a batch of `T` tokens of `S` sequences over the shared
+   * KV pool, with logits for the `R` rows a step asks for.
+   */
+  graph(): Graph {
+    return this.#plans.planned(this.#engine.pool.pages).llama.graph;
   }
 
   /**
-   * Sequences of this model not yet disposed: those of {@link Model.createSequence}, those of
-   * generations running or abandoned but not yet collected, and the few kept for the next generation.
+   * Sequences of this model not yet disposed: those of {@link Model.createSequence} and their forks,
+   * and those of generations running or abandoned but not yet collected.
    */
   get liveSequences(): number {
-    return this.#live.size;
+    return this.#engine.liveSequences;
   }
 
-  /** A new, empty sequence with its own KV cache. Dispose it when done. */
+  /** How full the KV cache pool shared by the model's sequences is. */
+  kvStats(): KvStats {
+    return this.#engine.pool.stats();
+  }
+
+  /** Batched steps run so far (each may hold tokens of many sequences). */
+  get steps(): number {
+    return this.#engine.steps;
+  }
+
+  /**
+   * A new, empty sequence. Its evaluations are batched with those of every other sequence of the
+   * model; it takes KV pages from the shared pool as its tokens fill them. Dispose it when done.
+   */
   createSequence(): Sequence {
-    const s = new Sequence(this.#plans, (d) => this.#live.delete(d));
-    this.#live.add(s);
-    return s;
+    return new Sequence(this.#engine, this.contextLength);
   }
 
   /** Token ids of a prompt; throws a {@link ContextOverflowError} if it cannot fit. */
@@ -210,12 +250,9 @@ export class Model {
     return new TokenGenerator(sequence, prompt, this.tokenizer, this.#sampler(options), options);
   }
 
-  /** Frees the sequences, weights and backend. */
+  /** Frees the sequences (their queued evaluations are refused), the KV pool, the weights and the backend. */
   async dispose(): Promise<void> {
-    this.#disposed = true;
-    for (const s of [...this.#live]) await s.dispose();
-    this.#live.clear();
-    this.#idle.length = 0;
+    await this.#engine.dispose();
     for (const t of this.#weights.values()) this.backend.release(t);
     this.backend.dispose();
   }
@@ -231,13 +268,8 @@ export class Model {
     checkGenerateOptions(options);
     const ids = this.encodePrompt(prompt, { addSpecialTokens: options.addSpecialTokens });
     const sampler = this.#sampler(options);
-    const seq = this.#idle.pop() ?? this.createSequence();
-    const release = () => {
-      if (this.#disposed) return; // dispose() freed it
-      seq.truncate(0);
-      if (this.#idle.length < 2) this.#idle.push(seq);
-      else void seq.dispose();
-    };
+    const seq = this.createSequence();
+    const release = () => void seq.dispose();
     try {
       return [new TokenGenerator(seq, ids, this.tokenizer, sampler, options), release];
     } catch (e) {
@@ -288,6 +320,14 @@ export async function loadModel(source: string, options: LoadOptions = {}): Prom
   if (!isKvDType(kvDtype)) {
     throw new TypeError(`Invalid kvDtype "${kvDtype}": expected one of ${KV_DTYPES.join(", ")}`);
   }
+  const kvCacheTokens = options.kvCacheTokens ?? 4 * contextLength;
+  if (!Number.isInteger(kvCacheTokens) || kvCacheTokens < contextLength || kvCacheTokens > 2 ** 24) {
+    throw new RangeError(
+      `Invalid kvCacheTokens ${kvCacheTokens}: expected an integer from the context length (${contextLength}) to ${
+        2 ** 24
+      }`,
+    );
+  }
   if (options.checkWeights !== undefined && typeof options.checkWeights !== "boolean") {
     throw new TypeError(`Invalid checkWeights ${JSON.stringify(options.checkWeights)}: expected a boolean`);
   }
@@ -312,5 +352,18 @@ export async function loadModel(source: string, options: LoadOptions = {}): Prom
     throw e;
   }
   const loadMs = performance.now() - started;
-  return new Model(dir, host.config, tokenizer, backend, weights, { contextLength, prefillChunk, kvDtype, loadMs });
+  try {
+    return new Model(dir, host.config, tokenizer, backend, weights, {
+      contextLength,
+      prefillChunk,
+      kvDtype,
+      kvCacheTokens,
+      loadMs,
+    });
+  } catch (e) {
+    // The KV pool could not be allocated: nothing of the backend outlives the refusal.
+    for (const t of weights.values()) backend.release(t);
+    backend.dispose();
+    throw e;
+  }
 }

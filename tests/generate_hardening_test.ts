@@ -145,9 +145,10 @@ Deno.test("a refused generate() takes no sequence (1,000 refusals of each kind)"
       }
       assert.equal(model.liveSequences, 0, `after 1,000 refusals of ${option}`);
     }
-    // A working generation takes one and keeps it for the next.
+    // A working generation takes one and gives it back, its KV pages with it.
     await Array.fromAsync(model.generate("Hi", { maxTokens: 2, seed: 1 }));
-    assert.equal(model.liveSequences, 1);
+    assert.equal(model.liveSequences, 0);
+    assert.equal(model.kvStats().usedPages, 0);
   }));
 
 Deno.test("generation options are checked strictly, each error naming the option and the value", () =>

@@ -16,8 +16,8 @@ const config = parseConfig({
   vocab_size: 100,
 });
 
-function llamaGraph(logits: "all" | "last" = "last") {
-  return buildLlamaGraph(config, { capacity: 32, logits, weightDType: () => "f32" }).graph;
+function llamaGraph() {
+  return buildLlamaGraph(config, { poolPages: 4, pageSize: 16, pagesPerSeq: 2, weightDType: () => "f32" }).graph;
 }
 
 Deno.test("builder: records ops with inferred shapes", () => {
@@ -41,19 +41,33 @@ Deno.test("builder: refuses shape mismatches and bad declarations with typed err
   assert.throws(() => g.input("x", "f32", [1]), { name: "TypeError", message: /"x".*taken/ });
   assert.throws(() => g.weight("bad", "f32", [0, 2]), RangeError);
   assert.throws(() => g.weight("frac", "f32", [1.5]), RangeError);
-  assert.throws(() => g.rope(x, 1, 3, 10000, "r"), TypeError);
+  const positions = g.input("positions", "i32", ["T"]);
+  assert.throws(() => g.rope(x, positions, 1, 3, 10000, "r"), TypeError);
+  assert.throws(() => g.rope(x, x, 1, 4, 10000, "r"), { name: "TypeError", message: /"x" as rope positions.*"i32"/ });
   const q = g.input("q", "f32", ["T", 12]);
   const kv = g.input("kv", "f32", ["T", 8]);
   const cache = g.state("c", "f32", [16, 8]);
-  const attrs = { heads: 3, kvHeads: 2, headDim: 4, scale: 1, window: 0 };
-  assert.throws(() => g.attention(q, kv, kv, cache, cache, attrs, "a"), {
+  const seqOf = g.input("seq_of", "i32", ["T"]);
+  const pages = g.input("pages", "i32", ["S", 2]);
+  const index = { positions, seqOf, pages };
+  const attrs = { heads: 3, kvHeads: 2, headDim: 4, scale: 1, window: 0, pageSize: 8 };
+  assert.throws(() => g.attention(q, kv, kv, cache, cache, index, attrs, "a"), {
     name: "RangeError",
     message: /3 query heads over 2/,
   });
   assert.throws(
-    () => g.attention(q, kv, kv, kv, kv, { ...attrs, heads: 2, kvHeads: 2, headDim: 6 }, "a2"),
+    () => g.attention(q, kv, kv, kv, kv, index, { ...attrs, heads: 2, kvHeads: 2, headDim: 6 }, "a2"),
+    RangeError,
+  );
+  assert.throws(() => g.attention(q, kv, kv, cache, cache, index, { ...attrs, heads: 2, pageSize: 5 }, "a3"), {
+    name: "RangeError",
+    message: 'Cannot page cache "c" of 16 rows in pages of 5: expected a whole number of pages',
+  });
+  assert.throws(
+    () => g.attention(q, kv, kv, cache, cache, { ...index, seqOf: kv }, { ...attrs, heads: 2 }, "a4"),
     TypeError,
   );
+  assert.throws(() => g.gatherRows(x, x, "rows"), TypeError);
   assert.throws(() => new GraphBuilder().build(), RangeError);
 });
 
@@ -63,17 +77,19 @@ Deno.test("llama graph: one embedding, per-layer ops, tied head reuses the table
   assert.equal(count("embedding"), 1);
   assert.equal(count("attention"), 2);
   assert.equal(count("matmul"), 2 * 7 + 1);
-  assert.equal(count("lastRow"), 1);
+  assert.equal(count("gatherRows"), 1);
   const table = graph.tensors.find((t) => t.name === "model.embed_tokens.weight")!;
   const head = graph.nodes.find((n) => graph.tensors[n.output].name === "logits")!;
   assert.equal(head.inputs[1], table.id, "tied: the output head reads the embedding table");
-  assert.deepEqual(graph.tensors[head.output].shape, [1, 100]);
-  assert.deepEqual(llamaGraph("all").tensors.find((t) => t.name === "logits")!.shape, ["T", 100]);
+  assert.deepEqual(graph.tensors[head.output].shape, ["R", 100], "logits only for the rows a step asks for");
+  const cache = graph.tensors.find((t) => t.name === "l0.k_cache")!;
+  assert.deepEqual(cache.shape, [64, 32], "the pool: 4 pages of 16 rows");
+  assert.deepEqual(graph.tensors.find((t) => t.name === "pages")!.shape, ["S", 2]);
 });
 
 Deno.test("planner: reuses memory and never overlaps live tensors", () => {
-  const graph = llamaGraph("all");
-  const plan = planGraph(graph, { T: 16 });
+  const graph = llamaGraph();
+  const plan = planGraph(graph, { T: 16, S: 16, R: 16 });
   assert.ok(plan.arenaBytes < plan.unplannedBytes / 3, `arena ${plan.arenaBytes} vs ${plan.unplannedBytes}`);
   const placed = graph.tensors.map((t, id) => ({ t, s: plan.slots[id] })).filter((x) => x.s);
   for (const { s } of placed) assert.equal(s!.offset % SLOT_ALIGN, 0);
@@ -105,8 +121,9 @@ Deno.test("planner: reuses memory and never overlaps live tensors", () => {
 });
 
 Deno.test("planner: the arena scales with the planned number of tokens", () => {
-  const graph = llamaGraph("all");
-  assert.ok(planGraph(graph, { T: 64 }).arenaBytes > planGraph(graph, { T: 8 }).arenaBytes * 4);
+  const graph = llamaGraph();
+  const room = (n: number) => planGraph(graph, { T: n, S: n, R: n }).arenaBytes;
+  assert.ok(room(64) > room(8) * 4);
 });
 
 Deno.test("format: text lists every node; DOT is a digraph with one box per node", () => {

@@ -262,7 +262,11 @@ export class ChatSession {
     else this.#shift(1, () => this.#messages.unshift({ role: "system", content: text }));
   }
 
-  /** An independent session with the same conversation and a copy of the cache; nothing mutable is shared. */
+  /**
+   * An independent session with the same conversation. Its cache shares the KV pages of this one
+   * until either writes past their common prefix (copy on write), so a fork costs no copy of the
+   * conversation; nothing mutable is shared.
+   */
   fork(): ChatSession {
     this.#check();
     const copy = new ChatSession(this.model, {
@@ -282,7 +286,7 @@ export class ChatSession {
   async serialize(): Promise<Uint8Array> {
     this.#check();
     const tokens = Int32Array.from(this.#seq.tokens);
-    const kv = await this.#seq.kv.save();
+    const kv = await this.#seq.save();
     return await encodeSessionFile(
       {
         model: await modelFingerprint(this.model),
@@ -349,7 +353,7 @@ export class ChatSession {
       if (h.kvBytes !== kvExpected) throw new RangeError(`${h.kvBytes} KV bytes, expected ${kvExpected}`);
       const bad = tokens.find((id) => id < 0 || id >= model.config.vocabSize);
       if (bad !== undefined) throw new RangeError(`token id ${bad} is past the vocabulary`);
-      session.#seq.restore(tokens, kv, h.kvDtype);
+      await session.#seq.restore(tokens, kv, h.kvDtype);
     } catch (e) {
       session.dispose();
       throw new SessionFileError("corrupt", `Cannot restore the session: ${(e as Error).message}`);

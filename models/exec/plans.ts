@@ -1,6 +1,7 @@
 /**
- * Binds the model's graphs to a backend: plans each graph once, and compiles it
- * for a sequence by binding the model's weights and the sequence's KV cache.
+ * Binds the model's graph to a backend: builds and plans the batched step graph
+ * for the pool's current size, and compiles it against the model's weights and
+ * the pool's tensors.
  *
  * @module
  */
@@ -10,23 +11,32 @@ import type { KvDType } from "../../graph/dtype.ts";
 import { type ExecutionPlan, planGraph } from "../../graph/plan.ts";
 import type { LlamaConfig } from "../arch/config.ts";
 import { debugPlan } from "./debug.ts";
-import type { KvCache } from "./kv_cache.ts";
+import type { KvPool } from "./kv_pool.ts";
 import { buildLlamaGraph, type LlamaGraph } from "../arch/llama.ts";
-
-/** Which logits a graph produces. */
-export type LogitsMode = "last" | "all";
 
 /** A planned graph and the ids its caller needs. */
 export interface PlannedGraph {
-  /** The graph and the tensors a sequence binds and reads. */
+  /** The graph and the tensors a step writes and reads. */
   readonly llama: LlamaGraph;
-  /** Its plan for steps of up to the prefill chunk. */
+  /** Its plan for steps of up to `stepTokens` tokens. */
   readonly plan: ExecutionPlan;
 }
 
+/** What {@link ModelPlans} plans for. */
+export interface ModelPlansOptions {
+  /** Most tokens one step evaluates (the plans' `maxDims.T`, `S` and `R`). */
+  readonly stepTokens: number;
+  /** Positions each sequence holds. */
+  readonly capacity: number;
+  /** Dtype of the KV pool. */
+  readonly kvDtype: KvDType;
+  /** Rows of one KV page. */
+  readonly pageSize: number;
+}
+
 /**
- * The model's graphs, planned once per logits mode, and compiled per KV cache:
- * what a sequence needs to run steps (this class only prepares them; the
+ * The model's step graph, planned once per pool size and compiled against the
+ * pool: what the engine needs to run steps (this class only prepares them; the
  * executables it returns run them).
  */
 export class ModelPlans {
@@ -34,63 +44,70 @@ export class ModelPlans {
   readonly config: LlamaConfig;
   /** The backend holding the weights, which compiles the plans. */
   readonly backend: Backend;
-  /** Most tokens one step evaluates (the prefill chunk: the plans' `maxDims.T`). */
-  readonly prefillChunk: number;
-  /** KV cache rows of each sequence. */
+  /** Most tokens one step evaluates. */
+  readonly stepTokens: number;
+  /** Positions each sequence holds. */
   readonly capacity: number;
-  /** Dtype of each sequence's KV cache. */
+  /** Dtype of the KV pool. */
   readonly kvDtype: KvDType;
+  /** Rows of one KV page. */
+  readonly pageSize: number;
+  /** Page-table entries per sequence. */
+  readonly pagesPerSeq: number;
   readonly #weights: ReadonlyMap<string, DeviceTensor>;
-  readonly #planned = new Map<LogitsMode, PlannedGraph>();
+  #planned: { poolPages: number; planned: PlannedGraph } | undefined;
 
   /**
-   * Plans nothing yet: each logits mode is planned on first use.
+   * Plans nothing yet: the graph is planned on first use for the pool's size.
    * @param config the model config
    * @param backend the backend holding the weights
    * @param weights device weights by HF name
-   * @param options prefill chunk, context capacity and cache dtype
+   * @param options step size, context capacity, cache dtype and page size
    */
   constructor(
     config: LlamaConfig,
     backend: Backend,
     weights: ReadonlyMap<string, DeviceTensor>,
-    options: { prefillChunk: number; capacity: number; kvDtype: KvDType },
+    options: ModelPlansOptions,
   ) {
     this.config = config;
     this.backend = backend;
     this.#weights = weights;
-    this.prefillChunk = options.prefillChunk;
+    this.stepTokens = options.stepTokens;
     this.capacity = options.capacity;
     this.kvDtype = options.kvDtype;
+    this.pageSize = options.pageSize;
+    this.pagesPerSeq = Math.ceil(options.capacity / options.pageSize);
   }
 
-  /** The planned graph for a logits mode (planned on first use). */
-  planned(mode: LogitsMode): PlannedGraph {
-    let p = this.#planned.get(mode);
-    if (!p) {
+  /** The planned graph for a pool of `poolPages` pages (kept until the pool grows). */
+  planned(poolPages: number): PlannedGraph {
+    if (this.#planned?.poolPages !== poolPages) {
       const llama = buildLlamaGraph(this.config, {
-        capacity: this.capacity,
-        logits: mode,
+        poolPages,
+        pageSize: this.pageSize,
+        pagesPerSeq: this.pagesPerSeq,
         weightDType: (name) => this.#weights.get(name)!.dtype,
         kvDtype: this.kvDtype,
       });
-      p = { llama, plan: planGraph(llama.graph, { T: this.prefillChunk }) };
-      debugPlan(`graph with ${mode} logits`, p.plan);
-      this.#planned.set(mode, p);
+      const T = this.stepTokens;
+      const planned = { llama, plan: planGraph(llama.graph, { T, S: T, R: T }) };
+      debugPlan(`step graph over a KV pool of ${poolPages} pages`, planned.plan);
+      this.#planned = { poolPages, planned };
     }
-    return p;
+    return this.#planned.planned;
   }
 
-  /** Compiles the graph of `mode` against `kv`. */
-  compile(mode: LogitsMode, kv: KvCache): Promise<Executable> {
-    const { llama, plan } = this.planned(mode);
+  /** Compiles the step graph against `pool`'s tensors. */
+  compile(pool: KvPool): Promise<Executable> {
+    const { llama, plan } = this.planned(pool.pages);
     const bindings = new Map<number, DeviceTensor>();
     for (const t of llama.graph.tensors) {
       if (t.kind === "weight") bindings.set(t.id, this.#weights.get(t.name)!);
     }
     llama.caches.forEach((c, i) => {
-      bindings.set(c.k.id, kv.layers[i].k);
-      bindings.set(c.v.id, kv.layers[i].v);
+      bindings.set(c.k.id, pool.layers[i].k);
+      bindings.set(c.v.id, pool.layers[i].v);
     });
     return this.backend.compile(plan, bindings);
   }

@@ -1,16 +1,17 @@
 /**
- * A sequence: the tokens a model has seen, their KV cache, and the compiled
- * steps that extend it. Prompts are evaluated in chunks of at most
- * `plans.prefillChunk` tokens, checking for cancellation between chunks.
+ * A sequence: the tokens a model has seen and the pages of the model's shared KV
+ * pool that hold their keys and values. Its evaluations go through the model's
+ * engine, which batches them with those of every other sequence of the model
+ * (see `engine.ts`); a fork shares its parent's pages until either writes.
  *
  * @module
  */
 
-import type { Executable } from "../../backends/contract.ts";
 import type { DType } from "../../graph/dtype.ts";
-import { debugLevel, debugTimings } from "./debug.ts";
-import { KvCache } from "./kv_cache.ts";
-import type { LogitsMode, ModelPlans } from "./plans.ts";
+import { f16ToF32, f32ToF16 } from "../../graph/half.ts";
+import type { Engine, LogitsMode, SequenceState } from "./engine.ts";
+
+export type { LogitsMode };
 
 /** A prompt or conversation longer than the context. */
 export class ContextOverflowError extends RangeError {
@@ -36,150 +37,165 @@ export class ContextOverflowError extends RangeError {
 export interface EvaluateOptions {
   /** `"last"` (default): logits of the last token; `"all"`: of every token evaluated. */
   readonly logits?: LogitsMode;
-  /** Stops between chunks; the tokens of finished chunks stay in the cache. */
+  /** Stops before the next step; the tokens of finished steps stay in the cache. */
   readonly signal?: AbortSignal;
 }
 
-/** Tokens, their KV cache, and the compiled steps for one stream of text. */
+/** Tokens and their KV cache pages for one stream of text. */
 export class Sequence {
-  /** The sequence's KV cache (one key and one value tensor per layer on the model's backend). */
-  readonly kv: KvCache;
-  readonly #plans: ModelPlans;
-  readonly #exec = new Map<LogitsMode, Promise<Executable>>();
-  readonly #ids: Int32Array;
-  readonly #logits: Float32Array;
-  readonly #tokens: number[] = [];
-  #evaluated = 0;
-  #profiled = new Set<string>();
-  readonly #onDispose: ((s: Sequence) => void) | undefined;
-  #disposed = false;
+  readonly #engine: Engine;
+  readonly #state: SequenceState;
+  readonly #capacity: number;
 
   /**
-   * A new, empty sequence with its own KV cache; use `Model.createSequence`.
-   * @param plans the model's planned graphs
-   * @param onDispose called once when the sequence is disposed (the model forgets it)
+   * A new, empty sequence of the model whose engine is `engine`; use `Model.createSequence`.
+   * @param engine the model's engine
+   * @param capacity positions the sequence may hold (the context length)
    */
-  constructor(plans: ModelPlans, onDispose?: (s: Sequence) => void) {
-    this.#plans = plans;
-    this.#onDispose = onDispose;
-    const c = plans.config;
-    this.kv = new KvCache(plans.backend, c.numLayers, plans.capacity, c.numKvHeads * c.headDim, plans.kvDtype);
-    this.#ids = new Int32Array(plans.prefillChunk);
-    this.#logits = new Float32Array(c.vocabSize);
+  constructor(engine: Engine, capacity: number) {
+    this.#engine = engine;
+    this.#state = engine.newSequence();
+    this.#capacity = capacity;
   }
 
   /** Tokens in the cache, oldest first. */
   get tokens(): readonly number[] {
-    return this.#tokens;
+    return this.#state.tokens;
   }
 
   /** Positions filled. */
   get length(): number {
-    return this.kv.length;
+    return this.#state.length;
   }
 
   /** Positions the context holds. */
   get capacity(): number {
-    return this.kv.capacity;
+    return this.#capacity;
   }
 
   /** Tokens run through the model since this sequence was made (prefill plus decode). */
   get evaluatedTokens(): number {
-    return this.#evaluated;
+    return this.#state.evaluated;
+  }
+
+  /** Bytes of the KV pages this sequence holds (a page it shares with others counts in full). */
+  get kvBytes(): number {
+    return this.#state.table.pages.length * this.#engine.pool.pageBytes;
   }
 
   /**
-   * Appends `tokens` and runs them through the model. Returns the logits of the
-   * last token (a buffer reused by the next call), or with `logits: "all"` a new
-   * array of `tokens.length × vocab` logits.
+   * Appends `tokens` and runs them through the model, in steps shared with the other
+   * sequences of the model. Returns the logits of the last token (a buffer reused by
+   * the next call), or with `logits: "all"` a new array of `tokens.length × vocab`
+   * logits. `tokens` must not change until the promise settles. One evaluation at a
+   * time per sequence.
    */
-  async evaluate(tokens: ArrayLike<number>, options: EvaluateOptions = {}): Promise<Float32Array> {
+  evaluate(tokens: ArrayLike<number>, options: EvaluateOptions = {}): Promise<Float32Array> {
+    try {
+      this.#checkTokens(tokens);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this.#engine.evaluate(this.#state, tokens, options.logits ?? "last", options.signal);
+  }
+
+  /** Forgets every token from position `length` on (rollback); the pages past it go back to the pool. */
+  truncate(length: number): void {
+    this.#idle("truncate");
+    if (!Number.isInteger(length) || length < 0 || length > this.length) {
+      throw new RangeError(`Cannot truncate the sequence to ${length} tokens: it has ${this.length}`);
+    }
+    this.#state.table.truncate(length);
+    this.#state.tokens.length = length;
+  }
+
+  /** A copy with the same tokens, sharing this sequence's KV pages until either writes (copy on write). */
+  fork(): Sequence {
+    const s = new Sequence(this.#engine, this.#capacity);
+    this.copyTo(s);
+    return s;
+  }
+
+  /** Makes `other` (a sequence of the same model) hold this sequence's tokens, sharing its KV pages. */
+  copyTo(other: Sequence): void {
+    this.#idle("copy");
+    other.#idle("copy into");
+    if (other.#engine !== this.#engine) throw new TypeError("Cannot copy a sequence into one of another model");
+    other.#state.table.shareFrom(this.#state.table, this.length);
+    other.#state.tokens.length = 0;
+    other.#state.tokens.push(...this.#state.tokens);
+  }
+
+  /**
+   * The keys and values of every position: per layer, the keys then the values, each
+   * `length` rows in position order (what {@link Sequence.restore} takes back).
+   */
+  save(): Promise<Uint8Array> {
+    const { table } = this.#state;
+    return this.#engine.exclusive(() => this.#engine.pool.read(table.pages, this.length));
+  }
+
+  /**
+   * Sets tokens and their keys and values saved earlier ({@link Sequence.save}), from a
+   * cache of dtype `kvDtype` (default: the pool's; f32 and f16 convert).
+   */
+  restore(tokens: readonly number[], kvBytes: Uint8Array, kvDtype?: DType): Promise<void> {
+    try {
+      this.#idle("restore");
+      this.#checkTokens(tokens, 0, true);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    const pool = this.#engine.pool;
+    const from = kvDtype ?? pool.dtype;
+    const rows = from === pool.dtype ? kvBytes : convertValues(kvBytes, from, pool.dtype);
+    return this.#engine.exclusive(() => {
+      const { table } = this.#state;
+      table.clear();
+      this.#state.tokens.length = 0;
+      pool.reserve(Math.ceil(tokens.length / pool.pageSize));
+      table.allocate(tokens.length);
+      pool.write(table.pages, tokens.length, rows);
+      this.#state.tokens.push(...tokens);
+    });
+  }
+
+  /** Gives the pages back (once; later calls do nothing); a queued evaluation is refused. */
+  dispose(): Promise<void> {
+    this.#engine.disposeSequence(this.#state);
+    return Promise.resolve();
+  }
+
+  /** Checks ids against the vocabulary and the context, placed after `base` positions. */
+  #checkTokens(tokens: ArrayLike<number>, base = this.length, allowEmpty = false): void {
     const n = tokens.length;
-    const V = this.#plans.config.vocabSize;
-    if (n === 0) throw new RangeError("Cannot evaluate an empty list of tokens");
-    if (this.length + n > this.capacity) throw new ContextOverflowError(this.length + n, this.capacity);
+    const V = this.#engine.plans.config.vocabSize;
+    if (n === 0 && !allowEmpty) throw new RangeError("Cannot evaluate an empty list of tokens");
+    if (base + n > this.#capacity) throw new ContextOverflowError(base + n, this.#capacity);
     for (let i = 0; i < n; i++) {
       const id = tokens[i];
       if (!Number.isInteger(id) || id < 0 || id >= V) {
         throw new RangeError(`Cannot evaluate token id ${id}: expected an integer from 0 to ${V - 1}`);
       }
     }
-    const mode = options.logits ?? "last";
-    const exec = await this.#executable(mode);
-    const { llama, plan } = this.#plans.planned(mode);
-    const all = mode === "all" ? new Float32Array(n * V) : undefined;
-    const chunk = this.#plans.prefillChunk;
-    for (let start = 0; start < n; start += chunk) {
-      if (start > 0) {
-        // Let cancellation and other tasks in between chunks.
-        await new Promise((r) => setTimeout(r, 0));
-      }
-      options.signal?.throwIfAborted();
-      const T = Math.min(chunk, n - start);
-      for (let i = 0; i < T; i++) this.#ids[i] = tokens[start + i];
-      exec.writeInput(llama.tokens.id, this.#ids, T);
-      const key = `${mode}:${T === 1 ? "decode" : "prefill"}`;
-      const profile = debugLevel() >= 2 && !this.#profiled.has(key) ? new Float64Array(plan.order.length) : undefined;
-      await exec.run({ dims: { T }, pos: this.length }, profile);
-      if (profile) {
-        this.#profiled.add(key);
-        debugTimings(`${key} step of ${T} tokens at position ${this.length}`, plan, profile);
-      }
-      this.kv.advance(T);
-      this.#evaluated += T;
-      for (let i = 0; i < T; i++) this.#tokens.push(tokens[start + i]);
-      if (all) await exec.readOutput(llama.logits.id, all.subarray(start * V, (start + T) * V), T * V);
-      else if (start + T === n) await exec.readOutput(llama.logits.id, this.#logits, V);
-    }
-    return all ?? this.#logits;
   }
 
-  /** Forgets every token from position `length` on (rollback). */
-  truncate(length: number): void {
-    this.kv.truncate(length);
-    this.#tokens.length = length;
+  #idle(what: string): void {
+    if (this.#state.disposed) throw new TypeError(`Cannot ${what} a disposed sequence`);
+    if (this.#state.busy) throw new TypeError(`Cannot ${what} a sequence while it evaluates`);
   }
+}
 
-  /** An independent copy: same tokens and cache, nothing mutable shared. */
-  fork(): Sequence {
-    const s = new Sequence(this.#plans);
-    this.copyTo(s);
-    return s;
+/** `data` (f32 or f16 values) as `to` values, rounding to the nearest f16 when narrowing. */
+function convertValues(data: Uint8Array, from: DType, to: DType): Uint8Array {
+  const aligned = data.byteOffset % 4 === 0 ? data : data.slice();
+  if (from === "f32" && to === "f16") {
+    const src = new Float32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4);
+    return new Uint8Array(Uint16Array.from(src, f32ToF16).buffer);
   }
-
-  /** Makes `other` (a sequence of the same model) hold this sequence's tokens and cache rows. */
-  copyTo(other: Sequence): void {
-    this.kv.copyTo(other.kv);
-    other.#tokens.length = 0;
-    other.#tokens.push(...this.#tokens);
+  if (from === "f16" && to === "f32") {
+    const src = new Uint16Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 2);
+    return new Uint8Array(Float32Array.from(src, f16ToF32).buffer);
   }
-
-  /**
-   * Sets tokens and cache rows saved earlier (see {@link KvCache.save}), from a
-   * cache of dtype `kvDtype` (default: this sequence's).
-   */
-  restore(tokens: readonly number[], kvBytes: Uint8Array, kvDtype?: DType): void {
-    this.kv.restore(kvBytes, tokens.length, kvDtype);
-    this.#tokens.length = 0;
-    this.#tokens.push(...tokens);
-  }
-
-  /** Frees the cache and the compiled steps (once; later calls do nothing). */
-  async dispose(): Promise<void> {
-    if (this.#disposed) return;
-    this.#disposed = true;
-    this.#onDispose?.(this);
-    for (const e of this.#exec.values()) (await e).dispose();
-    this.#exec.clear();
-    this.kv.dispose();
-  }
-
-  #executable(mode: LogitsMode): Promise<Executable> {
-    let e = this.#exec.get(mode);
-    if (!e) {
-      e = this.#plans.compile(mode, this.kv);
-      this.#exec.set(mode, e);
-    }
-    return e;
-  }
+  throw new TypeError(`Cannot convert KV cache rows from "${from}" to "${to}"`);
 }
