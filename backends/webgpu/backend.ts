@@ -2,12 +2,20 @@
  * The WebGPU backend (`webgpu`): runs a planned graph as WGSL compute shaders,
  * using only standard WebGPU APIs (so it runs in Deno and in browsers).
  *
- * - Weights, the KV cache (state) and the activation arena are GPU buffers that stay
- *   resident; activations live at their planned offsets in one arena buffer.
+ * - Weights, the KV cache pool (state) and the activation arena are GPU buffers that
+ *   stay resident; activations live at their planned offsets in one arena buffer, and
+ *   the `i32` inputs (token ids, positions, sequence rows, page tables, gathered rows)
+ *   in one index buffer, each written only for the values a step uses.
  * - `compile` creates every pipeline (cached by shader source), bind group and the
- *   per-node parameter uniforms once. A step writes `T` and `pos` into a uniform with
- *   `queue.writeBuffer`, records every dispatch into one command encoder and submits
- *   once; `readOutput` copies the requested rows into a staging buffer and maps it.
+ *   per-node parameter uniforms once. A step writes its dimensions (`T`, `R`) into a
+ *   uniform with `queue.writeBuffer`, records every dispatch into one command encoder,
+ *   each node for its own rows (`T`, or `R` after `gatherRows`), and submits once;
+ *   `readOutput` copies the requested rows into a staging buffer and maps it.
+ * - Attention writes each token's key and value to its own pool row through its
+ *   sequence's page table, then attends over its own sequence's positions; every
+ *   kernel computes a token's row the same way whatever else shares the step, except
+ *   that matmul switches from the matrix-vector kernel to the matrix-matrix one above 4
+ *   rows (on lavapipe both sum in the same order; see `tests/webgpu_test.ts`).
  * - All arithmetic is f32. f16, bf16, q8_0 and q4_0 weights are unpacked in the
  *   shaders with core WGSL (`unpack2x16float`, bit operations), so no optional
  *   feature (`shader-f16`) is needed, and results match the other backends within
@@ -39,7 +47,15 @@
 import { byteSize, type DType, isKvDType, isWeightDType } from "../../graph/dtype.ts";
 import { elementCount, type OpKind } from "../../graph/ir.ts";
 import type { ExecutionPlan } from "../../graph/plan.ts";
-import { checkRange, checkStateDType, checkUploadSize, f32Only, type OpSupport, supportsOp } from "../checks.ts";
+import {
+  checkCopy,
+  checkRange,
+  checkStateDType,
+  checkUploadSize,
+  f32Only,
+  type OpSupport,
+  supportsOp,
+} from "../checks.ts";
 import type { Backend, DeviceTensor, Executable, HostTensor } from "../contract.ts";
 import { validateBindings } from "../contract.ts";
 import {
@@ -51,7 +67,16 @@ import {
 } from "./device.ts";
 import { WebGpuExecutable } from "./executable.ts";
 import { type GpuContext, Pipelines } from "./lowering.ts";
-import { align4, checkWhole, COPY_DST, type GpuTensor, MAP_READ, splitWeight, wholeTensor } from "./memory.ts";
+import {
+  align4,
+  checkWhole,
+  COPY_DST,
+  COPY_SRC,
+  type GpuTensor,
+  MAP_READ,
+  splitWeight,
+  wholeTensor,
+} from "./memory.ts";
 import { cacheElementsPerWord } from "./shaders.ts";
 
 /** What the shaders run: every weight dtype, both cache dtypes, f32 activations. */
@@ -63,7 +88,7 @@ const SUPPORT: OpSupport = {
   siluMul: f32Only,
   add: f32Only,
   attention: isKvDType,
-  lastRow: f32Only,
+  gatherRows: f32Only,
 };
 
 /** The WebGPU backend. Create it with {@link createWebGpuBackend}. */
@@ -82,6 +107,8 @@ export class WebGpuBackend implements Backend {
   readonly maxBindingBytes: number;
   /** What executables share with this backend (kept out of its public members). */
   readonly #context: GpuContext;
+  /** Scratch space of `copyTensor` within one tensor (made on first use). */
+  #scratch: GPUBuffer | undefined;
   #disposed = false;
 
   /**
@@ -181,18 +208,52 @@ export class WebGpuBackend implements Backend {
     this.device.queue.writeBuffer((t as GpuTensor).buffer, byteOffset, data as Uint8Array<ArrayBuffer>);
   }
 
-  /** Copies the first bytes of one tensor into another on the GPU. */
-  copyTensor(src: DeviceTensor, dst: DeviceTensor, byteLength: number): void {
+  /**
+   * Copies `byteLength` bytes of `src` from `srcOffset` into `dst` at `dstOffset` on the
+   * GPU, in whole 4-byte words: offsets must be multiples of 4, and so must the length
+   * unless the copy ends at the end of `dst` (its buffer is padded to a whole word). KV
+   * rows are whole words. WebGPU cannot copy a buffer into itself, so a copy within one
+   * tensor goes through a scratch buffer (two copies in one submission).
+   */
+  copyTensor(src: DeviceTensor, dst: DeviceTensor, byteLength: number, srcOffset = 0, dstOffset = 0): void {
     this.#context.health.check();
-    checkRange(src, 0, byteLength);
-    checkRange(dst, 0, byteLength);
+    checkCopy(src, dst, byteLength, srcOffset, dstOffset);
     checkWhole(src);
     checkWhole(dst);
     if (byteLength === 0) return;
+    const size = align4(byteLength);
+    const wholeWords = byteLength === size || (dstOffset + byteLength === dst.byteLength &&
+      srcOffset + size <= align4(src.byteLength));
+    if (srcOffset % 4 !== 0 || dstOffset % 4 !== 0 || !wholeWords) {
+      throw new RangeError(
+        `Cannot copy ${byteLength} bytes from offset ${srcOffset} of "${src.name}" to offset ${dstOffset} of ` +
+          `"${dst.name}" on WebGPU: it copies whole 4-byte words (offsets and length multiples of 4)`,
+      );
+    }
+    const from = (src as GpuTensor).buffer;
+    const to = (dst as GpuTensor).buffer;
     const enc = this.device.createCommandEncoder();
-    // Buffers are padded to whole words, so rounding up stays inside both.
-    enc.copyBufferToBuffer((src as GpuTensor).buffer, 0, (dst as GpuTensor).buffer, 0, align4(byteLength));
+    if (from === to) {
+      const scratch = this.#scratchOf(size);
+      enc.copyBufferToBuffer(from, srcOffset, scratch, 0, size);
+      enc.copyBufferToBuffer(scratch, 0, to, dstOffset, size);
+    } else {
+      enc.copyBufferToBuffer(from, srcOffset, to, dstOffset, size);
+    }
     this.device.queue.submit([enc.finish()]);
+  }
+
+  /**
+   * The scratch buffer of copies within one tensor, grown to at least `size` bytes.
+   * One buffer serves every copy: the queue runs them in order.
+   */
+  #scratchOf(size: number): GPUBuffer {
+    if (!this.#scratch || this.#scratch.size < size) {
+      // Destroying a buffer that submitted work still uses is deferred until that work is done.
+      this.#scratch?.destroy();
+      this.#scratch = this.device.createBuffer({ label: "copy scratch", size, usage: COPY_SRC | COPY_DST });
+    }
+    return this.#scratch;
   }
 
   /** Destroys a tensor's buffers. */

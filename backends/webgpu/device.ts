@@ -141,7 +141,8 @@ export async function acquireDevice(options: WebGpuBackendOptions): Promise<Acqu
   const need = {
     maxComputeWorkgroupSizeX: WG,
     maxComputeInvocationsPerWorkgroup: 256,
-    maxStorageBuffersPerShaderStage: 3,
+    // Attention binds the arena, both caches and the index buffer.
+    maxStorageBuffersPerShaderStage: 4,
   };
   for (const [name, value] of Object.entries(need)) {
     const have = a[name as keyof GPUSupportedLimits] as number;

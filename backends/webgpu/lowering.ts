@@ -2,16 +2,16 @@
  * Op lowering for WebGPU: turns each node of a plan into compute dispatches (a
  * pipeline, a bind group, a workgroup count for a number of rows) and writes
  * their parameters into one uniform buffer, once when a plan is compiled; a step
- * only records the dispatches.
+ * only writes its dimensions into the step uniform and records the dispatches, each
+ * node for its own rows (`nodeRows`: the step's `T`, or `R` after `gatherRows`).
  *
  * @module
  */
 
 import type { KvDType } from "../../graph/dtype.ts";
-import type { Node, OpKind } from "../../graph/ir.ts";
+import type { Node, Op, OpKind } from "../../graph/ir.ts";
 import type { ExecutionPlan } from "../../graph/plan.ts";
-import type { TokenIdLimits } from "../checks.ts";
-import { UnsupportedError } from "../contract.ts";
+import { nodeRows, UnsupportedError } from "../contract.ts";
 import type { DecodeKernel, DeviceHealth, PrefillKernel } from "./device.ts";
 import { createLayouts, type GpuTensor, type Layouts, scaleWord } from "./memory.ts";
 import {
@@ -19,9 +19,9 @@ import {
   cacheElementsPerWord,
   elementwiseShader,
   embeddingShader,
+  gatherRowsShader,
   gridOf,
   kvWriteShader,
-  lastRowShader,
   matmulSharedShader,
   matmulTiledShader,
   MATVEC_MAX_T,
@@ -30,6 +30,9 @@ import {
   matvecShader,
   rmsNormShader,
   ropeShader,
+  ropeTurns,
+  ROWS_FROM_STEP,
+  STEP_LANES,
   TILE,
   WG,
 } from "./shaders.ts";
@@ -103,12 +106,94 @@ export interface LoweringTarget {
   readonly arena: GPUBuffer;
   /** The parameter uniforms, {@link PARAM_STRIDE} bytes per dispatch. */
   readonly params: GPUBuffer;
-  /** The step uniform (`T`, `pos`). */
+  /** The step uniform: the step's value of each dimension in {@link LoweringTarget.lanes}. */
   readonly step: GPUBuffer;
-  /** The buffers of the i32 graph inputs (token ids), by tensor id. */
-  readonly idBuffers: ReadonlyMap<number, GPUBuffer>;
-  /** Where the embedding nodes record their table sizes. */
-  readonly idLimits: TokenIdLimits;
+  /** The index buffer: every `i32` graph input (token ids, positions, page tables, rows), then constant tables. */
+  readonly index: GPUBuffer;
+  /** Where the index buffer holds what. */
+  readonly indexLayout: IndexLayout;
+  /** The lane of the step uniform that holds each symbolic dimension nodes run their rows over. */
+  readonly lanes: ReadonlyMap<string, number>;
+}
+
+/**
+ * What the index buffer of an executable holds, in 4-byte words: every `i32` graph
+ * input at its own offset (room for its largest step), then the constant tables the
+ * shaders read (the rope turns of each distinct `headDim` and `theta`).
+ */
+export class IndexLayout {
+  /** Word offset of each `i32` graph input, by tensor id. */
+  readonly inputs: ReadonlyMap<number, number>;
+  /** Words the inputs take (the constants start there). */
+  readonly inputWords: number;
+  /** The constant tables, after the inputs: written once when the plan is compiled. */
+  readonly constants: Int32Array<ArrayBuffer>;
+  /** Word offset of the rope table of each `headDim/theta`. */
+  readonly #rope = new Map<string, number>();
+
+  /**
+   * Lays out `plan`'s `i32` inputs and constant tables.
+   * @param plan the plan to lay out
+   */
+  constructor(plan: ExecutionPlan) {
+    const { graph } = plan;
+    const inputs = new Map<number, number>();
+    let words = 0;
+    for (const id of graph.inputs) {
+      if (graph.tensors[id].dtype !== "i32") continue;
+      inputs.set(id, words);
+      words += plan.slots[id]!.bytes / 4;
+    }
+    this.inputs = inputs;
+    this.inputWords = words;
+    const tables: Int32Array[] = [];
+    for (const id of plan.order) {
+      const op = graph.nodes[id].op;
+      if (op.kind !== "rope") continue;
+      const key = `${op.headDim}/${op.theta}`;
+      if (this.#rope.has(key)) continue;
+      this.#rope.set(key, words);
+      const table = ropeTurns(op.headDim, op.theta);
+      tables.push(table);
+      words += table.length;
+    }
+    this.constants = new Int32Array(words - this.inputWords);
+    let at = 0;
+    for (const t of tables) {
+      this.constants.set(t, at);
+      at += t.length;
+    }
+  }
+
+  /** Words of the whole buffer. */
+  get words(): number {
+    return this.inputWords + this.constants.length;
+  }
+
+  /** Word offset of the rope turns table of `headDim` and `theta` (laid out for every rope node of the plan). */
+  ropeTable(headDim: number, theta: number): number {
+    return this.#rope.get(`${headDim}/${theta}`)!;
+  }
+}
+
+/**
+ * The symbolic dimensions that a plan's nodes run their rows over (`nodeRows`: `"T"`,
+ * `"R"`), in order of first use: lane `i` of the step uniform holds the step's value of
+ * entry `i`. An {@link UnsupportedError} when there are more than the uniform's lanes.
+ */
+export function stepLanes(plan: ExecutionPlan): string[] {
+  const lanes: string[] = [];
+  for (const id of plan.order) {
+    const rows = nodeRows(plan.graph, plan.graph.nodes[id]);
+    if (typeof rows === "string" && !lanes.includes(rows)) lanes.push(rows);
+  }
+  if (lanes.length > STEP_LANES) {
+    throw new UnsupportedError(
+      `Backend "webgpu" cannot run nodes over ${lanes.length} symbolic row dimensions (${lanes.join(", ")}): ` +
+        `expected at most ${STEP_LANES}`,
+    );
+  }
+  return lanes;
 }
 
 /**
@@ -124,7 +209,7 @@ const PARAM_SLOTS: Readonly<Record<OpKind, (weightParts: number) => number>> = {
   siluMul: () => 1,
   add: () => 1,
   attention: () => 2,
-  lastRow: () => 1,
+  gatherRows: () => 1,
 };
 
 /** The parameter slots a plan's dispatches take. */
@@ -143,23 +228,28 @@ export interface Dispatch {
   readonly pipeline: GPUComputePipeline;
   /** Its buffers. */
   readonly bindGroup: GPUBindGroup;
-  /** Workgroups to dispatch for `T` rows (0 skips the dispatch). */
-  readonly groups: (T: number) => number;
+  /** Workgroups to dispatch for the node's rows in a step (0 skips the dispatch). */
+  readonly groups: (rows: number) => number;
 }
 
 /** Per-node dispatches; matmul keeps a matrix-vector and a tiled variant and picks by rows. */
 export interface NodeDispatches {
-  /** The operand's rows when the graph fixes them (after lastRow), else 0 for the step's T. */
-  readonly fixedRows: number;
+  /**
+   * The rows the node processes ({@link nodeRows}): a count the graph fixes, or the
+   * symbolic dimension (`"T"`, `"R"`) whose value in the step's `dims` it is.
+   */
+  readonly rows: number | string;
   /** The node's dispatches, in order (for matmul, the matrix-vector kernel's). */
   readonly dispatches: readonly Dispatch[];
   /** Used instead of `dispatches` for more than MATVEC_MAX_T rows (matmul only). */
   readonly tiled?: readonly Dispatch[];
 }
 
-/** Records one node's dispatches for a step of `T` rows (the tiled variant above the matrix-vector limit). */
-export function encodeNode(pass: GPUComputePassEncoder, node: NodeDispatches, T: number): void {
-  const rows = node.fixedRows || T;
+/**
+ * Records one node's dispatches for a step in which it processes `rows` rows (the
+ * tiled variant above the matrix-vector limit). Allocates nothing.
+ */
+export function encodeNode(pass: GPUComputePassEncoder, node: NodeDispatches, rows: number): void {
   const list = node.tiled && rows > MATVEC_MAX_T ? node.tiled : node.dispatches;
   for (const d of list) {
     const groups = d.groups(rows);
@@ -170,6 +260,9 @@ export function encodeNode(pass: GPUComputePassEncoder, node: NodeDispatches, T:
     pass.dispatchWorkgroups(x, y);
   }
 }
+
+/** The binding schemes of `memory.ts` that a dispatch may use. */
+type LayoutName = keyof Layouts;
 
 /** Turns plan nodes into dispatches: parameters, pipelines and bind groups. */
 export class DispatchBuilder {
@@ -216,6 +309,20 @@ export class DispatchBuilder {
     return slot.offset / 4;
   }
 
+  /** Element offset of an `i32` graph input in the index buffer; throws for any other operand. */
+  #index(node: Node, input: number): number {
+    const id = node.inputs[input];
+    const offset = this.#target.indexLayout.inputs.get(id);
+    if (offset === undefined) {
+      const t = this.#target.plan.graph.tensors[id];
+      throw new UnsupportedError(
+        `Backend "webgpu" cannot run op "${node.op.kind}" with ${t.kind} "${t.name}" (${t.dtype}) as operand ${input}: ` +
+          `expected an "i32" graph input`,
+      );
+    }
+    return offset;
+  }
+
   #bound(node: Node, input: number): GpuTensor {
     const { graph } = this.#target.plan;
     const id = node.inputs[input];
@@ -230,7 +337,10 @@ export class DispatchBuilder {
     return b;
   }
 
-  /** Writes one parameter slot (u32 values; numbers given as `{ f: x }` are stored as f32). */
+  /**
+   * Writes one parameter slot: the rows word, then the values (u32; numbers given as
+   * `{ f: x }` are stored as f32).
+   */
   #params(rows: number, values: readonly (number | { f: number })[]): GPUBufferBinding {
     const base = (this.#slot * PARAM_STRIDE) / 4;
     this.#u32[base] = rows;
@@ -243,10 +353,10 @@ export class DispatchBuilder {
 
   #dispatch(
     code: string,
-    layout: "base" | "weight" | "embedding" | "cache",
+    layout: LayoutName,
     params: GPUBufferBinding,
     extra: GPUBuffer[],
-    groups: (T: number) => number,
+    groups: (rows: number) => number,
   ): Dispatch {
     const entries: GPUBindGroupEntry[] = [
       { binding: 0, resource: params },
@@ -260,19 +370,13 @@ export class DispatchBuilder {
 
   /** The dispatches of one node, with their parameters written. */
   node(node: Node): NodeDispatches {
-    const op = node.op;
-    const { graph } = this.#target.plan;
-    // The operand's rows: fixed by the graph (after lastRow, say), or the step's T (0 here).
-    const rowsId = op.kind === "lastRow" ? node.inputs[0] : node.output;
-    const dim = graph.tensors[rowsId].shape[0];
-    if (typeof dim === "string" && dim !== "T") {
-      throw new UnsupportedError(`Backend "webgpu" cannot run op "${op.kind}" over rows "${dim}": expected "T"`);
-    }
-    const fixed = typeof dim === "number" ? dim : 0;
-    return { ...this.#build(node, fixed), fixedRows: fixed };
+    const rows = nodeRows(this.#target.plan.graph, node);
+    // The shaders' `rows` word: a fixed count, or the step uniform's lane of the dimension.
+    const rowsWord = typeof rows === "number" ? rows : ROWS_FROM_STEP + this.#target.lanes.get(rows)!;
+    return { ...this.#build(node, rowsWord), rows };
   }
 
-  #build(node: Node, fixed: number): Omit<NodeDispatches, "fixedRows"> {
+  #build(node: Node, rows: number): Omit<NodeDispatches, "rows"> {
     const op = node.op;
     const { graph } = this.#target.plan;
     const width = (id: number) => graph.tensors[id].shape[1] as number;
@@ -280,19 +384,15 @@ export class DispatchBuilder {
     switch (op.kind) {
       case "embedding": {
         const table = this.#bound(node, 1);
-        const ids = this.#target.idBuffers.get(node.inputs[0]);
-        if (!ids) {
-          throw new UnsupportedError(`Backend "webgpu" needs the ids of "embedding" to be an "i32" graph input`);
-        }
-        const [V, D] = table.shape;
-        this.#target.idLimits.add(node.inputs[0], V);
+        const ids = this.#index(node, 0);
+        const D = table.shape[1];
         const out = this.#at(node, -1);
         const dispatches = table.parts.map((part) =>
           this.#dispatch(
             embeddingShader(table.dtype),
             "embedding",
-            this.#params(fixed, [0, out, D, scaleWord(table.dtype, part, D), part.firstRow, part.rows]),
-            [part.buffer, ids],
+            this.#params(rows, [ids, out, D, scaleWord(table.dtype, part, D), part.firstRow, part.rows]),
+            [part.buffer, this.#target.index],
             (T) => T * ceil(D, WG),
           )
         );
@@ -302,7 +402,7 @@ export class DispatchBuilder {
         const w = this.#bound(node, 1);
         if (w.dtype !== "f32") throw new UnsupportedError(`Backend "webgpu" needs an "f32" rmsNorm weight`);
         const D = width(node.inputs[0]);
-        const params = this.#params(fixed, [this.#at(node, 0), this.#at(node, -1), D, { f: op.eps }]);
+        const params = this.#params(rows, [this.#at(node, 0), this.#at(node, -1), D, { f: op.eps }]);
         return { dispatches: [this.#dispatch(rmsNormShader(), "weight", params, [w.buffer], (T) => T)] };
       }
       case "matmul": {
@@ -319,14 +419,14 @@ export class DispatchBuilder {
           dispatches.push(this.#dispatch(
             (rowsKernel ? matvecRowsShader : matvecShader)(w.dtype, quad),
             "weight",
-            this.#params(fixed, values),
+            this.#params(rows, values),
             [part.buffer],
             () => ceil(part.rows, rowsKernel ? WG : MATVEC_ROWS),
           ));
           tiled.push(this.#dispatch(
             (this.#context.prefillKernel === "shared" ? matmulSharedShader : matmulTiledShader)(w.dtype, quad),
             "weight",
-            this.#params(fixed, values),
+            this.#params(rows, values),
             [part.buffer],
             (T) => ceil(T, TILE) * ceil(part.rows, TILE),
           ));
@@ -335,68 +435,100 @@ export class DispatchBuilder {
       }
       case "rope": {
         const { heads, headDim, theta } = op;
-        const params = this.#params(fixed, [this.#at(node, 0), this.#at(node, -1), heads, headDim, {
-          f: Math.log2(theta),
-        }]);
+        const params = this.#params(rows, [
+          this.#at(node, 0),
+          this.#at(node, -1),
+          heads,
+          headDim,
+          this.#index(node, 1),
+          this.#target.indexLayout.ropeTable(headDim, theta),
+        ]);
         return {
-          dispatches: [this.#dispatch(ropeShader(), "base", params, [], (T) => ceil((T * heads * headDim) / 2, WG))],
+          dispatches: [
+            this.#dispatch(
+              ropeShader(),
+              "index",
+              params,
+              [this.#target.index],
+              (T) => ceil((T * heads * headDim) / 2, WG),
+            ),
+          ],
         };
       }
       case "siluMul":
       case "add": {
         const F = width(node.output);
-        const params = this.#params(fixed, [this.#at(node, 0), this.#at(node, 1), this.#at(node, -1), F]);
+        const params = this.#params(rows, [this.#at(node, 0), this.#at(node, 1), this.#at(node, -1), F]);
         return {
           dispatches: [this.#dispatch(elementwiseShader(op.kind), "base", params, [], (T) => ceil(T * F, WG))],
         };
       }
-      case "lastRow": {
+      case "gatherRows": {
         const D = width(node.output);
-        const params = this.#params(fixed, [this.#at(node, 0), this.#at(node, -1), D, 0]);
-        return { dispatches: [this.#dispatch(lastRowShader(), "base", params, [], () => ceil(D, WG))] };
+        const params = this.#params(rows, [this.#at(node, 0), this.#at(node, -1), D, this.#index(node, 1)]);
+        return {
+          dispatches: [
+            this.#dispatch(gatherRowsShader(), "index", params, [this.#target.index], (R) => R * ceil(D, WG)),
+          ],
+        };
       }
-      case "attention": {
-        const { heads, kvHeads, headDim, scale, window } = op;
-        if (heads % kvHeads !== 0) {
-          throw new UnsupportedError(
-            `Backend "webgpu" cannot run attention with ${heads} heads over ${kvHeads} kv heads: expected a multiple`,
-          );
-        }
-        const kc = this.#bound(node, 3);
-        const vc = this.#bound(node, 4);
-        if (kc.dtype !== vc.dtype) {
-          throw new UnsupportedError(
-            `Backend "webgpu" cannot run attention with a "${kc.dtype}" key cache and a "${vc.dtype}" value cache`,
-          );
-        }
-        // supports() admitted the key cache's dtype.
-        const dtype = kc.dtype as KvDType;
-        if (headDim % cacheElementsPerWord(dtype) !== 0) {
-          // Attention reads a head's keys a whole word at a time, so a head must start on a word.
-          throw new UnsupportedError(
-            `Backend "webgpu" cannot run attention with head dim ${headDim} over a "${dtype}" cache: expected an even one`,
-          );
-        }
-        const kvDim = kvHeads * headDim;
-        const write = this.#dispatch(
-          kvWriteShader(dtype),
-          "cache",
-          this.#params(fixed, [this.#at(node, 1), this.#at(node, 2), kvDim, 0]),
-          [kc.buffer, vc.buffer],
-          (T) => ceil((T * kvDim) / cacheElementsPerWord(dtype), WG),
-        );
-        const params = this.#params(fixed, [this.#at(node, 0), this.#at(node, -1), heads, kvHeads, window, {
-          f: scale,
-        }]);
-        const att = this.#dispatch(
-          attentionShader(headDim, dtype),
-          "cache",
-          params,
-          [kc.buffer, vc.buffer],
-          (T) => T * heads,
-        );
-        return { dispatches: [write, att] };
-      }
+      case "attention":
+        return { dispatches: this.#attention(node, op, rows) };
     }
+  }
+
+  /** The cache write and the fused attention of an attention node. */
+  #attention(node: Node, op: Extract<Op, { kind: "attention" }>, rows: number): Dispatch[] {
+    const { heads, kvHeads, headDim, scale, window, pageSize } = op;
+    if (heads % kvHeads !== 0) {
+      throw new UnsupportedError(
+        `Backend "webgpu" cannot run attention with ${heads} heads over ${kvHeads} kv heads: expected a multiple`,
+      );
+    }
+    const kc = this.#bound(node, 3);
+    const vc = this.#bound(node, 4);
+    if (kc.dtype !== vc.dtype) {
+      throw new UnsupportedError(
+        `Backend "webgpu" cannot run attention with a "${kc.dtype}" key cache and a "${vc.dtype}" value cache`,
+      );
+    }
+    // supports() admitted the key cache's dtype.
+    const dtype = kc.dtype as KvDType;
+    if (headDim % cacheElementsPerWord(dtype) !== 0) {
+      // Attention reads a head's keys a whole word at a time, so a head must start on a word.
+      throw new UnsupportedError(
+        `Backend "webgpu" cannot run attention with head dim ${headDim} over a "${dtype}" cache: expected an even one`,
+      );
+    }
+    const perSeq = this.#target.plan.graph.tensors[node.inputs[7]].shape[1];
+    const poolRows = Math.min(kc.shape[0], vc.shape[0]);
+    if (typeof perSeq !== "number" || !Number.isInteger(pageSize) || pageSize < 1 || poolRows % pageSize !== 0) {
+      // The graph builder guarantees these; a graph made another way is refused before a kernel runs off the pool.
+      throw new UnsupportedError(
+        `Backend "webgpu" cannot run attention with pages of ${pageSize} rows over a pool of ${poolRows} rows ` +
+          `and page tables of ${perSeq} pages: expected a whole number of pages and a fixed page-table width`,
+      );
+    }
+    const paging = [this.#index(node, 5), this.#index(node, 6), this.#index(node, 7), perSeq, pageSize];
+    const kvDim = kvHeads * headDim;
+    const buffers = [kc.buffer, vc.buffer, this.#target.index];
+    const write = this.#dispatch(
+      kvWriteShader(dtype),
+      "cache",
+      this.#params(rows, [this.#at(node, 1), this.#at(node, 2), kvDim, ...paging]),
+      buffers,
+      (T) => Math.ceil((T * kvDim) / cacheElementsPerWord(dtype) / WG),
+    );
+    const params = this.#params(rows, [
+      this.#at(node, 0),
+      this.#at(node, -1),
+      heads,
+      kvHeads,
+      window,
+      { f: scale },
+      ...paging,
+    ]);
+    const att = this.#dispatch(attentionShader(headDim, dtype), "cache", params, buffers, (T) => T * heads);
+    return [write, att];
   }
 }

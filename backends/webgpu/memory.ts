@@ -161,9 +161,11 @@ export interface Layouts {
   readonly base: GPUBindGroupLayout;
   /** + a read-only weight. */
   readonly weight: GPUBindGroupLayout;
-  /** + a read-only weight and read-only token ids. */
+  /** + a read-only weight and the read-only index buffer (token ids). */
   readonly embedding: GPUBindGroupLayout;
-  /** + the key and value caches, read-write. */
+  /** + the read-only index buffer (positions, gathered rows). */
+  readonly index: GPUBindGroupLayout;
+  /** + the key and value caches, read-write, and the read-only index buffer (positions, page tables). */
   readonly cache: GPUBindGroupLayout;
 }
 
@@ -183,6 +185,7 @@ export function createLayouts(device: GPUDevice): Layouts {
     base: make([]),
     weight: make(["read-only-storage"]),
     embedding: make(["read-only-storage", "read-only-storage"]),
-    cache: make(["storage", "storage"]),
+    index: make(["read-only-storage"]),
+    cache: make(["storage", "storage", "read-only-storage"]),
   };
 }

@@ -10,11 +10,14 @@
  *
  * Every shader shares one binding scheme:
  * - `@binding(0)` the node's parameters (a uniform struct written once at compile;
- *   its first field `rows` is the operand's row count when the graph fixes it, as
- *   after `lastRow`, or 0 for the step's `T`),
- * - `@binding(1)` the step's values `T` and `pos` (a uniform written before each step),
+ *   its first field `rows` is the node's row count when the graph fixes it, or
+ *   {@link ROWS_FROM_STEP} plus the lane of the step uniform that holds it, for rows
+ *   over a symbolic dimension such as `T` or `R`),
+ * - `@binding(1)` the step's dimensions (a uniform of 4 lanes written before each step),
  * - `@binding(2)` the activation arena (`array<f32>`, offsets in elements),
- * - `@binding(3..4)` the weight, token ids or KV caches, when the op has them.
+ * - `@binding(3..5)` the weight, the KV caches and the index buffer (`array<i32>`: every
+ *   `i32` graph input, such as token ids, positions and page tables, at its own offset),
+ *   when the op has them.
  *
  * Work too large for one dimension of dispatch is spread over `x` and `y`
  * (see {@link gridOf}), so each shader recovers a linear workgroup index.
@@ -33,6 +36,14 @@ export const MATVEC_MAX_T = 4;
 /** Tile edge of the matrix-matrix kernels (tokens and weight rows per output tile). */
 export const TILE = 32;
 
+/** Lanes (u32 values) of the step uniform: the symbolic dimensions that nodes run their rows over. */
+export const STEP_LANES = 4;
+/**
+ * Flag of a parameter `rows` word that names a lane of the step uniform (in its low
+ * bits) instead of a fixed row count.
+ */
+export const ROWS_FROM_STEP = 0x80000000;
+
 /** Largest workgroup count per dispatch dimension that every adapter allows. */
 const MAX_GROUPS_PER_DIM = 65535;
 
@@ -46,19 +57,29 @@ export function gridOf(groups: number): [number, number] {
 }
 
 const HEADER = /* wgsl */ `
-struct Step { T: u32, pos: u32, pad0: u32, pad1: u32 }
+struct Step { dims: vec4<u32> }
 @group(0) @binding(1) var<uniform> st: Step;
 @group(0) @binding(2) var<storage, read_write> arena: array<f32>;
 
-// Rows of the node's operand: p.rows when fixed in the graph, else the step's T.
+// Rows of the node: p.rows when fixed in the graph, else the step's value of its
+// dimension (T, R), from the lane of the step uniform that p.rows names.
 fn rowCount() -> u32 {
-  return select(p.rows, st.T, p.rows == 0u);
+  if ((p.rows & ${ROWS_FROM_STEP}u) != 0u) { return st.dims[p.rows & ${STEP_LANES - 1}u]; }
+  return p.rows;
 }
 
 fn groupIndex(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
   return wg.x + wg.y * nwg.x;
 }
 `;
+
+/**
+ * WGSL that declares the index buffer (every `i32` graph input, at the offsets the
+ * parameters give) at `@binding(binding)`, read-only.
+ */
+function indexBuffer(binding: number): string {
+  return `@group(0) @binding(${binding}) var<storage, read> ix: array<i32>;`;
+}
 
 /**
  * WGSL that declares the weight at `@binding(3)` and `fn wAt(i: u32) -> f32`, the
@@ -142,15 +163,16 @@ function weightQuad(dtype: DType): string {
 
 /**
  * out (T, D) = table rows ids (T), for the ids in `first .. first + count - 1` (the
- * rows held by this part of a table split across bindings). Workgroups: T × ceil(D / WG).
+ * rows held by this part of a table split across bindings); the ids are read from the
+ * index buffer at `p.ids`. Workgroups: T × ceil(D / WG).
  */
 export function embeddingShader(dtype: DType): string {
   return `
-struct Params { rows: u32, table: u32, out: u32, D: u32, wScale: u32, first: u32, count: u32 }
+struct Params { rows: u32, ids: u32, out: u32, D: u32, wScale: u32, first: u32, count: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 ${HEADER}
 ${weightAccess(dtype)}
-@group(0) @binding(4) var<storage, read> ids: array<i32>;
+${indexBuffer(4)}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -160,7 +182,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
   let t = g / per;
   let d = (g % per) * ${WG}u + lid.x;
   if (t >= rowCount() || d >= p.D) { return; }
-  let id = u32(ids[t]);
+  let id = u32(ix[p.ids + t]);
   if (id < p.first || id >= p.first + p.count) { return; }
   arena[p.out + t * p.D + d] = wAt((id - p.first) * p.D + d);
 }
@@ -463,16 +485,40 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 `;
 }
 
+/** 2π / 2^32: radians per unit of the top word of a rope angle's turns. */
+const TWO_PI_OVER_2_32 = (2 * Math.PI / 2 ** 32).toExponential(16);
+
 /**
- * Rotate-half rotary embedding: one invocation per (token, head, i < headDim / 2).
- * The angle is reduced to [-π, π] before `cos`/`sin`, where WGSL bounds their error.
- * Workgroups: ceil(T × heads × headDim / 2 / WG).
+ * Rotate-half rotary embedding: one invocation per (token, head, i < headDim / 2), at
+ * the token's own position `pos` (the index buffer at `p.positions`).
+ *
+ * The angle `pos × θ^(-2i/d)` is reduced modulo 2π exactly, in integers: the index
+ * buffer holds at `p.turns` each frequency's turns per position (`θ^(-2i/d) / 2π`,
+ * modulo 1) as a 64-bit binary fraction (two words, high first), computed in f64 on
+ * the host ({@link ropeTurns}). `pos` times that fraction modulo 1 is exact in 32-bit
+ * integer arithmetic; its top word, read as signed, is the angle in [-π, π) in units
+ * of 2π / 2^32. So the error stays near f32 rounding (about 1e-7 rad) at any position,
+ * where an f32 angle would lose about |angle| × 6e-8, and `cos`/`sin` run in [-π, π],
+ * where WGSL bounds their error. Workgroups: ceil(T × heads × headDim / 2 / WG).
  */
 export function ropeShader(): string {
   return `
-struct Params { rows: u32, x: u32, out: u32, heads: u32, headDim: u32, log2Theta: f32 }
+struct Params { rows: u32, x: u32, out: u32, heads: u32, headDim: u32, positions: u32, turns: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 ${HEADER}
+${indexBuffer(3)}
+
+// The high word of the 64-bit product a × b.
+fn mulHi(a: u32, b: u32) -> u32 {
+  let a0 = a & 0xffffu;
+  let a1 = a >> 16u;
+  let b0 = b & 0xffffu;
+  let b1 = b >> 16u;
+  let p01 = a0 * b1;
+  let p10 = a1 * b0;
+  let mid = ((a0 * b0) >> 16u) + (p01 & 0xffffu) + (p10 & 0xffffu);
+  return a1 * b1 + (p01 >> 16u) + (p10 >> 16u) + (mid >> 16u);
+}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -483,9 +529,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
   let i = idx % half;
   let th = idx / half;
   let t = th / p.heads;
-  let invFreq = exp2(-f32(2u * i) / f32(p.headDim) * p.log2Theta);
-  let angle = f32(st.pos + t) * invFreq;
-  let a = angle - 6.2831853071795862 * round(angle * 0.15915494309189535);
+  let pos = bitcast<u32>(ix[p.positions + t]);
+  // The top word of the fraction of pos × turns (u32 arithmetic wraps: that is the modulo).
+  let turns = pos * bitcast<u32>(ix[p.turns + 2u * i]) + mulHi(pos, bitcast<u32>(ix[p.turns + 2u * i + 1u]));
+  let a = f32(bitcast<i32>(turns)) * ${TWO_PI_OVER_2_32};
   let c = cos(a);
   let s = sin(a);
   let b = th * p.headDim + i;
@@ -495,6 +542,28 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
   arena[p.out + b + half] = x1 * c + x0 * s;
 }
 `;
+}
+
+/**
+ * The table {@link ropeShader} reads for `headDim` and `theta`: for each frequency
+ * `i < headDim / 2`, `θ^(-2i/d) / 2π` modulo 1 as a 64-bit binary fraction, high word
+ * then low word (as i32 bit patterns, for the index buffer). The frequency is the
+ * reference's own f64 value.
+ */
+export function ropeTurns(headDim: number, theta: number): Int32Array {
+  const half = headDim / 2;
+  const words = new Uint32Array(2 * half);
+  for (let i = 0; i < half; i++) {
+    const perTurn = theta ** (-2 * i / headDim) / (2 * Math.PI);
+    // Scaling by powers of two and taking the floor are exact in f64.
+    const scaled = (perTurn - Math.floor(perTurn)) * 2 ** 32;
+    let high = Math.floor(scaled);
+    let low = Math.round((scaled - high) * 2 ** 32);
+    if (low === 2 ** 32) [high, low] = [high + 1, 0];
+    words[2 * i] = high % 2 ** 32;
+    words[2 * i + 1] = low;
+  }
+  return new Int32Array(words.buffer);
 }
 
 /** Elementwise ops over T rows of `width`: `siluMul` or `add`. Workgroups: ceil(T × width / WG). */
@@ -516,19 +585,26 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 `;
 }
 
-/** out (1, D) = x row T - 1. Workgroups: ceil(D / WG). */
-export function lastRowShader(): string {
+/**
+ * out (R, D) = x rows picks (R): row r copies row `picks[r]` of x (the index buffer at
+ * `p.picks`). Workgroups: R × ceil(D / WG).
+ */
+export function gatherRowsShader(): string {
   return `
-struct Params { rows: u32, x: u32, out: u32, D: u32, pad: u32 }
+struct Params { rows: u32, x: u32, out: u32, D: u32, picks: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 ${HEADER}
+${indexBuffer(3)}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>) {
-  let d = groupIndex(wg, nwg) * ${WG}u + lid.x;
-  if (d >= p.D) { return; }
-  arena[p.out + d] = arena[p.x + (rowCount() - 1u) * p.D + d];
+  let per = (p.D + ${WG - 1}u) / ${WG}u;
+  let g = groupIndex(wg, nwg);
+  let r = g / per;
+  let d = (g % per) * ${WG}u + lid.x;
+  if (r >= rowCount() || d >= p.D) { return; }
+  arena[p.out + r * p.D + d] = arena[p.x + u32(ix[p.picks + r]) * p.D + d];
 }
 `;
 }
@@ -588,23 +664,43 @@ export function cacheElementsPerWord(dtype: KvDType): number {
 }
 
 /**
- * Writes k and v (T, kvDim) to cache rows pos .. pos + T - 1, one cache word per
- * invocation (a pair of elements for f16), so no two invocations write one word.
+ * WGSL of the paged cache: the index buffer, and `cacheRow(pt, j)`, the pool row of
+ * position `j` of the sequence whose page-table row starts at index `pt` (the `attention`
+ * op's rule: `pages[s][j / pageSize] * pageSize + j % pageSize`). The shader's parameters
+ * hold `pageSize`.
+ */
+const PAGED_CACHE = /* wgsl */ `
+${indexBuffer(5)}
+fn cacheRow(pt: u32, j: u32) -> u32 {
+  return u32(ix[pt + j / p.pageSize]) * p.pageSize + j % p.pageSize;
+}
+`;
+
+/**
+ * Writes k and v (T, kvDim) to the pool: row t goes to the cache row of
+ * (`seqOf[t]`, `positions[t]`) through the page table. One cache word per invocation
+ * (a pair of elements for f16), so no two invocations write one word.
  * Workgroups: ceil(T × kvDim / {@link cacheElementsPerWord} / WG).
  */
 export function kvWriteShader(dtype: KvDType): string {
   return `
-struct Params { rows: u32, k: u32, v: u32, kvDim: u32, pad: u32 }
+struct Params {
+  rows: u32, k: u32, v: u32, kvDim: u32, positions: u32, seqOf: u32, pages: u32, perSeq: u32, pageSize: u32,
+}
 @group(0) @binding(0) var<uniform> p: Params;
 ${HEADER}
 ${CACHE_FORMATS[dtype].wgsl}
+${PAGED_CACHE}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>) {
+  let words = p.kvDim / PER_WORD;
   let i = groupIndex(wg, nwg) * ${WG}u + lid.x;
-  if (i >= rowCount() * p.kvDim / PER_WORD) { return; }
-  let dst = st.pos * p.kvDim / PER_WORD + i;
+  if (i >= rowCount() * words) { return; }
+  let t = i / words;
+  let pt = p.pages + u32(ix[p.seqOf + t]) * p.perSeq;
+  let dst = cacheRow(pt, u32(ix[p.positions + t])) * words + i % words;
   kc[dst] = packWord(p.k + i * PER_WORD);
   vc[dst] = packWord(p.v + i * PER_WORD);
 }
@@ -612,14 +708,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 }
 
 /**
- * Fused causal attention with grouped-query heads, one workgroup per (token, head),
- * reading the KV cache (of `dtype`, summed in f32) after {@link kvWriteShader} has run.
- * The visible rows are taken 64 at a time: each lane scores one row, the workgroup
- * reduces the chunk's maximum and sum, and an online softmax rescales the running
- * output, which the lanes hold split by dimension. No score buffer, so any context
- * length fits. An f16 cache halves the bytes read; keys are unpacked a word (two
- * elements) at a time, summed in the same order as f32 keys.
- * Workgroups: T × heads.
+ * Fused causal attention with grouped-query heads over the paged pool, one workgroup
+ * per (token, head), reading the cache (of `dtype`, summed in f32) after
+ * {@link kvWriteShader} has run. A token attends over its own sequence's positions
+ * `max(0, p - window + 1) .. p` (its position `p` and page-table row from the index
+ * buffer). The positions are taken 64 at a time: each lane looks up one position's pool
+ * row through the page table (once per position and workgroup: the row bases are shared
+ * in workgroup memory for the value pass) and scores it, the workgroup reduces the
+ * chunk's maximum and sum, and an online softmax rescales the running output, which the
+ * lanes hold split by dimension. No score buffer, so any context length fits. An f16
+ * cache halves the bytes read; keys are unpacked a word (two elements) at a time, summed
+ * in the same order as f32 keys. A workgroup's work depends only on its own token, so a
+ * token's output is the same whatever else shares the step. Workgroups: T × heads.
  */
 export function attentionShader(headDim: number, dtype: KvDType): string {
   const perLane = Math.ceil(headDim / WG);
@@ -627,14 +727,20 @@ export function attentionShader(headDim: number, dtype: KvDType): string {
   // A key word's elements in order, so the dot product sums in the same order for every dtype.
   const keyDot = format.keyElements.map((el, e) => `dot += qs[d${e ? ` + ${e}u` : ""}] * kw${el};`).join(" ");
   return `
-struct Params { rows: u32, q: u32, out: u32, heads: u32, kvHeads: u32, window: u32, scale: f32 }
+struct Params {
+  rows: u32, q: u32, out: u32, heads: u32, kvHeads: u32, window: u32, scale: f32,
+  positions: u32, seqOf: u32, pages: u32, perSeq: u32, pageSize: u32,
+}
 @group(0) @binding(0) var<uniform> p: Params;
 ${HEADER}
 ${format.wgsl}
+${PAGED_CACHE}
 const HD = ${headDim}u;
 var<workgroup> qs: array<f32, ${headDim}>;
 var<workgroup> ps: array<f32, ${WG}>;
 var<workgroup> red: array<f32, ${WG}>;
+// Element index of each position's head in the cache (its pool row × kvDim + the kv head's offset).
+var<workgroup> rb: array<u32, ${WG}>;
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -643,7 +749,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
   let t = g / p.heads;
   let h = g % p.heads;
   if (t >= rowCount()) { return; } // a spare workgroup of a two-dimensional grid
-  let pp = st.pos + t;
+  let pp = u32(ix[p.positions + t]);
+  let pt = p.pages + u32(ix[p.seqOf + t]) * p.perSeq;
   var start = 0u;
   if (p.window > 0u && pp + 1u > p.window) { start = pp + 1u - p.window; }
   let kvDim = p.kvHeads * HD;
@@ -657,8 +764,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
   for (var j0 = start; j0 <= pp; j0 += ${WG}u) {
     let j = j0 + lid.x;
     var s = -3.0e38;
+    var ko = 0u;
     if (j <= pp) {
-      let ko = j * kvDim + kvo;
+      ko = cacheRow(pt, j) * kvDim + kvo;
       var dot = 0.0;
       for (var d = 0u; d < HD; d += PER_WORD) {
         let kw = kWord((ko + d) / PER_WORD);
@@ -667,6 +775,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
       s = dot * p.scale;
     }
     red[lid.x] = s;
+    rb[lid.x] = ko;
     workgroupBarrier();
     for (var k = ${WG / 2}u; k > 0u; k >>= 1u) {
       if (lid.x < k) { red[lid.x] = max(red[lid.x], red[lid.x + k]); }
@@ -691,7 +800,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
       let d = lid.x + r * ${WG}u;
       if (d < HD) {
         var a = acc[r] * corr;
-        for (var jj = 0u; jj < count; jj++) { a += ps[jj] * vAt((j0 + jj) * kvDim + kvo + d); }
+        for (var jj = 0u; jj < count; jj++) { a += ps[jj] * vAt(rb[jj] + d); }
         acc[r] = a;
       }
     }
