@@ -1,7 +1,10 @@
 /**
  * Kernels of the TypeScript backend for everything but the weight-typed matmul
- * (see `matmul.ts`). Plain loops over typed arrays with offsets and counts as
- * numbers, so V8 compiles them to tight machine code; none allocates.
+ * and embedding (see `matmul.ts`). Plain loops over typed arrays with offsets and
+ * counts as numbers, so V8 compiles them to tight machine code; none allocates.
+ *
+ * Every kernel computes each row from that row's own inputs in one fixed order, so
+ * a token's result is bit-identical whether its step holds 1 token or many.
  *
  * Shapes in comments: `x (T, D)` is T rows of D values, row-major.
  *
@@ -25,22 +28,23 @@ export function rmsNorm(out: Float32Array, x: Float32Array, w: Float32Array, T: 
 }
 
 /**
- * Rotate-half rotary embedding in place on x (T, heads * headDim), positions
- * `pos .. pos + T - 1`. `invFreq[i] = theta^(-2i/headDim)`, computed once per plan.
+ * Rotate-half rotary embedding of x (T, heads * headDim) into out (which may be x):
+ * row `t` at position `positions[t]`. `invFreq[i] = theta^(-2i/headDim)`, computed
+ * once per plan.
  */
 export function rope(
   out: Float32Array,
   x: Float32Array,
+  positions: Int32Array,
   T: number,
   heads: number,
   headDim: number,
-  pos: number,
   invFreq: Float64Array,
 ): void {
   const half = headDim >> 1;
   const row = heads * headDim;
   for (let t = 0; t < T; t++) {
-    const p = pos + t;
+    const p = positions[t];
     for (let i = 0; i < half; i++) {
       const angle = p * invFreq[i];
       const c = Math.cos(angle);
@@ -69,16 +73,87 @@ export function add(out: Float32Array, a: Float32Array, b: Float32Array, n: numb
   for (let i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
-/** out (1, D) = x row T-1. */
-export function lastRow(out: Float32Array, x: Float32Array, T: number, D: number): void {
-  out.set(x.subarray((T - 1) * D, T * D));
+/** out (R, D) = rows `rows[r]` of x (·, D). */
+export function gatherRows(out: Float32Array, x: Float32Array, rows: Int32Array, R: number, D: number): void {
+  for (let r = 0; r < R; r++) {
+    const src = rows[r] * D;
+    const dst = r * D;
+    for (let d = 0; d < D; d++) out[dst + d] = x[src + d];
+  }
+}
+
+/** The attributes of an attention node, and the width of its page table. */
+export interface AttentionShape {
+  /** Query heads. */
+  readonly heads: number;
+  /** Key/value heads (divides `heads`). */
+  readonly kvHeads: number;
+  /** Values per head. */
+  readonly headDim: number;
+  /** Multiplies every score before the softmax. */
+  readonly scale: number;
+  /** Positions a token sees, itself included; 0: all of its sequence's. */
+  readonly window: number;
+  /** Cache rows per page. */
+  readonly pageSize: number;
+  /** Pages per page-table row (the page table's second dimension). */
+  readonly pagesPerSeq: number;
 }
 
 /**
- * Causal grouped-query attention over the KV cache (layout `(capacity, kvHeads * headDim)`).
- * Appends k, v (T, kvHeads * headDim) at row `pos`, then for each new token and head
- * computes softmax(q·Kᵀ · scale) · V over the visible rows. `scores` has room for
- * `pos + T` values.
+ * Scratch memory of one attention node, made once when a plan is compiled: sized
+ * for the longest span a token can see (`pagesPerSeq × pageSize` positions).
+ */
+export interface AttentionScratch {
+  /** The scores, then the softmax weights, of one (token, head): index `j - start`. */
+  readonly scores: Float64Array;
+  /** One head's output, accumulated in f64. */
+  readonly acc: Float64Array;
+  /** The cache row of the first position of each page the token sees. */
+  readonly pageBase: Int32Array;
+}
+
+/** Scratch for an attention node of `shape` (see {@link AttentionScratch}). */
+export function attentionScratch(shape: AttentionShape): AttentionScratch {
+  return {
+    scores: new Float64Array(shape.pagesPerSeq * shape.pageSize),
+    acc: new Float64Array(shape.headDim),
+    pageBase: new Int32Array(shape.pagesPerSeq),
+  };
+}
+
+/**
+ * The cache row of position `p` of page-table row `s`:
+ * `pages[s][floor(p / pageSize)] * pageSize + p % pageSize`.
+ */
+function cacheRow(pages: Int32Array, s: number, p: number, a: AttentionShape): number {
+  const page = (p / a.pageSize) | 0;
+  return pages[s * a.pagesPerSeq + page] * a.pageSize + (p - page * a.pageSize);
+}
+
+/**
+ * Fills `pageBase[i]` with the cache row of the first position of page `i` of
+ * page-table row `s`, for the pages `first .. last`: one multiplication per page, so
+ * the inner loops never divide.
+ */
+function fillPageBases(
+  pageBase: Int32Array,
+  pages: Int32Array,
+  s: number,
+  first: number,
+  last: number,
+  a: AttentionShape,
+) {
+  const o = s * a.pagesPerSeq;
+  for (let i = first; i <= last; i++) pageBase[i] = pages[o + i] * a.pageSize;
+}
+
+/**
+ * Paged causal grouped-query attention over an f32 KV pool (layout
+ * `(pageCount * pageSize, kvHeads * headDim)`), as the `attention` op specifies:
+ * first the k, v rows of all T tokens are written at their `(seqOf[t], positions[t])`
+ * rows, then every token attends over its own sequence's positions
+ * `max(0, p - window + 1) .. p`. Inputs are trusted: `writeInput` checked every index.
  */
 export function attention(
   out: Float32Array,
@@ -87,39 +162,62 @@ export function attention(
   v: Float32Array,
   kCache: Float32Array,
   vCache: Float32Array,
-  scores: Float32Array,
+  positions: Int32Array,
+  seqOf: Int32Array,
+  pages: Int32Array,
   T: number,
-  pos: number,
-  heads: number,
-  kvHeads: number,
-  headDim: number,
-  scale: number,
-  window: number,
+  a: AttentionShape,
+  scratch: AttentionScratch,
 ): void {
+  const { heads, kvHeads, headDim, scale, window, pageSize } = a;
   const kvDim = kvHeads * headDim;
   const qDim = heads * headDim;
-  kCache.set(k.subarray(0, T * kvDim), pos * kvDim);
-  vCache.set(v.subarray(0, T * kvDim), pos * kvDim);
+  for (let t = 0; t < T; t++) {
+    const dst = cacheRow(pages, seqOf[t], positions[t], a) * kvDim;
+    const src = t * kvDim;
+    for (let i = 0; i < kvDim; i++) {
+      kCache[dst + i] = k[src + i];
+      vCache[dst + i] = v[src + i];
+    }
+  }
+  const { scores, acc, pageBase } = scratch;
   const group = heads / kvHeads;
   for (let t = 0; t < T; t++) {
-    const p = pos + t;
+    const p = positions[t];
     const start = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+    const firstPage = (start / pageSize) | 0;
+    const lastPage = (p / pageSize) | 0;
+    fillPageBases(pageBase, pages, seqOf[t], firstPage, lastPage, a);
     for (let h = 0; h < heads; h++) {
       const kvOff = ((h / group) | 0) * headDim;
       const qo = t * qDim + h * headDim;
-      for (let j = start; j <= p; j++) {
-        const ko = j * kvDim + kvOff;
-        let s = 0;
-        for (let d = 0; d < headDim; d++) s += q[qo + d] * kCache[ko + d];
-        scores[j] = s * scale;
+      let max = -Infinity;
+      for (let page = firstPage; page <= lastPage; page++) {
+        const j0 = page * pageSize;
+        const from = j0 > start ? j0 : start;
+        const to = j0 + pageSize - 1 < p ? j0 + pageSize - 1 : p;
+        for (let j = from; j <= to; j++) {
+          const ko = (pageBase[page] + j - j0) * kvDim + kvOff;
+          let s = 0;
+          for (let d = 0; d < headDim; d++) s += q[qo + d] * kCache[ko + d];
+          s *= scale;
+          scores[j - start] = s;
+          if (s > max) max = s;
+        }
       }
-      const inv = softmaxWeights(scores, start, p);
-      for (let d = 0; d < headDim; d++) out[qo + d] = 0;
-      for (let j = start; j <= p; j++) {
-        const wgt = scores[j] * inv;
-        const vo = j * kvDim + kvOff;
-        for (let d = 0; d < headDim; d++) out[qo + d] += wgt * vCache[vo + d];
+      const inv = softmaxWeights(scores, p - start + 1, max);
+      for (let d = 0; d < headDim; d++) acc[d] = 0;
+      for (let page = firstPage; page <= lastPage; page++) {
+        const j0 = page * pageSize;
+        const from = j0 > start ? j0 : start;
+        const to = j0 + pageSize - 1 < p ? j0 + pageSize - 1 : p;
+        for (let j = from; j <= to; j++) {
+          const wgt = scores[j - start];
+          const vo = (pageBase[page] + j - j0) * kvDim + kvOff;
+          for (let d = 0; d < headDim; d++) acc[d] += wgt * vCache[vo + d];
+        }
       }
+      for (let d = 0; d < headDim; d++) out[qo + d] = acc[d] * inv;
     }
   }
 }
@@ -128,7 +226,7 @@ export function attention(
 const F16_TABLE: Float32Array = f16Table();
 
 /**
- * {@link attention} over an f16 KV cache held as bit patterns: appended rows are
+ * {@link attention} over an f16 KV pool held as bit patterns: written rows are
  * rounded to the nearest f16, and reads go through a table. A separate function
  * rather than a shared one over both array kinds: V8 then keeps each loop's
  * element loads monomorphic (mixing them was measured 10× slower).
@@ -140,51 +238,70 @@ export function attentionF16(
   v: Float32Array,
   kCache: Uint16Array,
   vCache: Uint16Array,
-  scores: Float32Array,
+  positions: Int32Array,
+  seqOf: Int32Array,
+  pages: Int32Array,
   T: number,
-  pos: number,
-  heads: number,
-  kvHeads: number,
-  headDim: number,
-  scale: number,
-  window: number,
+  a: AttentionShape,
+  scratch: AttentionScratch,
 ): void {
+  const { heads, kvHeads, headDim, scale, window, pageSize } = a;
   const kvDim = kvHeads * headDim;
   const qDim = heads * headDim;
-  for (let i = 0, o = pos * kvDim; i < T * kvDim; i++, o++) {
-    kCache[o] = f32ToF16(k[i]);
-    vCache[o] = f32ToF16(v[i]);
+  for (let t = 0; t < T; t++) {
+    const dst = cacheRow(pages, seqOf[t], positions[t], a) * kvDim;
+    const src = t * kvDim;
+    for (let i = 0; i < kvDim; i++) {
+      kCache[dst + i] = f32ToF16(k[src + i]);
+      vCache[dst + i] = f32ToF16(v[src + i]);
+    }
   }
+  const { scores, acc, pageBase } = scratch;
   const group = heads / kvHeads;
   for (let t = 0; t < T; t++) {
-    const p = pos + t;
+    const p = positions[t];
     const start = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+    const firstPage = (start / pageSize) | 0;
+    const lastPage = (p / pageSize) | 0;
+    fillPageBases(pageBase, pages, seqOf[t], firstPage, lastPage, a);
     for (let h = 0; h < heads; h++) {
       const kvOff = ((h / group) | 0) * headDim;
       const qo = t * qDim + h * headDim;
-      for (let j = start; j <= p; j++) {
-        const ko = j * kvDim + kvOff;
-        let s = 0;
-        for (let d = 0; d < headDim; d++) s += q[qo + d] * F16_TABLE[kCache[ko + d]];
-        scores[j] = s * scale;
+      let max = -Infinity;
+      for (let page = firstPage; page <= lastPage; page++) {
+        const j0 = page * pageSize;
+        const from = j0 > start ? j0 : start;
+        const to = j0 + pageSize - 1 < p ? j0 + pageSize - 1 : p;
+        for (let j = from; j <= to; j++) {
+          const ko = (pageBase[page] + j - j0) * kvDim + kvOff;
+          let s = 0;
+          for (let d = 0; d < headDim; d++) s += q[qo + d] * F16_TABLE[kCache[ko + d]];
+          s *= scale;
+          scores[j - start] = s;
+          if (s > max) max = s;
+        }
       }
-      const inv = softmaxWeights(scores, start, p);
-      for (let d = 0; d < headDim; d++) out[qo + d] = 0;
-      for (let j = start; j <= p; j++) {
-        const wgt = scores[j] * inv;
-        const vo = j * kvDim + kvOff;
-        for (let d = 0; d < headDim; d++) out[qo + d] += wgt * F16_TABLE[vCache[vo + d]];
+      const inv = softmaxWeights(scores, p - start + 1, max);
+      for (let d = 0; d < headDim; d++) acc[d] = 0;
+      for (let page = firstPage; page <= lastPage; page++) {
+        const j0 = page * pageSize;
+        const from = j0 > start ? j0 : start;
+        const to = j0 + pageSize - 1 < p ? j0 + pageSize - 1 : p;
+        for (let j = from; j <= to; j++) {
+          const wgt = scores[j - start];
+          const vo = (pageBase[page] + j - j0) * kvDim + kvOff;
+          for (let d = 0; d < headDim; d++) acc[d] += wgt * F16_TABLE[vCache[vo + d]];
+        }
       }
+      for (let d = 0; d < headDim; d++) out[qo + d] = acc[d] * inv;
     }
   }
 }
 
-/** Replaces scores[start..end] by exp(score - max) and returns 1 / their sum. */
-function softmaxWeights(scores: Float32Array, start: number, end: number): number {
-  let max = -Infinity;
-  for (let j = start; j <= end; j++) if (scores[j] > max) max = scores[j];
+/** Replaces scores[0 .. n - 1] by exp(score - max) and returns 1 / their sum. */
+function softmaxWeights(scores: Float64Array, n: number, max: number): number {
   let sum = 0;
-  for (let j = start; j <= end; j++) {
+  for (let j = 0; j < n; j++) {
     const e = Math.exp(scores[j] - max);
     scores[j] = e;
     sum += e;

@@ -13,10 +13,16 @@
  * - q4_0 unpacks two nibbles per byte (element `j` low, `j + 16` high).
  *
  * Decode (one token) runs fused: the weights are decoded as they are read. Prefill
- * (several tokens) decodes each weight row once into a scratch row and then takes
- * the dot product of that row with every token. Typed-array views of a weight are
- * made on its first use and cached, and the scratch arrays only grow, so a step
- * allocates nothing once the first has run.
+ * (several tokens) of f16 and bf16 decodes each weight row once into a scratch row
+ * and then takes the dot product of that row with every token; q8_0 and q4_0
+ * prefill runs the decode path's block sums for four tokens at a time, sharing each
+ * load of the quants.
+ *
+ * A row's result does not depend on the step's T: every path sums the same products
+ * in the same order (f32 products are exact in f64, and table-decoded f16/bf16 values
+ * are exact f32), so a token gets bit-identical outputs alone or in a batch. Typed-array
+ * views of a weight are made on its first use and cached, and the scratch arrays only
+ * grow, so a step allocates nothing once the first has run.
  *
  * @module
  */
@@ -57,7 +63,7 @@ function rowScratch(K: number): Float32Array {
   return scratchRow;
 }
 
-/** Per-block sums of x for the q4_0 decode path; grows, never shrinks. */
+/** Per-block sums of x for the q4_0 paths (blocks × tokens); grows, never shrinks. */
 let scratchSums = new Float64Array(128);
 
 function blockSums(nb: number): Float64Array {
@@ -189,6 +195,136 @@ function decodeRowQ4(P: Uint8Array, S: Uint16Array, r: number, len: number, dst:
 }
 
 // ---------------------------------------------------------------------------
+// q8_0 and q4_0 prefill: the decode path's sums, four tokens sharing each quant load.
+
+/**
+ * out[t, n] for every t < T of q8_0 row `n`: per block, the int8 dot product with
+ * x[t], scaled once, summed over the blocks in order (as {@link matmulQ8_0} decodes).
+ */
+function q8RowTimesTokens(
+  out: Float32Array,
+  x: Float32Array,
+  Q: Int8Array,
+  S: Uint16Array,
+  n: number,
+  T: number,
+  K: number,
+  N: number,
+) {
+  const nb = K / QUANT_BLOCK;
+  const q0 = n * K, so = n * nb;
+  let t = 0;
+  for (; t + 4 <= T; t += 4) {
+    const x0 = t * K, x1 = x0 + K, x2 = x1 + K, x3 = x2 + K;
+    let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (let b = 0; b < nb; b++) {
+      const o = b * QUANT_BLOCK, end = o + QUANT_BLOCK;
+      let a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      for (let j = o; j < end; j++) {
+        const qv = Q[q0 + j];
+        a0 += qv * x[x0 + j];
+        a1 += qv * x[x1 + j];
+        a2 += qv * x[x2 + j];
+        a3 += qv * x[x3 + j];
+      }
+      const d = F16_TABLE[S[so + b]];
+      s0 += a0 * d;
+      s1 += a1 * d;
+      s2 += a2 * d;
+      s3 += a3 * d;
+    }
+    out[t * N + n] = s0;
+    out[(t + 1) * N + n] = s1;
+    out[(t + 2) * N + n] = s2;
+    out[(t + 3) * N + n] = s3;
+  }
+  for (; t < T; t++) {
+    const x0 = t * K;
+    let s0 = 0;
+    for (let b = 0; b < nb; b++) {
+      const o = b * QUANT_BLOCK, end = o + QUANT_BLOCK;
+      let a0 = 0;
+      for (let j = o; j < end; j++) a0 += Q[q0 + j] * x[x0 + j];
+      s0 += a0 * F16_TABLE[S[so + b]];
+    }
+    out[t * N + n] = s0;
+  }
+}
+
+/** xs[t * nb + b] = 8 × the sum of block `b` of x[t], for every t < T (the q4_0 offset). */
+function fillBlockSums(xs: Float64Array, x: Float32Array, T: number, K: number) {
+  const nb = K / QUANT_BLOCK;
+  for (let t = 0; t < T; t++) {
+    for (let b = 0; b < nb; b++) {
+      let sum = 0;
+      for (let j = t * K + b * QUANT_BLOCK, end = j + QUANT_BLOCK; j < end; j++) sum += x[j];
+      xs[t * nb + b] = 8 * sum;
+    }
+  }
+}
+
+/**
+ * out[t, n] for every t < T of q4_0 row `n`: per block, the nibble dot product with
+ * x[t] less its block offset, scaled once (as {@link matmulQ4_0} decodes).
+ */
+function q4RowTimesTokens(
+  out: Float32Array,
+  x: Float32Array,
+  xs: Float64Array,
+  P: Uint8Array,
+  S: Uint16Array,
+  n: number,
+  T: number,
+  K: number,
+  N: number,
+) {
+  const nb = K / QUANT_BLOCK;
+  const p0 = n * (K >> 1), so = n * nb;
+  let t = 0;
+  for (; t + 4 <= T; t += 4) {
+    const x0 = t * K, x1 = x0 + K, x2 = x1 + K, x3 = x2 + K;
+    const c0 = t * nb, c1 = c0 + nb, c2 = c1 + nb, c3 = c2 + nb;
+    let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (let b = 0; b < nb; b++) {
+      const o = b * QUANT_BLOCK, p = p0 + b * 16;
+      let a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      for (let j = 0; j < 16; j++) {
+        const v = P[p + j];
+        const lo = v & 15, hi = v >> 4;
+        const l = o + j, h = l + 16;
+        a0 += lo * x[x0 + l] + hi * x[x0 + h];
+        a1 += lo * x[x1 + l] + hi * x[x1 + h];
+        a2 += lo * x[x2 + l] + hi * x[x2 + h];
+        a3 += lo * x[x3 + l] + hi * x[x3 + h];
+      }
+      const d = F16_TABLE[S[so + b]];
+      s0 += (a0 - xs[c0 + b]) * d;
+      s1 += (a1 - xs[c1 + b]) * d;
+      s2 += (a2 - xs[c2 + b]) * d;
+      s3 += (a3 - xs[c3 + b]) * d;
+    }
+    out[t * N + n] = s0;
+    out[(t + 1) * N + n] = s1;
+    out[(t + 2) * N + n] = s2;
+    out[(t + 3) * N + n] = s3;
+  }
+  for (; t < T; t++) {
+    const x0 = t * K, c0 = t * nb;
+    let s0 = 0;
+    for (let b = 0; b < nb; b++) {
+      const o = x0 + b * QUANT_BLOCK, p = p0 + b * 16;
+      let a0 = 0;
+      for (let j = 0; j < 16; j++) {
+        const v = P[p + j];
+        a0 += (v & 15) * x[o + j] + (v >> 4) * x[o + j + 16];
+      }
+      s0 += (a0 - xs[c0 + b]) * F16_TABLE[S[so + b]];
+    }
+    out[t * N + n] = s0;
+  }
+}
+
+// ---------------------------------------------------------------------------
 // f32
 
 /**
@@ -235,8 +371,9 @@ export function matmulF32(out: Float32Array, x: Float32Array, w: TsWeight, T: nu
 export function embeddingF32(out: Float32Array, ids: Int32Array, table: TsWeight, T: number, D: number): void {
   const W = table.f32!;
   for (let t = 0; t < T; t++) {
-    const o = ids[t] * D;
-    out.set(W.subarray(o, o + D), t * D);
+    const src = ids[t] * D;
+    const dst = t * D;
+    for (let d = 0; d < D; d++) out[dst + d] = W[src + d];
   }
 }
 
@@ -315,11 +452,7 @@ export function matmulQ8_0(out: Float32Array, x: Float32Array, w: TsWeight, T: n
   const Q = q8Quants(w);
   const S = scaleView(w);
   if (T > 1) {
-    const row = rowScratch(K);
-    for (let n = 0; n < N; n++) {
-      decodeRowQ8(Q, S, n, K, row, 0);
-      rowTimesTokens(out, x, row, 0, n, T, K, N);
-    }
+    for (let n = 0; n < N; n++) q8RowTimesTokens(out, x, Q, S, n, T, K, N);
     return;
   }
   const nb = K / QUANT_BLOCK;
@@ -375,21 +508,13 @@ export function embeddingQ8_0(out: Float32Array, ids: Int32Array, table: TsWeigh
 export function matmulQ4_0(out: Float32Array, x: Float32Array, w: TsWeight, T: number, K: number, N: number): void {
   const P = w.bytes;
   const S = scaleView(w);
-  if (T > 1) {
-    const row = rowScratch(K);
-    for (let n = 0; n < N; n++) {
-      decodeRowQ4(P, S, n, K, row, 0);
-      rowTimesTokens(out, x, row, 0, n, T, K, N);
-    }
-    return;
-  }
   // Σ (q - 8) x = Σ q x - 8 Σ x: the block sums of x are taken once for every row.
   const nb = K / QUANT_BLOCK;
-  const xs = blockSums(nb);
-  for (let b = 0; b < nb; b++) {
-    let sum = 0;
-    for (let j = b * QUANT_BLOCK, end = j + QUANT_BLOCK; j < end; j++) sum += x[j];
-    xs[b] = 8 * sum;
+  const xs = blockSums(T * nb);
+  fillBlockSums(xs, x, T, K);
+  if (T > 1) {
+    for (let n = 0; n < N; n++) q4RowTimesTokens(out, x, xs, P, S, n, T, K, N);
+    return;
   }
   const half = K >> 1;
   let n = 0;
