@@ -13,6 +13,12 @@
  * native backend execute a step in one foreign call and the WebGPU backend record
  * a step into one command encoder.
  *
+ * A step runs off the caller's thread where the backend can (the ts backend's
+ * worker, the native library's threads, the GPU), so `run()` returns at once and
+ * the caller's event loop stays free. While a `run()` is pending the caller makes no
+ * other call on that executable or on the tensors bound to it (`writeInput`,
+ * `readOutput`, `readTensor`, `writeTensor`, `copyTensor`); backends rely on that.
+ *
  * @module
  */
 
@@ -82,6 +88,13 @@ export interface Executable {
 export interface BackendOptions {
   /** Worker threads for backends that have them; default: the backend's choice. */
   readonly threads?: number;
+  /**
+   * Where the ts backend runs its steps: `true` in a worker it owns (the factory fails with an
+   * `UnsupportedError` where `Worker`, `SharedArrayBuffer` or `Atomics.waitAsync` is missing),
+   * `false` on the caller's thread; default: in a worker where the platform allows it. Other
+   * backends ignore it.
+   */
+  readonly worker?: boolean;
 }
 
 /** A compute backend. */

@@ -447,7 +447,8 @@ Deno.test("conformance: index inputs and step dimensions outside the plan are re
       exec.writeInput(seqOf.id, Int32Array.of(0, 0, 1), 3);
       exec.writeInput(pages.id, Int32Array.of(2, 0, 1, 0), 4);
       await exec.run({ dims: { T: 3, S: 2 } });
-      for (const dims of [{ T: 5, S: 1 }, { T: 0, S: 1 }, { T: 1, S: 3 }, { T: 1 }]) {
+      const bad: Record<string, number>[] = [{ T: 5, S: 1 }, { T: 0, S: 1 }, { T: 1, S: 3 }, { T: 1 }];
+      for (const dims of bad) {
         await assert.rejects(() => exec.run({ dims }), RangeError);
       }
     } finally {
