@@ -2,16 +2,19 @@
  * `deno task bench`: prefill and decode speed of the engine, optionally side by side with llama.cpp
  * (through the anchor kit) on the very same weights. Run with `--help` for the options.
  *
- * Measured as the anchor kit measures llama.cpp: each rep starts from an empty sequence; prefill is
- * the P prompt tokens evaluated plus the first token picked (greedy), prefill tok/s = P / that time;
- * decode is the N following single-token steps, decode tok/s = N / that time. The prompt is the kit's
+ * Measured as llama.cpp's `llama-batched-bench` measures: each rep starts `--parallel` generations
+ * of the same prompt together (concurrent `model.generateTokens` calls, greedy, EOS ignored), which
+ * the model's engine batches into shared steps. Prefill is the time until every generation has its
+ * first token (all the prompts, and one token each), prefill tok/s = all prompt tokens / that time;
+ * decode is the time from then until the last token, decode tok/s = all the single-token evaluations
+ * in it / that time (aggregate); per-sequence decode tok/s is each generation's own rate, averaged.
+ * With one generation this is what the anchor kit measures for llama.cpp. The prompt is the kit's
  * pseudo-random id list, so both engines do the same work. One warm-up rep, then the median of the reps.
  *
  * @module
  */
 
 import {
-  argmax,
   backendNames,
   DEFAULT_MODEL_ID,
   KV_DTYPES,
@@ -30,6 +33,7 @@ import {
   parseToolArgs,
   resolveCliModel,
   runCli,
+  sharedDir,
 } from "./_cli.ts";
 import { ensureRandomModel, modelCacheDir } from "./_model_cache.ts";
 import { SHAPES } from "./_random_model.ts";
@@ -57,12 +61,18 @@ side by side with llama.cpp through the anchor kit (../shared/anchor).
                    repeatable or a comma list
   --prompt P       prompt tokens (default 128)
   --gen N          decoded tokens after the first (default 128)
+  --parallel LIST  generations decoding at once, a comma list giving one row each (default 1); each
+                   has the prompt and decodes --gen tokens, and the rows show aggregate tok/s
   --threads N      backend threads (default: the backend's choice)
   --reps R         timed reps after one warm-up; medians are shown (default 3)
   --json           one JSON object per row on stdout instead of the table
   --llamacpp DIR   an installed copy of the anchor kit (cp -r ../shared/anchor DIR && cd DIR && npm ci):
                    converts each model to GGUF of the same type, runs its bench with 1 and 2 threads,
                    and shows llama.cpp's best prefill and decode and our ratios to them
+  --llama-batched-bench PATH
+                   llama.cpp's llama-batched-bench binary (e.g. /tmp/llama.cpp/build/bin/llama-batched-bench):
+                   runs it on the same GGUF (converted with --llamacpp's kit, else ../shared/anchor's gguf.mjs)
+                   with -npp P -ntg N -npl LIST per thread count, and shows its aggregate decode (S_TG) per row
   --llama-threads  thread counts for llama.cpp (default 1,2)
   --kv f32|f16     KV cache dtype, of this engine and of llama.cpp alike (default f32)
   --help           show this help
@@ -82,40 +92,51 @@ export interface BenchRow {
   kvDtype: string;
   /** Dtype of each tensor group, e.g. "embeddings q8_0, attention f16, ffn f16, norms f32". */
   groups: string;
-  /** Prompt tokens per rep (`--prompt`). */
+  /** Prompt tokens per rep and generation (`--prompt`). */
   promptTokens: number;
-  /** Decoded tokens per rep after the first (`--gen`). */
+  /** Decoded tokens per rep and generation after the first (`--gen`). */
   genTokens: number;
+  /** Generations decoding at once (one of `--parallel`). */
+  parallel: number;
   /** `--threads`, or null for the backend's choice. */
   threads: number | null;
-  /** Median prefill tokens per second. */
+  /** Median prefill tokens per second, all generations' prompt tokens together. */
   prefillTokS: number;
-  /** Median decode tokens per second. */
+  /** Median decode tokens per second, all generations' tokens together. */
   decodeTokS: number;
-  /** Milliseconds per decoded token at the median decode speed. */
+  /** Median decode tokens per second of one generation (each generation's rate, averaged). */
+  perSequenceDecodeTokS: number;
+  /** Milliseconds per decoded token of one generation, at the median per-sequence speed. */
   msPerToken: number;
   /** Every rep's prefill tokens per second. */
   prefillAll: number[];
-  /** Every rep's decode tokens per second. */
+  /** Every rep's aggregate decode tokens per second. */
   decodeAll: number[];
   /** Resident weight bytes (`model.weightBytes`). */
   weightBytes: number;
-  /** Weight bytes read per decoded token (an untied embedding table is only indexed). */
+  /** Weight bytes read per decode step (an untied embedding table is only indexed). */
   bytesPerToken: number;
   /** The measured read bandwidth at the row's thread count, in GB/s (with FFI only). */
   bandwidthGBs?: number;
-  /** The decode tokens per second that bandwidth allows: bandwidth / bytes per token. */
+  /**
+   * The aggregate decode tokens per second that bandwidth allows: a step reads the weights once for
+   * all its generations' tokens, so `parallel` × bandwidth / bytes per step (KV reads not counted).
+   */
   decodeCeiling?: number;
   /** The decode speed as a fraction of {@link BenchRow.decodeCeiling}. */
   ceilingFraction?: number;
-  /** The weights read per token fit in the last-level cache: the ceiling does not bind. */
+  /** The weights read per step fit in the last-level cache: the ceiling does not bind. */
   fitsInCache?: boolean;
-  /** llama.cpp on the same weights (with `--llamacpp`). */
+  /** llama.cpp on the same weights through the anchor kit (with `--llamacpp`; one sequence, so parallel 1 rows). */
   llama?: LlamaResult;
   /** Our prefill speed over llama.cpp's best. */
   prefillRatio?: number;
   /** Our decode speed over llama.cpp's best. */
   decodeRatio?: number;
+  /** llama-batched-bench at this row's parallel count (with `--llama-batched-bench`). */
+  llamaBatched?: LlamaBatchedResult;
+  /** Our aggregate decode speed over llama-batched-bench's best. */
+  batchedDecodeRatio?: number;
 }
 
 /** llama.cpp's speeds on one model through the anchor kit, best over the thread counts tried. */
@@ -138,6 +159,28 @@ export interface LlamaResult {
   byThreads: Record<string, { prefill: number; decode: number }>;
 }
 
+/** llama-batched-bench's speeds at one parallel count (`-npl`), best over the thread counts tried. */
+export interface LlamaBatchedResult {
+  /** The GGUF file it ran. */
+  gguf: string;
+  /** Its GGUF weight type ("F32", "Q8_0", …). */
+  type: string;
+  /** Its KV cache type ("F32" or "F16"). */
+  kv: string;
+  /** Sequences decoding at once (`B` in its table, `pl` in its JSON lines). */
+  parallel: number;
+  /** The best aggregate prefill tokens per second (`S_PP t/s`). */
+  prefillTokS: number;
+  /** The thread count of the best prefill. */
+  prefillThreads: number;
+  /** The best aggregate decode tokens per second (`S_TG t/s`). */
+  decodeTokS: number;
+  /** The thread count of the best decode. */
+  decodeThreads: number;
+  /** Aggregate prefill and decode tokens per second by thread count. */
+  byThreads: Record<string, { prefill: number; decode: number }>;
+}
+
 /** The anchor kit's prompt: `s = 12345`, `s = s * 1103515245 + 12345 mod 2^32`, id = 3 + s mod min(V - 3, 2000). */
 export function kitPrompt(length: number, vocabSize: number): number[] {
   let s = 12345;
@@ -154,34 +197,61 @@ function median(a: readonly number[]): number {
   return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
 }
 
-/** Times `reps` runs (after one warm-up) of prefill + decode as the anchor kit does. */
+/** Every timed rep's aggregate prefill and decode and per-sequence decode tokens per second. */
+export interface Timings {
+  /** Aggregate prefill tokens per second, per rep. */
+  prefill: number[];
+  /** Aggregate decode tokens per second, per rep. */
+  decode: number[];
+  /** Per-sequence decode tokens per second (averaged over the generations), per rep. */
+  perSequence: number[];
+}
+
+/**
+ * Times `reps` runs (after one warm-up) of `parallel` generations started together, each of
+ * `promptTokens` prompt tokens and `genTokens` decoded after the first (see the module's doc).
+ */
 export async function timeModel(
   model: Model,
   promptTokens: number,
   genTokens: number,
   reps: number,
-): Promise<{ prefill: number[]; decode: number[] }> {
-  const V = model.config.vocabSize;
-  const prompt = kitPrompt(promptTokens, V);
-  const prefill: number[] = [];
-  const decode: number[] = [];
+  parallel = 1,
+): Promise<Timings> {
+  const prompt = kitPrompt(promptTokens, model.config.vocabSize);
+  const out: Timings = { prefill: [], decode: [], perSequence: [] };
   for (let r = -1; r < reps; r++) {
-    const seq = model.createSequence();
-    try {
-      const t0 = performance.now();
-      let id = argmax(await seq.evaluate(prompt), V);
-      const t1 = performance.now();
-      for (let i = 0; i < genTokens; i++) id = argmax(await seq.evaluate([id]), V);
-      const t2 = performance.now();
-      if (r >= 0) {
-        prefill.push(promptTokens / ((t1 - t0) / 1000));
-        decode.push(genTokens / ((t2 - t1) / 1000));
-      }
-    } finally {
-      await seq.dispose();
-    }
+    const t0 = performance.now();
+    const runs = await Promise.all(Array.from({ length: parallel }, () => timeGeneration(model, prompt, genTokens)));
+    if (r < 0) continue;
+    // The prefill phase ends when the last generation has its first token; the decode phase with the last token.
+    const prefillEnd = Math.max(...runs.map((g) => g.first));
+    const end = Math.max(...runs.map((g) => g.last));
+    out.prefill.push((parallel * promptTokens) / ((prefillEnd - t0) / 1000));
+    // The first token's arrival includes its own evaluation (the first decode step): genTokens - 1 follow it.
+    out.decode.push((parallel * (genTokens - 1)) / ((end - prefillEnd) / 1000));
+    out.perSequence.push(runs.reduce((a, g) => a + (genTokens - 1) / ((g.last - g.first) / 1000), 0) / parallel);
   }
-  return { prefill, decode };
+  return out;
+}
+
+/**
+ * One greedy generation of `genTokens` + 1 tokens (the first, then `genTokens` evaluated one at a
+ * time, the last of them sampled only): when its first and last tokens arrived.
+ */
+async function timeGeneration(
+  model: Model,
+  prompt: readonly number[],
+  genTokens: number,
+): Promise<{ first: number; last: number }> {
+  let first = 0;
+  let count = 0;
+  for await (const _ of model.generateTokens(prompt, { maxTokens: genTokens + 1, temperature: 0, ignoreEos: true })) {
+    if (count++ === 0) first = performance.now();
+  }
+  const last = performance.now();
+  if (count !== genTokens + 1) throw new Error(`Generated ${count} tokens, expected ${genTokens + 1}`);
+  return { first, last };
 }
 
 function groupOf(name: string): string {
@@ -195,7 +265,7 @@ function groupOf(name: string): string {
 
 /** Dtypes of each tensor group and the bytes read per decoded token, from the model's graph. */
 export function weightSummary(model: Model): { groups: string; bytesPerToken: number } {
-  const graph = model.graph("last");
+  const graph = model.graph();
   const groups = new Map<string, Set<DType>>();
   let bytes = 0;
   for (const t of graph.tensors) {
@@ -254,11 +324,14 @@ async function readBandwidth(threads: number): Promise<number | undefined> {
   }
 }
 
-async function run(cmd: string, args: string[], cwd: string): Promise<string> {
+async function run(cmd: string, args: string[], cwd?: string): Promise<string> {
   let out;
   try {
     out = await new Deno.Command(cmd, { args, cwd, stdout: "piped", stderr: "piped" }).output();
   } catch (e) {
+    if (e instanceof Deno.errors.NotCapable) {
+      throw new CliError(`Cannot run "${cmd}": run access is not granted (run with --allow-run=${cmd})`, 1);
+    }
     throw new CliError(`Cannot run "${cmd}": ${(e as Error).message}`, 1);
   }
   const text = new TextDecoder().decode(out.stdout);
@@ -277,14 +350,8 @@ async function newerThan(a: string, b: string): Promise<boolean> {
   }
 }
 
-/** Converts `dir` to GGUF with the kit (cached) and runs its bench with each thread count. */
-async function benchLlama(
-  kit: string,
-  label: string,
-  dir: string,
-  type: string,
-  o: { prompt: number; gen: number; reps: number; threads: number[]; kv: string },
-): Promise<LlamaResult> {
+/** `dir` as a GGUF of `type`, converted with the kit's `gguf.mjs` into the cache (once, until the weights change). */
+async function ensureGguf(kit: string, label: string, dir: string, type: string): Promise<string> {
   const ggufDir = `${modelCacheDir()}/gguf`;
   await Deno.mkdir(ggufDir, { recursive: true });
   const gguf = `${ggufDir}/${label.replace(/[^\w.-]+/g, "_")}-${type}.gguf`;
@@ -299,6 +366,22 @@ async function benchLlama(
       await Deno.remove(partial).catch(() => {});
     }
   }
+  return gguf;
+}
+
+/** The best (largest) of `byThreads` by `key`, with its thread count. */
+function best(byThreads: Record<string, { prefill: number; decode: number }>, key: "prefill" | "decode") {
+  const [threads, speeds] = Object.entries(byThreads).reduce((a, b) => (b[1][key] > a[1][key] ? b : a));
+  return { tokS: speeds[key], threads: Number(threads) };
+}
+
+/** Runs the kit's bench on `gguf` with each thread count. */
+async function benchLlama(
+  kit: string,
+  gguf: string,
+  type: string,
+  o: { prompt: number; gen: number; reps: number; threads: number[]; kv: string },
+): Promise<LlamaResult> {
   const byThreads: LlamaResult["byThreads"] = {};
   for (const t of o.threads) {
     const args = [`${kit}/llamacpp.mjs`, "bench", gguf, "--prompt", String(o.prompt), "--gen", String(o.gen)];
@@ -307,19 +390,84 @@ async function benchLlama(
     const r = JSON.parse(line);
     byThreads[t] = { prefill: r.prefill_tok_s.median, decode: r.decode_tok_s.median };
   }
-  const entries = Object.entries(byThreads);
-  const bestP = entries.reduce((a, b) => (b[1].prefill > a[1].prefill ? b : a));
-  const bestD = entries.reduce((a, b) => (b[1].decode > a[1].decode ? b : a));
+  const p = best(byThreads, "prefill");
+  const d = best(byThreads, "decode");
   return {
     gguf,
     type,
     kv: o.kv,
-    prefillTokS: bestP[1].prefill,
-    prefillThreads: Number(bestP[0]),
-    decodeTokS: bestD[1].decode,
-    decodeThreads: Number(bestD[0]),
+    prefillTokS: p.tokS,
+    prefillThreads: p.threads,
+    decodeTokS: d.tokS,
+    decodeThreads: d.threads,
     byThreads,
   };
+}
+
+/** One result line of `llama-batched-bench --output-format jsonl`, the fields read from it. */
+interface BatchedLine {
+  /** Sequences (`-npl`). */
+  pl: number;
+  /** Aggregate prompt tokens per second. */
+  speed_pp: number;
+  /** Aggregate generated tokens per second. */
+  speed_tg: number;
+}
+
+/** The result lines of llama-batched-bench's JSON-lines output (it prints nothing else on stdout). */
+export function parseBatchedBench(stdout: string): BatchedLine[] {
+  const rows: BatchedLine[] = [];
+  for (const line of stdout.split("\n")) {
+    if (!line.trim().startsWith("{")) continue;
+    const r = JSON.parse(line);
+    if (![r.pl, r.speed_pp, r.speed_tg].every((v) => typeof v === "number" && Number.isFinite(v))) {
+      throw new CliError(`Unexpected llama-batched-bench line (no numeric pl, speed_pp, speed_tg): ${line}`, 1);
+    }
+    rows.push({ pl: r.pl, speed_pp: r.speed_pp, speed_tg: r.speed_tg });
+  }
+  return rows;
+}
+
+/**
+ * Runs llama-batched-bench on `gguf` for every parallel count at once (`-npl`), once per thread count,
+ * with a context that holds every sequence; gives its speeds per parallel count.
+ */
+async function benchLlamaBatched(
+  binary: string,
+  gguf: string,
+  type: string,
+  o: { prompt: number; gen: number; parallel: number[]; threads: number[]; kv: string },
+): Promise<Map<number, LlamaBatchedResult>> {
+  const context = Math.max(...o.parallel) * (o.prompt + o.gen + 1);
+  const byParallel = new Map<number, LlamaBatchedResult["byThreads"]>();
+  for (const t of o.threads) {
+    const args = ["-m", gguf, "-c", String(context), "-npp", String(o.prompt), "-ntg", String(o.gen)];
+    args.push("-npl", o.parallel.join(","), "-t", String(t), "-ctk", o.kv.toLowerCase(), "-ctv", o.kv.toLowerCase());
+    args.push("--output-format", "jsonl");
+    for (const r of parseBatchedBench(await run(binary, args))) {
+      if (!byParallel.has(r.pl)) byParallel.set(r.pl, {});
+      byParallel.get(r.pl)![t] = { prefill: r.speed_pp, decode: r.speed_tg };
+    }
+  }
+  const out = new Map<number, LlamaBatchedResult>();
+  for (const parallel of o.parallel) {
+    const byThreads = byParallel.get(parallel);
+    if (!byThreads) throw new CliError(`llama-batched-bench gave no result for ${parallel} sequences`, 1);
+    const p = best(byThreads, "prefill");
+    const d = best(byThreads, "decode");
+    out.set(parallel, {
+      gguf,
+      type,
+      kv: o.kv,
+      parallel,
+      prefillTokS: p.tokS,
+      prefillThreads: p.threads,
+      decodeTokS: d.tokS,
+      decodeThreads: d.threads,
+      byThreads,
+    });
+  }
+  return out;
 }
 
 function list(values: string[] | undefined, fallback: string[]): string[] {
@@ -345,34 +493,51 @@ function fmt(n: number | undefined, digits = 1): string {
   return n === undefined || !Number.isFinite(n) ? "" : n.toFixed(digits);
 }
 
-async function main(): Promise<void> {
+/** The settings of a run, from the flags. */
+interface BenchSettings {
+  models: string[];
+  backends: string[];
+  dtypes: ("stored" | WeightDType)[];
+  prompt: number;
+  gen: number;
+  parallel: number[];
+  threads: number | undefined;
+  reps: number;
+  json: boolean;
+  llamaThreads: number[];
+  kvDtype: "f32" | "f16";
+  /** The anchor kit (`--llamacpp`). */
+  kit: string | undefined;
+  /** The llama-batched-bench binary (`--llama-batched-bench`). */
+  batched: string | undefined;
+  /** The kit whose gguf.mjs converts for llama-batched-bench: `--llamacpp`'s, else the shared one. */
+  converter: string | undefined;
+}
+
+/** The kit in the shared folder beside the repository (its gguf.mjs needs no npm packages). */
+function sharedKit(): string | undefined {
+  const shared = sharedDir();
+  return shared === undefined ? undefined : `${shared}/anchor`;
+}
+
+async function settings(): Promise<BenchSettings | undefined> {
   const args = parseToolArgs("bench", HELP, {
     model: { type: "string", multiple: true },
     backend: { type: "string", multiple: true },
     dtype: { type: "string", multiple: true },
     prompt: { type: "string" },
     gen: { type: "string" },
+    parallel: { type: "string", multiple: true },
     threads: { type: "string" },
     reps: { type: "string" },
     json: { type: "boolean" },
     llamacpp: { type: "string" },
+    "llama-batched-bench": { type: "string" },
     "llama-threads": { type: "string" },
     kv: { type: "string" },
   });
-  if (!args) return;
+  if (!args) return undefined;
   const { values } = args;
-  const models = list(values.model, ["story", "stories15m", "minueza-32m-shape"]);
-  const backends = list(values.backend, ["ts"]).map((b) => choiceFlag("backend", b, backendNames())!);
-  const dtypes = list(values.dtype, ["stored"]).map((d) => d === "stored" ? d : choiceFlag("dtype", d, WEIGHT_DTYPES)!);
-  const prompt = numberFlag("prompt", values.prompt, { integer: true, min: 1, max: 4096 }) ?? 128;
-  const gen = numberFlag("gen", values.gen, { integer: true, min: 1, max: 4096 }) ?? 128;
-  const threads = numberFlag("threads", values.threads, { integer: true, min: 1, max: 1024 });
-  const reps = numberFlag("reps", values.reps, { integer: true, min: 1, max: 1000 }) ?? 3;
-  const llamaThreads = list(values["llama-threads"] ? [values["llama-threads"]] : undefined, ["1", "2"]).map((t) =>
-    numberFlag("llama-threads", t, { integer: true, min: 1, max: 1024 })!
-  );
-  const kvDtype = choiceFlag("kv", values.kv?.toLowerCase(), KV_DTYPES) ?? "f32";
-  const kv = kvDtype.toUpperCase();
   const kit = values.llamacpp?.replace(/\/+$/, "");
   if (kit) {
     try {
@@ -384,7 +549,65 @@ async function main(): Promise<void> {
       );
     }
   }
+  const batched = values["llama-batched-bench"];
+  const converter = kit ?? sharedKit();
+  if (batched !== undefined) {
+    try {
+      if (!(await Deno.stat(batched)).isFile) throw new Error("not a file");
+    } catch {
+      throw new CliError(`Invalid --llama-batched-bench "${batched}": expected the llama-batched-bench binary`);
+    }
+    try {
+      await Deno.stat(`${converter}/gguf.mjs`);
+    } catch {
+      throw new CliError(
+        `Cannot convert models for --llama-batched-bench: no gguf.mjs in "${converter}" (give the kit with --llamacpp DIR)`,
+      );
+    }
+  }
+  return {
+    models: list(values.model, ["story", "stories15m", "minueza-32m-shape"]),
+    backends: list(values.backend, ["ts"]).map((b) => choiceFlag("backend", b, backendNames())!),
+    dtypes: list(values.dtype, ["stored"]).map((d) =>
+      d === "stored" ? "stored" : choiceFlag("dtype", d, WEIGHT_DTYPES)!
+    ),
+    prompt: numberFlag("prompt", values.prompt, { integer: true, min: 1, max: 4096 }) ?? 128,
+    // The decode rate is measured over the tokens after the first: there must be one.
+    gen: numberFlag("gen", values.gen, { integer: true, min: 2, max: 4096 }) ?? 128,
+    parallel: [
+      ...new Set(
+        list(values.parallel, ["1"]).map((p) => numberFlag("parallel", p, { integer: true, min: 1, max: 256 })!),
+      ),
+    ],
+    threads: numberFlag("threads", values.threads, { integer: true, min: 1, max: 1024 }),
+    reps: numberFlag("reps", values.reps, { integer: true, min: 1, max: 1000 }) ?? 3,
+    json: values.json ?? false,
+    llamaThreads: list(values["llama-threads"] ? [values["llama-threads"]] : undefined, ["1", "2"]).map((t) =>
+      numberFlag("llama-threads", t, { integer: true, min: 1, max: 1024 })!
+    ),
+    kvDtype: choiceFlag("kv", values.kv?.toLowerCase(), KV_DTYPES) ?? "f32",
+    kit,
+    batched,
+    converter,
+  };
+}
 
+/** The largest step the bench's model is planned for: every prompt in one step, up to 2048 tokens (llama.cpp's -b). */
+function prefillChunk(o: BenchSettings): number {
+  return Math.max(64, Math.min(2048, o.prompt * Math.max(...o.parallel)));
+}
+
+/** llama.cpp's results for a model, computed once per GGUF type and shared by its rows. */
+interface LlamaResults {
+  kit?: LlamaResult;
+  batched?: Map<number, LlamaBatchedResult>;
+}
+
+async function main(): Promise<void> {
+  const o = await settings();
+  if (!o) return;
+  const { prompt, gen, threads, reps, kvDtype } = o;
+  const kv = kvDtype.toUpperCase();
   const machine =
     `${navigator.hardwareConcurrency} CPUs, Deno ${Deno.version.deno}, ${Deno.build.os}-${Deno.build.arch}`;
   // The ceiling of a row uses the bandwidth at its thread count: 1 for the single-threaded ts backend,
@@ -392,13 +615,15 @@ async function main(): Promise<void> {
   const rowThreads = (backend: string) => backend === "ts" ? 1 : threads ?? Math.min(2, navigator.hardwareConcurrency);
   const bandwidth = new Map<number, number>();
   const llc = lastLevelCache();
-  for (const t of new Set(backends.map(rowThreads))) {
+  for (const t of new Set(o.backends.map(rowThreads))) {
     const gbs = await readBandwidth(t);
     if (gbs) bandwidth.set(t, gbs);
   }
-  if (!values.json) {
+  if (!o.json) {
     stdout.line(
-      `# bench: prompt ${prompt} tokens, ${gen} decoded, greedy, ${kvDtype} KV cache, median of ${reps} reps; ${machine}`,
+      `# bench: prompt ${prompt} tokens, ${gen} decoded, greedy, ${kvDtype} KV cache, ${
+        o.parallel.join("/")
+      } generations at once, median of ${reps} reps; ${machine}`,
     );
     stdout.line(
       bandwidth.size
@@ -415,29 +640,34 @@ async function main(): Promise<void> {
     "dtype",
     "tensor dtypes",
     "prompt",
+    "parallel",
     "prefill tok/s",
     "decode tok/s",
+    "per-seq decode tok/s",
     "ms/token",
     "weight bytes",
   ];
   if (bandwidth.size) header.push("decode ceiling", "of ceiling");
-  if (kit) header.push("llama.cpp prefill (thr)", "llama.cpp decode (thr)", "prefill ours/llama", "decode ours/llama");
-  if (!values.json) {
+  if (o.kit) {
+    header.push("llama.cpp prefill (thr)", "llama.cpp decode (thr)", "prefill ours/llama", "decode ours/llama");
+  }
+  if (o.batched) header.push("llama-batched-bench decode (thr)", "decode ours/batched");
+  if (!o.json) {
     stdout.line(`| ${header.join(" | ")} |`);
     stdout.line(`|${header.map(() => "---").join("|")}|`);
   }
 
   let failures = 0;
-  for (const spec of models) {
+  for (const spec of o.models) {
     let folder;
     try {
       folder = await modelFolder(spec);
     } catch (e) {
       throw e instanceof CliError ? e : loadError(spec, e);
     }
-    for (const dtype of dtypes) {
-      const llamaCache = new Map<string, LlamaResult>();
-      for (const backend of backends) {
+    for (const dtype of o.dtypes) {
+      const llamaCache = new Map<string, LlamaResults>();
+      for (const backend of o.backends) {
         let model: Model;
         try {
           const maxPositions = Number(
@@ -448,13 +678,15 @@ async function main(): Promise<void> {
               `Invalid --prompt ${prompt} with --gen ${gen}: "${spec}" holds at most ${maxPositions} positions`,
             );
           }
+          const contextLength = Math.min(prompt + gen + 16, maxPositions);
           model = await loadModel(folder.dir, {
             backend,
             threads,
             dtype: dtype === "stored" ? undefined : dtype,
             kvDtype,
-            prefillChunk: Math.max(prompt, 64),
-            contextLength: Math.min(prompt + gen + 16, maxPositions),
+            prefillChunk: prefillChunk(o),
+            contextLength,
+            kvCacheTokens: Math.max(...o.parallel) * contextLength,
           });
         } catch (e) {
           if (e instanceof CliError) throw e;
@@ -463,101 +695,123 @@ async function main(): Promise<void> {
           failures++;
           continue;
         }
-        let row: BenchRow;
+        const rows: BenchRow[] = [];
         try {
-          const t = await timeModel(model, prompt, gen, reps);
           const { groups, bytesPerToken } = weightSummary(model);
-          const decode = median(t.decode);
-          row = {
-            model: folder.label,
-            dir: folder.dir,
-            backend,
-            dtype,
-            kvDtype,
-            groups,
-            promptTokens: prompt,
-            genTokens: gen,
-            threads: threads ?? null,
-            prefillTokS: median(t.prefill),
-            decodeTokS: decode,
-            msPerToken: 1000 / decode,
-            prefillAll: t.prefill.map((x) => +x.toFixed(2)),
-            decodeAll: t.decode.map((x) => +x.toFixed(2)),
-            weightBytes: model.weightBytes,
-            bytesPerToken,
-          };
-          const gbs = bandwidth.get(rowThreads(backend));
-          if (gbs) {
-            row.fitsInCache = llc !== undefined && bytesPerToken <= llc;
-            row.bandwidthGBs = gbs;
-            row.decodeCeiling = (gbs * 1e9) / bytesPerToken;
-            row.ceilingFraction = decode / row.decodeCeiling;
+          for (const parallel of o.parallel) {
+            const t = await timeModel(model, prompt, gen, reps, parallel);
+            const decode = median(t.decode);
+            const perSequence = median(t.perSequence);
+            const row: BenchRow = {
+              model: folder.label,
+              dir: folder.dir,
+              backend,
+              dtype,
+              kvDtype,
+              groups,
+              promptTokens: prompt,
+              genTokens: gen,
+              parallel,
+              threads: threads ?? null,
+              prefillTokS: median(t.prefill),
+              decodeTokS: decode,
+              perSequenceDecodeTokS: perSequence,
+              msPerToken: 1000 / perSequence,
+              prefillAll: t.prefill.map((x) => +x.toFixed(2)),
+              decodeAll: t.decode.map((x) => +x.toFixed(2)),
+              weightBytes: model.weightBytes,
+              bytesPerToken,
+            };
+            const gbs = bandwidth.get(rowThreads(backend));
+            if (gbs) {
+              row.fitsInCache = llc !== undefined && bytesPerToken <= llc;
+              row.bandwidthGBs = gbs;
+              row.decodeCeiling = (parallel * gbs * 1e9) / bytesPerToken;
+              row.ceilingFraction = decode / row.decodeCeiling;
+            }
+            rows.push(row);
           }
         } finally {
           await model.dispose();
         }
-        if (kit) {
+        if (o.kit || o.batched) {
           const stored = JSON.parse(await Deno.readTextFile(`${folder.dir}/config.json`)).torch_dtype;
           const asStored = stored === "float16" ? "f16" : "f32";
           const type = GGUF_TYPE[dtype === "stored" ? asStored : dtype];
           if (type) {
             if (!llamaCache.has(type)) {
+              const results: LlamaResults = {};
+              llamaCache.set(type, results);
               try {
-                llamaCache.set(
-                  type,
-                  await benchLlama(kit, folder.label, folder.dir, type, {
-                    prompt,
-                    gen,
-                    reps,
-                    threads: llamaThreads,
-                    kv,
-                  }),
-                );
+                const gguf = await ensureGguf((o.kit ?? o.converter)!, folder.label, folder.dir, type);
+                const common = { prompt, gen, threads: o.llamaThreads, kv };
+                if (o.kit) results.kit = await benchLlama(o.kit, gguf, type, { ...common, reps });
+                if (o.batched) {
+                  results.batched = await benchLlamaBatched(o.batched, gguf, type, { ...common, parallel: o.parallel });
+                }
               } catch (e) {
                 console.error(`bench: llama.cpp on ${folder.label} (${type}): ${(e as Error).message}`);
                 failures++;
               }
             }
-            row.llama = llamaCache.get(type);
-            if (row.llama) {
-              row.prefillRatio = row.prefillTokS / row.llama.prefillTokS;
-              row.decodeRatio = row.decodeTokS / row.llama.decodeTokS;
-            }
+            const results = llamaCache.get(type)!;
+            for (const row of rows) addLlama(row, results);
           }
         }
-        if (values.json) {
-          stdout.line(JSON.stringify(row));
-          continue;
-        }
-        const cells = [
-          row.model,
-          row.backend + (threads ? ` (${threads} thr)` : ""),
-          row.dtype,
-          row.groups,
-          String(row.promptTokens),
-          fmt(row.prefillTokS),
-          fmt(row.decodeTokS),
-          fmt(row.msPerToken, 3),
-          `${row.weightBytes} (${formatBytes(row.weightBytes)})`,
-        ];
-        if (bandwidth.size) {
-          const cached = llc !== undefined && row.bytesPerToken <= llc ? " (fits in cache)" : "";
-          cells.push(fmt(row.decodeCeiling, 0) + cached, `${fmt((row.ceilingFraction ?? NaN) * 100, 0)}%`);
-        }
-        if (kit) {
-          const l = row.llama;
-          cells.push(
-            l ? `${fmt(l.prefillTokS)} (${l.prefillThreads})` : "n/a",
-            l ? `${fmt(l.decodeTokS)} (${l.decodeThreads})` : "n/a",
-            fmt(row.prefillRatio, 2),
-            fmt(row.decodeRatio, 2),
-          );
-        }
-        stdout.line(`| ${cells.join(" | ")} |`);
+        for (const row of rows) stdout.line(o.json ? JSON.stringify(row) : tableLine(row, o, bandwidth.size > 0, llc));
       }
     }
   }
   if (failures) throw new CliError(`${failures} row${failures > 1 ? "s" : ""} failed (see above)`, 1);
+}
+
+/** Puts llama.cpp's results beside a row: the kit's single-sequence bench on parallel 1 rows, llama-batched-bench on each. */
+function addLlama(row: BenchRow, results: LlamaResults): void {
+  if (results.kit && row.parallel === 1) {
+    row.llama = results.kit;
+    row.prefillRatio = row.prefillTokS / results.kit.prefillTokS;
+    row.decodeRatio = row.decodeTokS / results.kit.decodeTokS;
+  }
+  const batched = results.batched?.get(row.parallel);
+  if (batched) {
+    row.llamaBatched = batched;
+    row.batchedDecodeRatio = row.decodeTokS / batched.decodeTokS;
+  }
+}
+
+/** A row of the table. */
+function tableLine(row: BenchRow, o: BenchSettings, withCeiling: boolean, llc: number | undefined): string {
+  const cells = [
+    row.model,
+    row.backend + (o.threads ? ` (${o.threads} thr)` : ""),
+    row.dtype,
+    row.groups,
+    String(row.promptTokens),
+    String(row.parallel),
+    fmt(row.prefillTokS),
+    fmt(row.decodeTokS),
+    fmt(row.perSequenceDecodeTokS),
+    fmt(row.msPerToken, 3),
+    `${row.weightBytes} (${formatBytes(row.weightBytes)})`,
+  ];
+  if (withCeiling) {
+    const cached = llc !== undefined && row.bytesPerToken <= llc ? " (fits in cache)" : "";
+    cells.push(fmt(row.decodeCeiling, 0) + cached, `${fmt((row.ceilingFraction ?? NaN) * 100, 0)}%`);
+  }
+  if (o.kit) {
+    const l = row.llama;
+    cells.push(
+      l ? `${fmt(l.prefillTokS)} (${l.prefillThreads})` : "n/a",
+      l ? `${fmt(l.decodeTokS)} (${l.decodeThreads})` : "n/a",
+      fmt(row.prefillRatio, 2),
+      fmt(row.decodeRatio, 2),
+    );
+  }
+  if (o.batched) {
+    const b = row.llamaBatched;
+    cells.push(b ? `${fmt(b.decodeTokS)} (${b.decodeThreads})` : "n/a", fmt(row.batchedDecodeRatio, 2));
+  }
+  return `| ${cells.join(" | ")} |`;
 }
 
 if (import.meta.main) await runCli("bench", main);

@@ -40,9 +40,12 @@ Options:
   --context-length N    positions per sequence (default: the model's, at most 4096)
   --dtype TYPE          weight dtype: ${WEIGHT_DTYPES.join(", ")} (default: as stored)
   --kv-dtype TYPE       KV cache dtype: ${KV_DTYPES.join(" or ")} (default f32)
+  --kv-cache-tokens N   the most tokens the KV cache pool shared by all requests may hold; it
+                        grows on demand up to that (default 4 × the context length)
   --host HOST           address to listen on (default 127.0.0.1)
   --port N              port (default 8080; 0 picks a free one)
-  --parallel N          generations at once (default 2)
+  --parallel N          generations at once, decoded together in shared steps; a request with
+                        n choices takes n of them (default 4)
   --max-queue N         requests that may wait; more get 429 (default 16)
   --cache-mb N          prompt cache budget in MiB of KV cache (default 256; 0 disables)
   --max-body-kb N       largest request body in KiB (default 1024)
@@ -96,6 +99,7 @@ async function main(progress: ProgressDisplay): Promise<void> {
     name: { type: "string", multiple: true },
     "template-file": { type: "string" },
     ...LOAD_OPTIONS,
+    "kv-cache-tokens": { type: "string" },
     host: { type: "string", default: "127.0.0.1" },
     port: { type: "string", default: "8080" },
     parallel: { type: "string" },
@@ -113,7 +117,10 @@ async function main(progress: ProgressDisplay): Promise<void> {
   });
   if (!parsed) return;
   const args = parsed.values;
-  const load = loadFlags(args);
+  const load = {
+    ...loadFlags(args),
+    kvCacheTokens: numberFlag("kv-cache-tokens", args["kv-cache-tokens"], { integer: true, min: 1 }),
+  };
   const cacheMb = numberFlag("cache-mb", args["cache-mb"], { integer: true, min: 0 });
   const bodyKb = numberFlag("max-body-kb", args["max-body-kb"], { integer: true, min: 1 });
   const options = {

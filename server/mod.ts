@@ -12,7 +12,17 @@
  * `{ error: { message, type, param, code } }`. Each model object of
  * `/v1/models` carries, beyond OpenAI's fields, `capabilities:
  * { chat_completions, completions }`: a model without a chat template answers
- * only `/v1/completions`.
+ * only `/v1/completions`. `GET /health` answers `{ status, models, running,
+ * queued, kv }`, `kv` being each model's shared KV pool (`Model.kvStats()`) by id.
+ *
+ * Up to `parallel` generations run at once, and the model's engine batches
+ * their steps together (continuous batching); more requests wait in a queue,
+ * then get `429`. A request may ask for `n` choices (1 to 16): it takes `n`
+ * slots at once (`n` above `parallel` is a `400` naming `n`), its prompt is
+ * evaluated once and its sequence forked for the other choices (sharing the
+ * prompt's KV pages), and choice `i` samples with `seed + i` when a seed is
+ * given. Streamed, each chunk carries its choice's `index`; `usage` counts the
+ * prompt once and the tokens of every choice.
  *
  * The door: optional API keys (`Authorization: Bearer`, `401`; `/health` and
  * the page stay open), POST bodies only as `application/json` (`415`), on a
@@ -43,9 +53,12 @@
 import { setImmediate } from "node:timers";
 import { ChatTemplate, ChatTemplateError } from "../models/chat/session.ts";
 import type { GenerateOptions } from "../models/generate/token_generator.ts";
-import type { Model } from "../models/model.ts";
-import { SamplingOptionError } from "../models/generate/sampler.ts";
-import { PromptCache, type PromptCacheStats } from "./prompt_cache.ts";
+import type { KvStats, Model } from "../models/model.ts";
+import { resolveSampling, SamplingOptionError } from "../models/generate/sampler.ts";
+import type { Sequence } from "../models/exec/sequence.ts";
+import { KvPoolFullError } from "../models/exec/kv_pool.ts";
+import { Choices } from "./choices.ts";
+import { type PoolClaim, PromptCache, type PromptCacheStats } from "./prompt_cache.ts";
 import { QueueFullError, Scheduler } from "./scheduler.ts";
 import { Door, isLoopbackAddress } from "./door.ts";
 import { maxTokenChars, PromptEncoder, type PromptInput } from "./prompt_encoder.ts";
@@ -65,9 +78,9 @@ import {
 
 export { ApiError } from "./protocol.ts";
 // The types that the server's own signatures name (the rest of the library is at the root entry point).
-export type { Model } from "../models/model.ts";
+export type { KvStats, Model } from "../models/model.ts";
 export type { Sequence } from "../models/exec/sequence.ts";
-export { PromptCache, type PromptCacheStats } from "./prompt_cache.ts";
+export { type PoolClaim, PromptCache, type PromptCacheStats } from "./prompt_cache.ts";
 export { QueueFullError, Scheduler, type SchedulerOptions } from "./scheduler.ts";
 
 /** A model the server offers under `id`. */
@@ -84,11 +97,17 @@ export interface ServedModel {
 export interface ServerOptions {
   /** The models served (at least one). */
   models: readonly ServedModel[];
-  /** Generations that run at once. Default 2. */
+  /**
+   * Generations that run at once (slots): their steps are batched together by the model's engine.
+   * A request with `n` choices takes `n` slots at once; `n` above this is refused with `400`. Default 4.
+   */
   parallel?: number;
   /** Requests that may wait for a slot; past that, `429`. Default 16. */
   maxQueue?: number;
-  /** Bytes of KV cache that idle sequences of the prompt cache may hold (0 disables it). Default 256 MiB. */
+  /**
+   * Bytes of KV pages that idle sequences of the prompt cache may hold (0 disables it). Default 256 MiB.
+   * They are pages of each model's shared KV pool, given back when a request needs the room.
+   */
   cacheBytes?: number;
   /** Largest request body accepted; larger ones get `413`. Default 1 MiB. */
   maxBodyBytes?: number;
@@ -135,7 +154,7 @@ export interface StartOptions extends ServerOptions {
 
 /** Counters of the server, as `GET /debug/stats` reports them. */
 export interface ServerStats {
-  /** Generations running now. */
+  /** Generations running now (slots in use: a request with `n` choices runs `n`). */
   running: number;
   /** Requests waiting for a generation slot. */
   queued: number;
@@ -147,6 +166,8 @@ export interface ServerStats {
   rejected: number;
   /** The prompt cache's counters. */
   cache: PromptCacheStats;
+  /** Each served model's shared KV pool (`Model.kvStats()`), by model id. */
+  kv: Record<string, KvStats>;
 }
 
 /** A request handler with its state; see {@link createHandler}. */
@@ -216,7 +237,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
   const door = await Door.create({ apiKeys: options.apiKeys, allowedHosts: options.allowedHosts });
   const log = options.onLog ?? ((line: string) => console.error(line));
   const encoder = new PromptEncoder();
-  const scheduler = new Scheduler({ parallel: options.parallel ?? 2, maxQueue: options.maxQueue ?? 16 });
+  const scheduler = new Scheduler({ parallel: options.parallel ?? 4, maxQueue: options.maxQueue ?? 16 });
   const cache = new PromptCache(options.cacheBytes ?? 256 << 20);
   const web = new Map<string, string>();
   for (const [path, f] of Object.entries(WEB_FILES)) {
@@ -227,22 +248,38 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
   let closed = false;
   const created = Math.floor(Date.now() / 1000);
 
+  const kvStats = () => Object.fromEntries([...entries.values()].map((e) => [e.id, e.model.kvStats()]));
   const stats = (): ServerStats => ({
     running: scheduler.running,
     queued: scheduler.queued,
     ...counters,
     cache: cache.stats(),
+    kv: kvStats(),
   });
 
   /**
-   * Runs one generation in a slot; yields tokens; frees everything however it ends. The prompt is tokenized only
-   * once the request has its slot (so a burst of long prompts waits in the queue, or gets 429, untokenized).
+   * Runs a request's generations (its `n` choices) in as many slots; frees everything however it
+   * ends. The prompt is tokenized only once the request has its slots (so a burst of long prompts
+   * waits in the queue, or gets 429, untokenized). With `n > 1` the prompt is evaluated once, here,
+   * and the sequence is forked for the other choices, which share its KV pages; each choice then
+   * evaluates the prompt's last token in its own sequence, and they all decode in the same steps.
    */
   async function start(entry: Entry, prompt: PromptSource, params: CommonParams, signal: AbortSignal) {
     const model = entry.model;
+    const n = params.n;
+    if (n > scheduler.parallel) {
+      throw new ApiError(
+        400,
+        `Invalid 'n' ${n}: this server runs at most ${scheduler.parallel} generations at once (its parallel ` +
+          `setting), and each choice is one`,
+        "invalid_request_error",
+        "n",
+        "invalid_value",
+      );
+    }
     let release: () => void;
     try {
-      release = await scheduler.acquire(signal);
+      release = await scheduler.acquire(signal, n);
     } catch (e) {
       if (e instanceof QueueFullError) {
         counters.rejected++;
@@ -251,56 +288,95 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
       throw e;
     }
     let ids: number[];
-    let opts: GenerateOptions;
+    let options: GenerateOptions[];
     try {
       ids = await promptIds(entry, prompt, signal);
-      const room = model.contextLength - ids.length;
-      if (room < 1) {
-        throw new ApiError(
-          400,
-          `The prompt has ${ids.length} tokens: model "${entry.id}" holds ${model.contextLength}`,
-          "invalid_request_error",
-          "messages" in params ? "messages" : "prompt",
-          "context_length_exceeded",
-        );
-      }
-      if (params.maxTokens !== undefined && ids.length + params.maxTokens > model.contextLength) {
-        throw new ApiError(
-          400,
-          `Invalid 'max_tokens' ${params.maxTokens}: the prompt has ${ids.length} tokens and model "${entry.id}" ` +
-            `holds ${model.contextLength}, so at most ${room} can be generated`,
-          "invalid_request_error",
-          "max_tokens",
-          "context_length_exceeded",
-        );
-      }
-      opts = {
+      const maxTokens = checkRoom(entry, ids.length, params);
+      const base: GenerateOptions = {
         ...params.sampling,
-        maxTokens: params.maxTokens ?? Math.min(defaultMax, room),
+        maxTokens,
         stop: params.stop,
         signal,
         addSpecialTokens: false,
       };
+      const seed = params.sampling.seed;
+      // Choice i samples with seed + i, so that a seeded request gives the same n choices every time.
+      options = Array.from({ length: n }, (_, i) => seed === undefined ? base : { ...base, seed: seed + i });
+      // Checked before anything is evaluated: a bad option refuses the request having run nothing.
+      for (const o of options) resolveSampling(o, model.config.vocabSize, model.contextLength);
     } catch (e) {
       release();
+      if (e instanceof SamplingOptionError) throw new ApiError(400, e.message, "invalid_request_error", e.option);
       throw e;
     }
     const { seq, reuse } = cache.take(model, ids);
+    const seqs: Sequence[] = [seq];
+    let choices: Choices | undefined;
+    let claim: PoolClaim | undefined;
     let finished = false;
     const finish = async () => {
       if (finished) return;
       finished = true;
+      await choices?.settled(); // a step still running writes to its sequence
       release();
+      for (const fork of seqs.slice(1)) await fork.dispose();
+      claim?.release();
       await cache.put(model, seq);
     };
     try {
-      const gen = model.continueSequence(seq, ids.slice(reuse), opts);
-      return { gen, reuse, finish, promptTokens: ids.length };
+      // The pages this request's sequences may come to take: each its positions' pages, and one more for the
+      // copy of the shared page it first writes into (copy on write). Idle sequences of the prompt cache make
+      // way for them; when running requests hold the pool the room may still lack, and the engine then refuses
+      // a step it cannot hold (a 503).
+      const pageSize = model.kvStats().pageSize;
+      const pages = n * (Math.ceil((ids.length + options[0].maxTokens!) / pageSize) + 1);
+      claim = await cache.claim(model, seqs, pages);
+      if (n === 1) {
+        choices = new Choices([model.continueSequence(seq, ids.slice(reuse), options[0])]);
+      } else {
+        if (ids.length - 1 > reuse) await seq.evaluate(ids.slice(reuse, -1), { signal });
+        for (let i = 1; i < n; i++) seqs.push(seq.fork());
+        const last = ids.slice(-1);
+        choices = new Choices(seqs.map((s, i) => model.continueSequence(s, last, options[i])));
+      }
+      return { choices, reuse, finish, promptTokens: ids.length };
     } catch (e) {
+      choices?.cancel();
       await finish();
-      if (e instanceof SamplingOptionError) throw new ApiError(400, e.message, "invalid_request_error", e.option);
-      throw e;
+      if (!signal.aborted) throw apiError(e);
+      counters.cancelled++;
+      throw e; // the client went away (or the server is closing): answered as such
     }
+  }
+
+  /**
+   * The `max_tokens` of a request whose prompt has `promptTokens` tokens: the asked-for one if the
+   * context holds it, else the default within the room left; a prompt or `max_tokens` past the
+   * context is a `400`.
+   */
+  function checkRoom(entry: Entry, promptTokens: number, params: CommonParams): number {
+    const context = entry.model.contextLength;
+    const room = context - promptTokens;
+    if (room < 1) {
+      throw new ApiError(
+        400,
+        `The prompt has ${promptTokens} tokens: model "${entry.id}" holds ${context}`,
+        "invalid_request_error",
+        "messages" in params ? "messages" : "prompt",
+        "context_length_exceeded",
+      );
+    }
+    if (params.maxTokens !== undefined && promptTokens + params.maxTokens > context) {
+      throw new ApiError(
+        400,
+        `Invalid 'max_tokens' ${params.maxTokens}: the prompt has ${promptTokens} tokens and model "${entry.id}" ` +
+          `holds ${context}, so at most ${room} can be generated`,
+        "invalid_request_error",
+        "max_tokens",
+        "context_length_exceeded",
+      );
+    }
+    return params.maxTokens ?? Math.min(defaultMax, room);
   }
 
   /**
@@ -376,7 +452,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
     const prompt = promptSource(entry, parsed);
     // One controller stops the generation however it is stopped: close(), the request's signal (the client
     // went away, also while queued), or the response body being cancelled (the connection went while streaming).
-    // The signal reaches the generation, which stops within one prefill chunk; cancel() alone waits for the prompt.
+    // The signal reaches the generations, which stop within one step; cancel() alone waits for the prompt.
     const ac = new AbortController();
     const clientGone = () => ac.abort(new DOMException("The client disconnected", "AbortError"));
     req.signal.addEventListener("abort", clientGone, { once: true });
@@ -389,6 +465,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
       req.signal.removeEventListener("abort", clientGone);
       throw e;
     }
+    const { choices } = run;
     const id = `${kind === "chat" ? "chatcmpl" : "cmpl"}-${crypto.randomUUID().replaceAll("-", "")}`;
     const head = {
       id,
@@ -396,14 +473,14 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
       created: Math.floor(Date.now() / 1000),
       model: entry.id,
     };
-    const usage = () => usageObject(run.promptTokens, run.reuse, run.gen.stats.generatedTokens);
+    const usage = () => usageObject(run.promptTokens, run.reuse, choices.generatedTokens);
     const enc = new TextEncoder();
     const chunkHead = { ...head, object: kind === "chat" ? "chat.completion.chunk" : "text_completion" };
     const sse = (data: unknown) => enc.encode(`data: ${JSON.stringify(data)}\n\n`);
-    const delta = (text: string | null, reason: string | null) =>
+    const delta = (index: number, text: string | null, reason: string | null) =>
       kind === "chat"
-        ? { index: 0, delta: text === null ? {} : { content: text }, logprobs: null, finish_reason: reason }
-        : { index: 0, text: text ?? "", logprobs: null, finish_reason: reason };
+        ? { index, delta: text === null ? {} : { content: text }, logprobs: null, finish_reason: reason }
+        : { index, text: text ?? "", logprobs: null, finish_reason: reason };
     let ended = false;
     const end = async (how: "completed" | "cancelled") => {
       ended = true;
@@ -412,26 +489,29 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
       req.signal.removeEventListener("abort", clientGone);
       await run.finish();
     };
-    let text = "";
     let cancelled = false;
     let pulling: Promise<void> | undefined;
+    /** Sends the next piece of a stream (or, not streaming, runs every choice to its end). */
     const step = async (controller: ReadableStreamDefaultController<Uint8Array>): Promise<void> => {
       if (ended || cancelled) return;
       try {
         for (;;) {
           await yieldToEventLoop(); // let other requests (and a cancel) in between tokens
           if (ended || cancelled) return;
-          const t = await run.gen.next();
+          const event = await choices.next();
           if (ended || cancelled) return;
-          if (!t) break;
-          text += t.text;
-          if (t.text && parsed.stream) {
-            controller.enqueue(sse({ ...chunkHead, choices: [delta(t.text, null)] }));
-            return;
+          if (!event) break;
+          if (!parsed.stream) continue;
+          if (event.kind === "text") {
+            if (!event.text) continue;
+            controller.enqueue(sse({ ...chunkHead, choices: [delta(event.index, event.text, null)] }));
+          } else {
+            controller.enqueue(sse({ ...chunkHead, choices: [delta(event.index, null, finishReason(event.reason))] }));
           }
+          return;
         }
       } catch (e) {
-        run.gen.cancel();
+        choices.cancel();
         if (cancelled) return; // cancel() ends it
         await end("cancelled");
         if (!parsed.stream) {
@@ -439,7 +519,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
           return;
         }
         // Report the error in the stream, as OpenAI does.
-        const err = e instanceof ApiError ? e : new ApiError(500, (e as Error).message, "server_error");
+        const err = apiError(e);
         try {
           controller.enqueue(
             sse({ error: { message: err.message, type: err.type, param: err.param, code: err.code } }),
@@ -449,14 +529,15 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
         return;
       }
       await end("completed");
-      const reason = finishReason(run.gen.stats.stopReason);
       if (!parsed.stream) {
-        const choice = kind === "chat"
-          ? { index: 0, message: { role: "assistant", content: text }, logprobs: null, finish_reason: reason }
-          : { index: 0, text, logprobs: null, finish_reason: reason };
-        controller.enqueue(enc.encode(JSON.stringify({ ...head, choices: [choice], usage: usage() })));
+        const all = choices.texts.map((text, index) => {
+          const reason = finishReason(choices.stopReason(index));
+          return kind === "chat"
+            ? { index, message: { role: "assistant", content: text }, logprobs: null, finish_reason: reason }
+            : { index, text, logprobs: null, finish_reason: reason };
+        });
+        controller.enqueue(enc.encode(JSON.stringify({ ...head, choices: all, usage: usage() })));
       } else {
-        controller.enqueue(sse({ ...chunkHead, choices: [delta(null, reason)] }));
         if (parsed.includeUsage) controller.enqueue(sse({ ...chunkHead, choices: [], usage: usage() }));
         controller.enqueue(enc.encode("data: [DONE]\n\n"));
       }
@@ -464,10 +545,11 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
     };
     const stream = new ReadableStream<Uint8Array>({
       start(controller) {
-        if (kind === "chat" && parsed.stream) {
+        if (kind !== "chat" || !parsed.stream) return;
+        for (let index = 0; index < choices.count; index++) {
           controller.enqueue(sse({
             ...chunkHead,
-            choices: [{ index: 0, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null }],
+            choices: [{ index, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null }],
           }));
         }
       },
@@ -479,8 +561,8 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
         if (ended) return;
         cancelled = true;
         clientGone();
-        run.gen.cancel();
-        await pulling; // the token being computed still writes to the sequence: wait before giving it back
+        choices.cancel();
+        await pulling; // the tokens being computed still write to the sequences: wait before giving them back
         if (!ended) await end("cancelled");
       },
     }, { highWaterMark: 0 });
@@ -525,6 +607,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
           models: [...entries.keys()],
           running: scheduler.running,
           queued: scheduler.queued,
+          kv: kvStats(),
         });
       case "/debug/stats":
         if (!options.debug) break;
@@ -636,6 +719,17 @@ function yieldToEventLoop(): Promise<void> {
 function modelObject(entry: Entry, created: number) {
   const capabilities = { chat_completions: !(entry.template instanceof ChatTemplateError), completions: true };
   return { id: entry.id, object: "model", created, owned_by: "llm-engine", capabilities };
+}
+
+/**
+ * The error a failed generation is answered with: an {@link ApiError} as it is; a KV pool that
+ * cannot hold the request's tokens (every page held by running requests) a `503` the client may
+ * retry; anything else a `500`.
+ */
+function apiError(e: unknown): ApiError {
+  if (e instanceof ApiError) return e;
+  if (e instanceof KvPoolFullError) return new ApiError(503, e.message, "server_error", null, "kv_cache_full");
+  return new ApiError(500, (e as Error).message, "server_error");
 }
 
 /** The `404` for a model id the server does not have; `detail` says more after the sentence. */

@@ -49,6 +49,8 @@ export interface CommonParams {
   stream: boolean;
   /** `stream_options.include_usage`: end a stream with a usage chunk. */
   includeUsage: boolean;
+  /** `n`: how many choices to generate for the prompt (1 to {@link MAX_CHOICES}; default 1). */
+  n: number;
   /** `max_tokens` / `max_completion_tokens`, if given. */
   maxTokens: number | undefined;
   /** `stop`: one string or a list, as a list. */
@@ -68,6 +70,9 @@ export interface CompletionRequest extends CommonParams {
   /** The prompt: text, or token ids. */
   prompt: string | number[];
 }
+
+/** The most choices (`n`) one request may ask for. */
+export const MAX_CHOICES = 16;
 
 /** A JSON object, as the API sends and receives them. */
 export type Json = Record<string, unknown>;
@@ -117,7 +122,7 @@ function parseCommon(body: unknown): CommonParams & { body: Json } {
     }
     includeUsage = so.include_usage === true;
   }
-  optNumber(b, "n", 1, 1, true); // one choice per request
+  const n = optNumber(b, "n", 1, MAX_CHOICES, true) ?? 1;
   const maxTokens = optNumber(b, "max_completion_tokens", 1, 1 << 24, true) ??
     optNumber(b, "max_tokens", 1, 1 << 24, true);
   let stop: string[] = [];
@@ -155,7 +160,7 @@ function parseCommon(body: unknown): CommonParams & { body: Json } {
     sampling.logitBias = bias;
   }
   for (const k of Object.keys(sampling) as (keyof GenerateOptions)[]) if (sampling[k] === undefined) delete sampling[k];
-  return { body: b, model: b.model as string, stream: b.stream === true, includeUsage, maxTokens, stop, sampling };
+  return { body: b, model: b.model as string, stream: b.stream === true, includeUsage, n, maxTokens, stop, sampling };
 }
 
 /** Validates a `/v1/chat/completions` body. */

@@ -170,7 +170,7 @@ Deno.test("make-model writes a loadable random model; the same seed gives the sa
   }
 });
 
-Deno.test("bench --json times the story model and runs a llama.cpp kit side by side", async () => {
+Deno.test("bench --json times the story model at --parallel 1,3, beside a llama.cpp kit and llama-batched-bench", async () => {
   const tmp = await Deno.makeTempDir({ prefix: "bench-kit-" });
   try {
     // A stand-in for the anchor kit with the same command lines, logging how it was called.
@@ -193,7 +193,26 @@ const t = Number(a[a.indexOf("--threads") + 1]);
 const s = (m) => ({ median: m, min: m, max: m, all: [m] });
 console.log(JSON.stringify({ prefill_tok_s: s(1000 * t), decode_tok_s: s(100 / t) }));`,
     );
-    const args = ["--model", "story", "--prompt", "8", "--gen", "4", "--reps", "1", "--json", "--llamacpp", kit];
+    // A stand-in for llama-batched-bench: its JSON lines (one per -npl value), S_TG = 50 × pl × t.
+    const batched = `${tmp}/llama-batched-bench`;
+    await Deno.writeTextFile(
+      batched,
+      `#!/bin/sh
+echo "batched $*" >> '${tmp}/calls.log'
+echo "llama_batched_bench: some log line" >&2
+t=1; npl=1
+while [ $# -gt 0 ]; do
+  case "$1" in -t) t=$2 ;; -npl) npl=$2 ;; esac
+  shift
+done
+for pl in $(echo "$npl" | tr , ' '); do
+  printf '{"n_kv_max": 99, "pp": 8, "tg": 4, "pl": %s, "speed_pp": %s, "speed_tg": %s}\\n' "$pl" $((700 * pl)) $((50 * pl * t))
+done
+`,
+    );
+    await Deno.chmod(batched, 0o755);
+    const args = ["--model", "story", "--prompt", "8", "--gen", "4", "--reps", "1", "--parallel", "1,3", "--json"];
+    args.push("--llamacpp", kit, "--llama-batched-bench", batched);
     const cmd = new Deno.Command(Deno.execPath(), {
       // No --allow-ffi: the bench skips the native bandwidth measurement (a 1 GiB read) and the native backend.
       args: ["run", "--allow-read", "--allow-write", "--allow-env", "--allow-run", "examples/bench.ts", ...args],
@@ -206,37 +225,80 @@ console.log(JSON.stringify({ prefill_tok_s: s(1000 * t), decode_tok_s: s(100 / t
     const stderr = new TextDecoder().decode(out.stderr);
     assert.equal(out.code, 0, stderr);
     const rows = new TextDecoder().decode(out.stdout).trim().split("\n").map((l) => JSON.parse(l));
-    assert.equal(rows.length, 1);
-    const r = rows[0];
-    assert.equal(r.model, "story");
-    assert.equal(r.backend, "ts");
-    assert.equal(r.promptTokens, 8);
-    assert.equal(r.groups, "embeddings f32, attention f32, ffn f32, norms f32");
-    assert.equal(r.weightBytes, 2624000);
-    assert.ok(r.prefillTokS > 0 && r.decodeTokS > 0);
-    assert.ok(Math.abs(r.msPerToken - 1000 / r.decodeTokS) < 1e-9);
-    assert.deepEqual([r.llama.prefillTokS, r.llama.prefillThreads, r.llama.decodeTokS, r.llama.decodeThreads], [
+    assert.deepEqual(rows.map((r) => r.parallel), [1, 3]);
+    const close = (a: number, b: number) => Math.abs(a - b) <= 1e-9 * Math.max(1, Math.abs(b));
+    for (const r of rows) {
+      assert.equal(r.model, "story");
+      assert.equal(r.backend, "ts");
+      assert.deepEqual([r.promptTokens, r.genTokens], [8, 4]);
+      assert.equal(r.groups, "embeddings f32, attention f32, ffn f32, norms f32");
+      assert.equal(r.weightBytes, 2624000);
+      assert.ok(r.prefillTokS > 0 && r.decodeTokS > 0 && r.perSequenceDecodeTokS > 0, JSON.stringify(r));
+      assert.ok(close(r.msPerToken, 1000 / r.perSequenceDecodeTokS));
+      // llama-batched-bench's best over 1 and 2 threads at this row's parallel count.
+      const b = r.llamaBatched;
+      assert.deepEqual([b.parallel, b.decodeTokS, b.decodeThreads, b.prefillTokS], [
+        r.parallel,
+        100 * r.parallel,
+        2,
+        700 * r.parallel,
+      ]);
+      assert.deepEqual(b.byThreads["1"], { prefill: 700 * r.parallel, decode: 50 * r.parallel });
+      assert.ok(close(r.batchedDecodeRatio, r.decodeTokS / b.decodeTokS));
+    }
+    // One generation: the aggregate is that generation's own rate.
+    const [one, three] = rows;
+    assert.ok(close(one.decodeTokS, one.perSequenceDecodeTokS));
+    // The kit's bench runs one sequence: it stands beside the parallel 1 row only.
+    assert.deepEqual([one.llama.prefillTokS, one.llama.prefillThreads, one.llama.decodeTokS, one.llama.decodeThreads], [
       2000,
       2,
       100,
       1,
     ]);
-    assert.ok(Math.abs(r.prefillRatio - r.prefillTokS / 2000) < 1e-9);
-    assert.ok(Math.abs(r.decodeRatio - r.decodeTokS / 100) < 1e-9);
+    assert.ok(close(one.prefillRatio, one.prefillTokS / 2000));
+    assert.ok(close(one.decodeRatio, one.decodeTokS / 100));
+    assert.equal(three.llama, undefined);
 
-    const calls = (await Deno.readTextFile(`${tmp}/calls.log`)).trim().split("\n").map((l) => JSON.parse(l));
-    // The kit converts into a partial file beside the target, which is renamed over it once whole.
-    const partial = `${tmp}/cache/models/gguf/.story-F32.${calls[0][2].split(".").at(-3)}.partial.gguf`;
-    assert.deepEqual(calls[0], ["gguf", STORY_DIR, partial, "F32"]);
+    const calls = (await Deno.readTextFile(`${tmp}/calls.log`)).trim().split("\n");
+    const gguf = `${tmp}/cache/models/gguf/story-F32.gguf`;
+    // The kit converts into a partial file beside the target, which is renamed over it once whole; once.
+    const convert = JSON.parse(calls[0]);
+    const partial = `${tmp}/cache/models/gguf/.story-F32.${convert[2].split(".").at(-3)}.partial.gguf`;
+    assert.deepEqual(convert, ["gguf", STORY_DIR, partial, "F32"]);
     assert.deepEqual([...Deno.readDirSync(`${tmp}/cache/models/gguf`)].map((e) => e.name), ["story-F32.gguf"]);
-    assert.equal(await Deno.readTextFile(`${tmp}/cache/models/gguf/story-F32.gguf`), "GGUF");
+    assert.equal(await Deno.readTextFile(gguf), "GGUF");
+    assert.equal(calls.length, 5);
     for (const [i, t] of [[1, "1"], [2, "2"]] as const) {
-      const c = calls[i].join(" ");
-      assert.ok(c.startsWith(`bench ${tmp}/cache/models/gguf/story-F32.gguf --prompt 8 --gen 4 --reps 1`), c);
+      const c = JSON.parse(calls[i]).join(" ");
+      assert.ok(c.startsWith(`bench ${gguf} --prompt 8 --gen 4 --reps 1`), c);
       assert.ok(c.includes(`--threads ${t} --kv F32 --json`), c);
+    }
+    // The same GGUF, a context for three sequences of prompt and generation, every parallel count in one run.
+    for (const [i, t] of [[3, "1"], [4, "2"]] as const) {
+      assert.equal(
+        calls[i],
+        `batched -m ${gguf} -c 39 -npp 8 -ntg 4 -npl 1,3 -t ${t} -ctk f32 -ctv f32 --output-format jsonl`,
+      );
     }
   } finally {
     await Deno.remove(tmp, { recursive: true });
+  }
+});
+
+Deno.test("bench: bad --parallel and --llama-batched-bench values are one-line errors (exit 2)", async () => {
+  for (
+    const [args, text] of [
+      [["--parallel", "0"], '--parallel "0"'],
+      [["--parallel", "1,x"], '--parallel "x"'],
+      [["--gen", "1"], '--gen "1"'],
+      [["--llama-batched-bench", "/no/such/binary"], '--llama-batched-bench "/no/such/binary"'],
+    ] as const
+  ) {
+    const r = await run("bench.ts", ["--model", "story", ...args]);
+    assert.equal(r.code, 2, `${args.join(" ")}: ${r.stderr}`);
+    assert.ok(r.stderr.includes(text), `${args.join(" ")}: ${r.stderr}`);
+    noStack(r);
   }
 });
 

@@ -29,6 +29,17 @@ const CONTEXT = 256;
  */
 registerInstrumentedTs("paced-ts", () => new Promise((r) => setTimeout(r, 8)));
 
+/**
+ * The ts backend, holding its steps once `hold.steps` more have run, until `hold.release` resolves
+ * (`hold.reached` resolves when it starts holding): a test stops a generation where it wants to look.
+ */
+const hold = { steps: Infinity, reached: Promise.withResolvers<void>(), release: Promise.withResolvers<void>() };
+registerInstrumentedTs("held-ts", async () => {
+  if (hold.steps-- > 0) return;
+  hold.reached.resolve();
+  await hold.release.promise;
+});
+
 async function withServer(
   options: Partial<ServerOptions>,
   fn: (s: RunningServer, client: OpenAI, model: Model) => Promise<void>,
@@ -210,46 +221,112 @@ Deno.test("server: a follow-up turn reuses the cached prefix, with the same answ
   assert.ok(second.prompt_tokens - second.prompt_tokens_details!.cached_tokens! <= 25, JSON.stringify(second));
 });
 
-Deno.test("server: the prompt cache stays within its budget, evicting the least recently used conversation", async () => {
-  const model = await loadModel(STORY_DIR, { contextLength: CONTEXT });
-  const seqBytes = PromptCache.sequenceBytes(model);
-  const seq = model.createSequence();
-  assert.equal(seqBytes, seq.kv.layers.reduce((n, l) => n + l.k.byteLength + l.v.byteLength, 0));
+Deno.test("server: the prompt cache stays within its budget of KV pages, evicting the least recently used conversation", async () => {
+  const probe = await loadModel(STORY_DIR, { contextLength: CONTEXT });
+  const c = probe.config;
+  const kv = probe.kvStats();
+  // A page holds pageSize rows of keys and values in every layer.
+  const pageBytes = kv.pageSize * c.numKvHeads * c.headDim * 4 * 2 * c.numLayers;
+  assert.equal(kv.bytes, kv.pages * pageBytes);
+  const seq = probe.createSequence();
+  await seq.evaluate([1, 2, 3]);
+  assert.equal(seq.kvBytes, pageBytes, "a sequence holds only the pages its tokens fill");
+  await seq.evaluate(Array.from({ length: kv.pageSize }, (_, i) => 3 + i));
+  assert.equal(seq.kvBytes, 2 * pageBytes);
   await seq.dispose();
-  await model.dispose();
-  // An f16 KV cache counts half the bytes.
-  const half = await loadModel(STORY_DIR, { contextLength: CONTEXT, kvDtype: "f16" });
-  assert.equal(PromptCache.sequenceBytes(half), seqBytes / 2);
-  await half.dispose();
-  await withServer({ cacheBytes: 2 * seqBytes }, async (server, client) => {
+  // Each conversation below holds the same number of pages: its prompt and 3 of its 4 answer tokens.
+  const conversation = (topic: string, extra: string[] = []) => {
+    const messages: OpenAI.ChatCompletionMessageParam[] = [
+      { role: "system", content: `Long ago there was a ${topic} who lived by the sea with a friend.` },
+      { role: "user", content: `Tell me about the ${topic}.` },
+    ];
+    for (const e of extra) {
+      messages.push({ role: "assistant", content: " It was happy." }, { role: "user", content: e });
+    }
+    return messages;
+  };
+  const pagesOf = (topic: string) =>
+    Math.ceil((promptTokens(probe, conversation(topic) as { role: string; content: string }[]) + 3) / kv.pageSize);
+  const pages = pagesOf("cat");
+  assert.deepEqual([pagesOf("bird"), pagesOf("fish")], [pages, pages]);
+  await probe.dispose();
+  const budget = 2 * pages * pageBytes;
+  await withServer({ cacheBytes: budget }, async (server, client) => {
     const ask = async (topic: string, extra: string[] = []) => {
-      const messages: OpenAI.ChatCompletionMessageParam[] = [
-        { role: "system", content: `Long ago there was a ${topic} who lived by the sea with a friend.` },
-        { role: "user", content: `Tell me about the ${topic}.` },
-      ];
-      for (const e of extra) {
-        messages.push({ role: "assistant", content: " It was happy." }, { role: "user", content: e });
-      }
+      const messages = conversation(topic, extra);
       const res = await client.chat.completions.create({ model: "story", messages, max_tokens: 4, temperature: 0 });
       return res.usage!;
     };
-    await ask("cat");
+    assert.equal((await ask("cat")).completion_tokens, 4);
+    assert.equal(server.stats().cache.bytes, pages * pageBytes);
     await ask("bird");
     const stats = () => fetch(`${server.url}/debug/stats`);
     assert.equal((await stats()).status, 404, "debug stats are off unless asked for");
     const s = server.stats();
     assert.equal(s.cache.sequences, 2);
-    assert.equal(s.cache.bytes, 2 * seqBytes);
+    assert.equal(s.cache.bytes, budget);
+    // The pool holds the cached conversations' pages, and nothing else is alive.
+    assert.equal(s.kv.story.usedPages, 2 * pages);
     // The bird is most recent: a third conversation evicts the cat.
     await ask("fish");
     assert.equal(server.stats().cache.sequences, 2);
-    assert.ok(server.stats().cache.evictions >= 1);
+    assert.equal(server.stats().cache.evictions, 1);
     const bird = await ask("bird", ["And then?"]);
     const cat = await ask("cat", ["And then?"]);
     assert.ok(bird.prompt_tokens_details!.cached_tokens! > 15, `bird: ${JSON.stringify(bird)}`);
     assert.ok(cat.prompt_tokens_details!.cached_tokens! < 10, `cat: ${JSON.stringify(cat)}`);
-    assert.ok(server.stats().cache.bytes <= 2 * seqBytes);
+    assert.ok(server.stats().cache.bytes <= budget);
   });
+});
+
+Deno.test("server: the prompt cache gives its pages back while running requests may need them", async () => {
+  // A pool of 20 pages (the least the context allows).
+  const model = await loadModel(STORY_DIR, { contextLength: 320, kvCacheTokens: 320 });
+  const cache = new PromptCache(1 << 30);
+  const used = () => model.kvStats().usedPages;
+  const idle = async (first: number, tokens: number) => {
+    const ids = Array.from({ length: tokens }, (_, i) => first + i);
+    const taken = cache.take(model, ids);
+    assert.equal(taken.reuse, 0);
+    await taken.seq.evaluate(ids);
+    await cache.put(model, taken.seq);
+  };
+  try {
+    await idle(3, 130); // 9 pages
+    await idle(500, 130);
+    assert.equal(used(), 18);
+    const small = await cache.claim(model, [], 2);
+    assert.equal(small.fits, true);
+    assert.equal(cache.stats().evictions, 0, "two pages are free: nothing to evict");
+    // 2 + 5 pages claimed: the least recently used conversation goes.
+    const more = await cache.claim(model, [], 5);
+    assert.deepEqual([more.fits, cache.stats().evictions, cache.stats().sequences, used()], [true, 1, 1, 9]);
+    const branch = cache.take(model, [500, 501, 502, 7]);
+    assert.equal(branch.reuse, 3, "the newer conversation is still there");
+    await cache.put(model, branch.seq);
+    small.release();
+    more.release();
+    await cache.clear();
+    await idle(500, 130);
+
+    // A running request's claim counts what its sequences hold already, and holds when sequences come back.
+    const running = model.createSequence();
+    const claim = await cache.claim(model, [running], 10);
+    assert.deepEqual([claim.fits, cache.stats().evictions], [true, 1], "11 pages are free: nothing to evict");
+    await running.evaluate(Array.from({ length: 130 }, (_, i) => 1000 + i));
+    assert.equal(used(), 18);
+    await idle(1500, 20); // 2 more pages: none would be left for the running request's last one
+    assert.deepEqual([cache.stats().evictions, cache.stats().sequences, used()], [2, 1, 11]);
+    claim.release();
+    await running.dispose();
+    const whole = await cache.claim(model, [], 21);
+    assert.equal(whole.fits, false, "more than the whole pool");
+    assert.equal(cache.stats().sequences, 0);
+    whole.release();
+  } finally {
+    await cache.clear();
+    await model.dispose();
+  }
 });
 
 Deno.test("server: a full queue answers 429; a client that disconnects cancels its generation and frees its slot", async () => {
@@ -386,7 +463,11 @@ Deno.test("server: bad requests get OpenAI-shaped 4xx errors and the server keep
       ["a missing model", () => post(chat, { messages: ok.messages }), 400, "model"],
       ["an unknown model", () => post(chat, { ...ok, model: "gpt-4" }), 404, "model", "model_not_found"],
       ["a bad stop", () => post(chat, { ...ok, stop: [""] }), 400, "stop"],
-      ["n > 1", () => post(chat, { ...ok, n: 2 }), 400, "n"],
+      ["n past 16", () => post(chat, { ...ok, n: 17 }), 400, "n", "invalid_value"],
+      ["n of 0", () => post(chat, { ...ok, n: 0 }), 400, "n", "invalid_value"],
+      ["a fractional n", () => post(chat, { ...ok, n: 1.5 }), 400, "n", "invalid_value"],
+      // The default parallel is 4: five choices would never get their slots together.
+      ["n past parallel", () => post(chat, { ...ok, n: 5 }), 400, "n", "invalid_value"],
       [
         "max_tokens past the context",
         () => post(chat, { ...ok, max_tokens: CONTEXT }),
@@ -482,6 +563,235 @@ Deno.test("server: /v1/models says which models can chat, so a client need not s
   }
 });
 
+/** The `data:` events of a server-sent event stream, parsed (`[DONE]` as the string). */
+function sseEvents(text: string): unknown[] {
+  return text.split("\n\n").filter((e) => e.startsWith("data: ")).map((e) => {
+    const data = e.slice("data: ".length);
+    return data === "[DONE]" ? data : JSON.parse(data);
+  });
+}
+
+/** A streamed completion's or chat's text, finish reason and role chunks per choice index, and its usage. */
+function assembleStream(events: unknown[]) {
+  const texts: string[] = [];
+  const reasons: (string | null)[] = [];
+  const roles: number[] = [];
+  let usage: Record<string, unknown> | undefined;
+  assert.equal(events.at(-1), "[DONE]");
+  for (const e of events.slice(0, -1) as Record<string, unknown>[]) {
+    if (e.usage) usage = e.usage as Record<string, unknown>;
+    for (const c of e.choices as Record<string, unknown>[]) {
+      const i = c.index as number;
+      texts[i] ??= "";
+      reasons[i] ??= null;
+      const d = c.delta as { role?: string; content?: string } | undefined;
+      if (d?.role) roles.push(i);
+      texts[i] += d?.content ?? (c.text as string | undefined) ?? "";
+      if (c.finish_reason) {
+        assert.equal(reasons[i], null, `choice ${i} finished twice`);
+        reasons[i] = c.finish_reason as string;
+      }
+    }
+  }
+  return { texts, reasons, roles, usage };
+}
+
+Deno.test("server: n choices from one prompt, choice i seeded with seed + i, streamed with their index", async () => {
+  await withServer({ cacheBytes: 0 }, async (server, client, model) => {
+    const prompt = "Once upon a time";
+    const sampled = await client.completions.create({
+      model: "story",
+      prompt,
+      max_tokens: 12,
+      temperature: 1,
+      seed: 5,
+      n: 3,
+    });
+    assert.deepEqual(sampled.choices.map((c) => c.index), [0, 1, 2]);
+    const texts = sampled.choices.map((c) => c.text);
+    assert.equal(new Set(texts).size, 3, `three different choices: ${JSON.stringify(texts)}`);
+    // Choice i is what a request for one choice seeded with 5 + i gives: sharing the prompt changes nothing.
+    let completion = 0;
+    for (const [i, text] of texts.entries()) {
+      const one = await client.completions.create({
+        model: "story",
+        prompt,
+        max_tokens: 12,
+        temperature: 1,
+        seed: 5 + i,
+      });
+      assert.equal(text, one.choices[0].text, `choice ${i}`);
+      assert.equal(sampled.choices[i].finish_reason, one.choices[0].finish_reason);
+      assert.equal(sampled.usage!.prompt_tokens, one.usage!.prompt_tokens, "the prompt is counted once");
+      completion += one.usage!.completion_tokens;
+    }
+    assert.equal(sampled.usage!.completion_tokens, completion);
+    assert.equal(sampled.usage!.total_tokens, sampled.usage!.prompt_tokens + completion);
+
+    // Greedy: three times the same text, the one-choice greedy text.
+    const greedy = await client.completions.create({ model: "story", prompt, max_tokens: 12, temperature: 0, n: 3 });
+    const alone = await client.completions.create({ model: "story", prompt, max_tokens: 12, temperature: 0 });
+    assert.deepEqual(greedy.choices.map((c) => c.text), Array(3).fill(alone.choices[0].text));
+
+    // A streamed chat: a role chunk, content and one finish reason per index, the same texts as not streamed.
+    const messages = [{ role: "user" as const, content: "Who was Sam?" }];
+    const chat = { model: "story", messages, max_tokens: 10, temperature: 1, seed: 9, n: 3 };
+    const whole = await client.chat.completions.create(chat);
+    const res = await post(`${server.url}/v1/chat/completions`, {
+      ...chat,
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+    assert.equal(res.status, 200);
+    const events = sseEvents(await res.text());
+    const streamed = assembleStream(events);
+    assert.deepEqual(streamed.roles, [0, 1, 2]);
+    assert.deepEqual(streamed.texts, whole.choices.map((c) => c.message.content));
+    assert.deepEqual(streamed.reasons, whole.choices.map((c) => c.finish_reason));
+    assert.deepEqual(streamed.usage, whole.usage);
+    // Every chunk speaks for one choice, so a client can tell them apart.
+    for (const e of events.slice(0, -2) as { choices: unknown[] }[]) assert.equal(e.choices.length, 1);
+    assert.equal(model.liveSequences, 0, "the choices' sequences are disposed");
+  });
+});
+
+Deno.test("server: the choices of an n request share the prompt's KV pages", async () => {
+  await withServer(
+    { cacheBytes: 0 },
+    async (server) => {
+      // 48 prompt positions before the last fill three pages, shared; each choice writes the prompt's last token
+      // and its answer (fewer than 16 tokens) into a page of its own.
+      const prompt = [1, ...Array.from({ length: 48 }, (_, i) => 3 + i * 7)];
+      const body = { model: "story", prompt, max_tokens: 10, stream: true, temperature: 0, logit_bias: { "2": -100 } };
+      for (const [n, pages] of [[1, 4], [3, 3 + 3]]) {
+        // Two steps (the prompt, then the prompt's last token of each choice), then hold the steps: the
+        // pages stay as they are until the generation ends.
+        hold.steps = 2;
+        hold.reached = Promise.withResolvers();
+        hold.release = Promise.withResolvers();
+        const res = await post(`${server.url}/v1/completions`, { ...body, n });
+        const reader = res.body!.getReader();
+        await hold.reached.promise;
+        const health = await (await fetch(`${server.url}/health`)).json();
+        assert.equal(health.kv.story.usedPages, pages, `n = ${n}: ${JSON.stringify(health.kv)}`);
+        assert.equal(health.running, n);
+        hold.steps = Infinity;
+        hold.release.resolve();
+        while (!(await reader.read()).done);
+      }
+    },
+    CONTEXT,
+    "held-ts",
+  );
+});
+
+Deno.test("server: 16 concurrent requests are all answered, decoded together, each as it is alone", async () => {
+  await withServer({ parallel: 4, maxQueue: 16, cacheBytes: 0 }, async (server, _client, model) => {
+    const starts = ["Once upon a time", "The little dog", "Lily and Tom", "One day, a bird"];
+    const request = async (i: number) => {
+      const chat = i % 2 === 0;
+      const stream = i % 4 < 2;
+      const text = `${starts[i % 4]} ${i}`;
+      const body = chat
+        ? { model: "story", messages: [{ role: "user", content: text }], max_tokens: 8, temperature: 0, stream }
+        : { model: "story", prompt: text, max_tokens: 8, temperature: 0, stream };
+      const res = await post(`${server.url}/v1/${chat ? "chat/completions" : "completions"}`, body);
+      assert.equal(res.status, 200, `request ${i}`);
+      if (stream) return assembleStream(sseEvents(await res.text())).texts[0];
+      const json = await res.json();
+      return chat ? json.choices[0].message.content : json.choices[0].text;
+    };
+    const alone: string[] = [];
+    const s0 = model.steps;
+    for (let i = 0; i < 16; i++) alone.push(await request(i));
+    const s1 = model.steps;
+    const together = await Promise.all(Array.from({ length: 16 }, (_, i) => request(i)));
+    const s2 = model.steps;
+    assert.deepEqual(together, alone);
+    // Four at a time share their steps.
+    assert.ok(s2 - s1 < (s1 - s0) / 2, `${s1 - s0} steps one at a time, ${s2 - s1} together`);
+    const stats = server.stats();
+    assert.deepEqual([stats.completed, stats.rejected, stats.running, stats.queued], [32, 0, 0, 0]);
+  });
+});
+
+Deno.test("server: a client that disconnects cancels only its own sequences; the others finish in full", async () => {
+  await withServer(
+    { parallel: 4, cacheBytes: 0 },
+    async (server, _client, model) => {
+      const body = {
+        model: "story",
+        prompt: "Once upon a time",
+        max_tokens: 40,
+        temperature: 0,
+        logit_bias: { "2": -100 },
+      };
+      const full = await (await post(`${server.url}/v1/completions`, body)).json();
+      assert.equal(full.usage.completion_tokens, 40);
+      const gone = new AbortController();
+      const streams = [
+        await post(`${server.url}/v1/completions`, { ...body, stream: true, n: 2 }, { signal: gone.signal }),
+        await post(`${server.url}/v1/completions`, { ...body, stream: true }),
+        await post(`${server.url}/v1/completions`, { ...body, stream: true, prompt: "The little dog" }),
+      ];
+      const readers = streams.map((r) => r.body!.getReader());
+      const dec = new TextDecoder();
+      const texts: string[] = [];
+      for (const r of readers) {
+        const first = await r.read();
+        assert.equal(first.done, false);
+        texts.push(dec.decode(first.value));
+      }
+      assert.equal(server.stats().running, 4);
+      gone.abort();
+      await readers[0].cancel().catch(() => {});
+      await waitFor("the cancelled request's two slots to be free", () => server.stats().running === 2);
+      for (const i of [1, 2]) {
+        for (let c = await readers[i].read(); !c.done; c = await readers[i].read()) texts[i] += dec.decode(c.value);
+      }
+      const [b, c] = [assembleStream(sseEvents(texts[1])), assembleStream(sseEvents(texts[2]))];
+      assert.deepEqual([b.texts, b.reasons], [[full.choices[0].text], ["length"]]);
+      assert.deepEqual(c.reasons, ["length"]);
+      assert.ok(c.texts[0].length > 40, c.texts[0]);
+      const s = server.stats();
+      assert.deepEqual([s.cancelled, s.completed - 1], [1, 2]);
+      assert.equal(model.liveSequences, 0);
+    },
+    512,
+    "paced-ts",
+  );
+});
+
+Deno.test("server: /health answers within milliseconds while four long generations decode", async () => {
+  await withServer({ parallel: 4, cacheBytes: 0 }, async (server) => {
+    const body = { model: "story", max_tokens: 400, temperature: 1, logit_bias: { "2": -100 } };
+    const prompts = ["Once upon a time", "The little dog", "Lily and Tom", "One day"];
+    let done = false;
+    const answers = Promise.all(prompts.map(async (prompt, seed) => {
+      const res = await post(`${server.url}/v1/completions`, { ...body, prompt, seed });
+      return (await res.json()).usage.completion_tokens;
+    })).finally(() => done = true);
+    await waitFor("the generations to run", () => server.stats().running === 4);
+    const times: number[] = [];
+    while (!done) {
+      const t0 = performance.now();
+      const health = await (await fetch(`${server.url}/health`)).json();
+      times.push(performance.now() - t0);
+      assert.equal(health.status, "ok");
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.deepEqual(await answers, [400, 400, 400, 400]);
+    times.sort((a, b) => a - b);
+    const worst = times.at(-1)!;
+    console.log(
+      `/health during generation: ${times.length} polls, median ${times[times.length >> 1].toFixed(1)} ms, ` +
+        `worst ${worst.toFixed(1)} ms`,
+    );
+    assert.ok(times.length >= 5, `only ${times.length} polls: the generation was too short to measure`);
+    assert.ok(worst < 500, `/health took ${worst.toFixed(0)} ms during generation`);
+  }, 512);
+});
+
 Deno.test("server: load test on 127.0.0.1 (200 requests, 16 at once) — every request answered or refused, memory back to its start", async () => {
   const dir = await Deno.makeTempDir({ prefix: "serve_load_" });
   const templateFile = `${dir}/template.jinja`;
@@ -557,7 +867,12 @@ Deno.test("server: load test on 127.0.0.1 (200 requests, 16 at once) — every r
     const results: ("ok" | "busy")[] = [];
     let next = 0;
     const worker = async () => {
-      while (next < 200) results.push(await request(next++));
+      while (next < 200) {
+        const result = await request(next++);
+        results.push(result);
+        // A refused client waits a little before its next request, as a real one would.
+        if (result === "busy") await new Promise((r) => setTimeout(r, 10));
+      }
     };
     await Promise.all(Array.from({ length: 16 }, worker));
     assert.equal(results.length, 200);
@@ -573,20 +888,23 @@ Deno.test("server: load test on 127.0.0.1 (200 requests, 16 at once) — every r
     assert.equal(after.cache.live, after.cache.sequences);
     assert.ok(after.cache.bytes <= after.cache.budgetBytes);
     // Memory after a full GC: the JS heap within 8 MiB of the baseline; external memory (array
-    // buffers: the KV caches) within 1 MiB once the prompt cache's own change is counted out (the
-    // warm-up fills the cache to its 2 MiB budget, so that change is small too).
+    // buffers: the KV pool) within 1 MiB once the pool's own growth is counted out (it grows on demand
+    // and keeps its pages); the prompt cache's pages within 1 MiB too (the warm-up fills its 2 MiB budget).
     const heapGrowth = after.memory.heapUsed - before.memory.heapUsed;
     const cacheGrowth = after.cache.bytes - before.cache.bytes;
-    const externalGrowth = after.memory.external - before.memory.external - cacheGrowth;
+    const poolGrowth = after.kv.story.bytes - before.kv.story.bytes;
+    const externalGrowth = after.memory.external - before.memory.external - poolGrowth;
     assert.ok(heapGrowth < 8 << 20, `heap grew by ${heapGrowth} bytes`);
-    assert.ok(externalGrowth < 1 << 20, `external memory grew by ${externalGrowth} bytes besides the cache`);
+    assert.ok(externalGrowth < 1 << 20, `external memory grew by ${externalGrowth} bytes besides the KV pool`);
+    assert.ok(after.kv.story.bytes <= after.kv.story.maxPages * (before.kv.story.bytes / before.kv.story.pages));
     assert.ok(Math.abs(cacheGrowth) <= 1 << 20, `the prompt cache grew by ${cacheGrowth} bytes`);
     console.log(
       `load test: ${ok} answered, ${
         200 - ok
       } refused (429); heap ${before.memory.heapUsed} → ${after.memory.heapUsed}, ` +
         `external ${before.memory.external} → ${after.memory.external}, rss ${before.memory.rss} → ${after.memory.rss}, ` +
-        `prompt cache ${before.cache.bytes} → ${after.cache.bytes} bytes`,
+        `prompt cache ${before.cache.bytes} → ${after.cache.bytes} bytes, KV pool ${before.kv.story.bytes} → ` +
+        `${after.kv.story.bytes} bytes`,
     );
   } finally {
     child.kill("SIGTERM");

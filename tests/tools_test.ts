@@ -42,6 +42,9 @@ const TASK_NEEDS: Record<string, { script: string; flags: readonly string[] }> =
     script: "examples/bench.ts",
     flags: ["--allow-read", "--allow-env", "--allow-net", "--allow-write", "--allow-ffi", "--allow-run=node,cat"],
   },
+  // Runs the server (serve.ts with the serve task's flags: a deno subprocess, whose path is wherever deno is,
+  // so run is unscoped) and talks to it on 127.0.0.1.
+  load: { script: "examples/load.ts", flags: ["--allow-run", "--allow-net=127.0.0.1"] },
   // The compiler is $CC (any command), and the library is written into build/.
   "build:native": {
     script: "backends/native/build.ts",
