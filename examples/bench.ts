@@ -557,6 +557,13 @@ async function settings(): Promise<BenchSettings | undefined> {
     } catch {
       throw new CliError(`Invalid --llama-batched-bench "${batched}": expected the llama-batched-bench binary`);
     }
+    // Asked before the engine's rows run, which take minutes.
+    if (Deno.permissions.querySync({ name: "run", command: batched }).state !== "granted") {
+      throw new CliError(
+        `Cannot run --llama-batched-bench "${batched}": run access is not granted (run with --allow-run=${batched})`,
+        1,
+      );
+    }
     try {
       await Deno.stat(`${converter}/gguf.mjs`);
     } catch {

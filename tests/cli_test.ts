@@ -300,6 +300,11 @@ Deno.test("bench: bad --parallel and --llama-batched-bench values are one-line e
     assert.ok(r.stderr.includes(text), `${args.join(" ")}: ${r.stderr}`);
     noStack(r);
   }
+  // A binary it may not run is refused before the engine's rows run (the bench task grants node and cat only).
+  const denied = await run("bench.ts", ["--model", "story", "--llama-batched-bench", Deno.execPath()]);
+  assert.equal(denied.code, 1, denied.stderr);
+  assert.ok(denied.stderr.includes(`run access is not granted (run with --allow-run=${Deno.execPath()})`));
+  noStack(denied);
 });
 
 Deno.test("the bench prompt is the anchor kit's pseudo-random id list", async () => {
