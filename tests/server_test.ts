@@ -1,9 +1,13 @@
 /**
  * The OpenAI-compatible server, driven with the official `openai` client and
  * raw `fetch` on 127.0.0.1: both endpoints streaming and not, `usage` and the
- * prompt cache, LRU eviction, the queue (429), client disconnects, bad input,
- * and a bounded load test against `examples/serve.ts` in a subprocess that
- * checks the server's memory returns to where it started.
+ * prompt cache (its budget of KV pages, LRU eviction, the room it gives
+ * running requests in the shared pool), the queue (429), client disconnects
+ * (cancelling only their own sequences), `n` choices sharing their prompt's
+ * pages, concurrent requests decoded together and each as it is alone,
+ * `/health` during generation, bad input, and a bounded load test against
+ * `examples/serve.ts` in a subprocess that checks the server's memory returns
+ * to where it started.
  *
  * The model is the real story model with a chat template passed in.
  */
