@@ -329,25 +329,79 @@ async function streamedChat(
   }
 }
 
-/** Polls `/health` every {@link HEALTH_INTERVAL_MS} until `stop` aborts; the milliseconds each poll took. */
-async function pollHealth(url: string, stop: AbortSignal): Promise<{ times: number[]; errors: string[] }> {
+/** What the `/health` poller measured: the milliseconds each answered poll took, and why the others failed. */
+interface PollResult {
+  readonly times: number[];
+  readonly errors: string[];
+}
+
+/**
+ * The `/health` poller's worker: sent `{ url, intervalMs }` it polls until sent `"stop"`, then answers a
+ * {@link PollResult}. It refers to nothing outside itself: its source text becomes the worker's module.
+ */
+function healthPollerWorker(): void {
+  const scope = globalThis as unknown as {
+    onmessage: ((e: MessageEvent<{ url: string; intervalMs: number } | "stop">) => void) | null;
+    postMessage(message: { times: number[]; errors: string[] }): void;
+  };
+  const stop = new AbortController();
   const times: number[] = [];
   const errors: string[] = [];
-  while (!stop.aborted) {
-    const t0 = performance.now();
-    try {
-      const res = await fetch(`${url}/health`, { signal: stop });
-      const body = await res.json();
-      if (res.status !== 200 || body.status !== "ok") errors.push(`/health: status ${res.status}`);
-      else times.push(performance.now() - t0);
-    } catch (e) {
-      if (stop.aborted) break;
-      errors.push(`/health: ${(e as Error).message}`);
+  let polling: Promise<void> | undefined;
+  const poll = async (url: string, intervalMs: number) => {
+    while (!stop.signal.aborted) {
+      const t0 = performance.now();
+      try {
+        const res = await fetch(`${url}/health`, { signal: stop.signal });
+        const body = await res.json();
+        if (res.status !== 200 || body.status !== "ok") errors.push(`/health: status ${res.status}`);
+        else times.push(performance.now() - t0);
+      } catch (e) {
+        if (stop.signal.aborted) break;
+        errors.push(`/health: ${(e as Error).message}`);
+      }
+      const wait = intervalMs - (performance.now() - t0);
+      if (wait > 0) await new Promise((r) => setTimeout(r, wait));
     }
-    const wait = HEALTH_INTERVAL_MS - (performance.now() - t0);
-    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
-  }
-  return { times, errors };
+  };
+  scope.onmessage = async (e) => {
+    if (e.data !== "stop") {
+      polling ??= poll(e.data.url, e.data.intervalMs);
+      return;
+    }
+    stop.abort();
+    await polling;
+    scope.postMessage({ times, errors });
+  };
+}
+
+/**
+ * Starts polling `/health` every {@link HEALTH_INTERVAL_MS} in a worker, so that this tool's own busy
+ * event loop (reading every stream) does not count in the times; the returned function stops it and
+ * gives what it measured. The worker's module is a blob of {@link healthPollerWorker}'s source, which
+ * needs no read permission.
+ */
+function startHealthPoller(url: string): () => Promise<PollResult> {
+  const source = new Blob([`(${healthPollerWorker.toString()})();`], { type: "text/javascript" });
+  const moduleUrl = URL.createObjectURL(source);
+  const worker = new Worker(moduleUrl, { type: "module" });
+  const result = new Promise<PollResult>((resolve, reject) => {
+    worker.onmessage = (e: MessageEvent<PollResult>) => resolve(e.data);
+    worker.onerror = (e) => {
+      e.preventDefault();
+      reject(new Error(`The /health poller failed: ${e.message}`));
+    };
+  });
+  worker.postMessage({ url, intervalMs: HEALTH_INTERVAL_MS });
+  return async () => {
+    worker.postMessage("stop");
+    try {
+      return await result;
+    } finally {
+      worker.terminate();
+      URL.revokeObjectURL(moduleUrl);
+    }
+  };
 }
 
 /** Whether the served model can chat, from `/v1/models`. */
@@ -365,8 +419,7 @@ async function runLoad(o: LoadSettings, url: string, deadline: number): Promise<
   const id = o.id;
   await checkChat(url, id);
   const timeout = AbortSignal.timeout(Math.max(1, deadline - Date.now()));
-  const healthStop = new AbortController();
-  const health = pollHealth(url, healthStop.signal);
+  const stopHealth = startHealthPoller(url);
   const t0 = performance.now();
   const results = await Promise.all(
     Array.from(
@@ -375,8 +428,7 @@ async function runLoad(o: LoadSettings, url: string, deadline: number): Promise<
     ),
   );
   const wallMs = performance.now() - t0;
-  healthStop.abort();
-  const polled = await health;
+  const polled = await stopHealth();
   const ok = results.filter((r) => r.error === undefined);
   const errors = [...results.flatMap((r, i) => r.error === undefined ? [] : [`request ${i + 1}: ${r.error}`])];
   errors.push(...polled.errors);
