@@ -9,8 +9,12 @@
  * the activation arena are allocated by the library (64-byte aligned) and viewed
  * from TypeScript without copies.
  *
- * Safety: every shape, offset, token id and step size is checked here before a
- * call, so the C side never reads or writes outside the buffers it was given.
+ * Safety: every shape, offset and step size is checked here before a call, and
+ * every index (token ids, positions, page tables, rows) when it is written, so the
+ * C side never reads or writes outside the buffers it was given. A step may run on
+ * another thread (`executable.ts`): until it ends, this backend frees nothing it
+ * may use (a release or dispose meanwhile takes effect when it ends) and refuses to
+ * write a tensor it binds.
  *
  * @module
  */
@@ -18,11 +22,20 @@
 import { byteSize, type DType, isKvDType, isWeightDType } from "../../graph/dtype.ts";
 import { elementCount, type OpKind } from "../../graph/ir.ts";
 import type { ExecutionPlan } from "../../graph/plan.ts";
-import { checkRange, checkStateDType, checkUploadSize, f32Only, type OpSupport, supportsOp } from "../checks.ts";
+import {
+  checkCopy,
+  checkRange,
+  checkStateDType,
+  checkUploadSize,
+  f32Only,
+  type OpSupport,
+  supportsOp,
+} from "../checks.ts";
 import type { Backend, BackendOptions, DeviceTensor, Executable, HostTensor } from "../contract.ts";
 import { UnsupportedError, validateBindings } from "../contract.ts";
-import { type NativeContext, NativeExecutable } from "./executable.ts";
+import { BLOCKED_MS, type NativeContext, NativeExecutable, SYNC_STEP_MS } from "./executable.ts";
 import { acquireLibrary, FEATURE_AVX2, type LoadedLibrary, releaseLibrary } from "./library.ts";
+import { StepGate } from "./steps.ts";
 import { addressOf, type NativeTensor } from "./tensor.ts";
 
 /**
@@ -37,6 +50,14 @@ export interface NativeBackendOptions extends BackendOptions {
    * at the project root (what `deno task build:native` writes).
    */
   readonly library?: string;
+  /**
+   * Steps predicted to take at most this many milliseconds run on the calling thread
+   * (a nonblocking call costs tens of microseconds more); longer ones run on another
+   * thread, so the caller's event loop keeps running. From 0 (every step off the
+   * calling thread) to 10; default 2. Either way the calling thread is never held for
+   * more than about 10 ms of steps in a row.
+   */
+  readonly syncStepMs?: number;
 }
 
 /** What the C kernels run: every weight dtype, both cache dtypes, f32 activations. */
@@ -48,7 +69,7 @@ const SUPPORT: OpSupport = {
   siluMul: f32Only,
   add: f32Only,
   attention: isKvDType,
-  lastRow: f32Only,
+  gatherRows: f32Only,
 };
 
 /** Makes a backend on an open library; set by the class (its constructor is private). */
@@ -66,6 +87,8 @@ export class NativeBackend implements Backend {
   readonly #context: NativeContext;
   readonly #tensors = new Set<NativeTensor>();
   readonly #executables = new Set<NativeExecutable>();
+  /** The step running now, if any: memory it may use is freed only once it ends. */
+  readonly #gate = new StepGate();
   #disposed = false;
 
   static {
@@ -81,6 +104,12 @@ export class NativeBackend implements Backend {
     }
     // More threads than cores only makes every barrier wait for a descheduled worker (256 on 2 cores: 2 s a token).
     const fixed = requested === undefined ? undefined : Math.min(requested, cores);
+    const syncStepMs = options.syncStepMs ?? SYNC_STEP_MS;
+    if (!(typeof syncStepMs === "number" && syncStepMs >= 0 && syncStepMs <= BLOCKED_MS)) {
+      throw new RangeError(
+        `Invalid syncStepMs ${syncStepMs}: expected a number of milliseconds from 0 to ${BLOCKED_MS}`,
+      );
+    }
     const wanted = fixed ?? Math.min(cores, 64);
     const symbols = library.symbols;
     const pool = this.#pool = wanted > 1 ? symbols.llm_pool_new(wanted) : null;
@@ -101,6 +130,8 @@ export class NativeBackend implements Backend {
       pool,
       maxThreads,
       fixedThreads: fixed === undefined ? undefined : Math.min(fixed, maxThreads),
+      gate: this.#gate,
+      syncStepMs,
       forget: (e) => this.#executables.delete(e),
     };
     live.add(this);
@@ -169,12 +200,27 @@ export class NativeBackend implements Backend {
     return n;
   }
 
-  /** Copies bytes out of a tensor. */
+  /** Refuses to change a tensor that the running step may read or write. */
+  #idleFor(t: NativeTensor, what: string): void {
+    if (this.#gate.uses(t)) {
+      throw new TypeError(`Cannot ${what} "${t.name}" while a step that uses it runs: await its run() first`);
+    }
+  }
+
+  /** Copies bytes out of a tensor (after the running step, if it uses the tensor). */
   readTensor(t: DeviceTensor, byteOffset: number, byteLength: number): Promise<Uint8Array> {
     try {
       const n = this.#own(t);
       checkRange(t, byteOffset, byteLength);
-      return Promise.resolve(n.bytes.slice(byteOffset, byteOffset + byteLength));
+      const read = () => n.bytes.slice(byteOffset, byteOffset + byteLength);
+      const running = this.#gate.running;
+      if (running && this.#gate.uses(n)) {
+        return running.then(() => {
+          this.#own(t); // it may have been released meanwhile
+          return read();
+        });
+      }
+      return Promise.resolve(read());
     } catch (e) {
       return Promise.reject(e);
     }
@@ -184,21 +230,27 @@ export class NativeBackend implements Backend {
   writeTensor(t: DeviceTensor, byteOffset: number, data: Uint8Array): void {
     const n = this.#own(t);
     checkRange(t, byteOffset, data.byteLength);
+    this.#idleFor(n, "write tensor");
     n.bytes.set(data, byteOffset);
   }
 
-  /** Copies the first bytes of one tensor into another. */
-  copyTensor(src: DeviceTensor, dst: DeviceTensor, byteLength: number): void {
+  /** Copies bytes of one tensor into another, or within one (ranges that do not overlap). */
+  copyTensor(src: DeviceTensor, dst: DeviceTensor, byteLength: number, srcOffset = 0, dstOffset = 0): void {
     const s = this.#own(src), d = this.#own(dst);
-    checkRange(src, 0, byteLength);
-    checkRange(dst, 0, byteLength);
-    d.bytes.set(s.bytes.subarray(0, byteLength));
+    checkCopy(src, dst, byteLength, srcOffset, dstOffset);
+    this.#idleFor(d, "copy into tensor");
+    d.bytes.set(s.bytes.subarray(srcOffset, srcOffset + byteLength), dstOffset);
   }
 
-  /** Frees a state tensor's library memory, or lets go of a weight's bytes. */
+  /** Frees a state tensor's library memory, or lets go of a weight's bytes (once no step runs). */
   release(t: DeviceTensor): void {
     const n = t as NativeTensor;
     if (!this.#tensors.delete(n) || n.released) return;
+    this.#gate.whenIdle(() => this.#free(n));
+  }
+
+  #free(n: NativeTensor): void {
+    if (n.released) return;
     n.released = true;
     n.bytes = new Uint8Array(0);
     if (n.owned) this.#library.symbols.llm_free(n.owned);
@@ -215,15 +267,20 @@ export class NativeBackend implements Backend {
     return exec;
   }
 
-  /** Frees every executable and tensor, stops the thread pool and drops the library. */
+  /**
+   * Frees every executable and tensor, stops the thread pool and drops the library;
+   * with a step running, once it ends.
+   */
   dispose(): void {
     if (this.#disposed) return;
     for (const e of [...this.#executables]) e.dispose();
     for (const t of [...this.#tensors]) this.release(t);
     this.#disposed = true;
     live.delete(this);
-    if (this.#pool) this.#library.symbols.llm_pool_free(this.#pool);
-    releaseLibrary(this.#library);
+    this.#gate.whenIdle(() => {
+      if (this.#pool) this.#library.symbols.llm_pool_free(this.#pool);
+      releaseLibrary(this.#library);
+    });
   }
 }
 

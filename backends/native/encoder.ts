@@ -1,8 +1,14 @@
 /**
  * The native plan encoder: checks every node of a plan against what the C kernels
- * accept (shapes, dtypes, slot sizes, bindings) and writes one fixed-size record
- * per node (`llm_node` in `c/llm.h`), so that the C side never reads or writes
- * outside the buffers it is given.
+ * accept (shapes, dtypes, slot sizes, bindings, index inputs) and writes one
+ * fixed-size record per node (`llm_node` in `c/llm.h`), so that the C side never
+ * reads or writes outside the buffers it is given.
+ *
+ * The kernels trust the index inputs (token ids, positions, page tables, rows):
+ * what keeps them in bounds is that every such input is a graph input whose arena
+ * slot only `writeInput` writes, after `IndexChecks` checked each value, and that
+ * starts zeroed (a valid index). So the encoder refuses an index operand that is
+ * not an `i32` graph input, and any node output whose slot overlaps one.
  *
  * @module
  */
@@ -10,15 +16,24 @@
 import { byteSize, type DType, isKvDType, isQuantized, QUANT_BLOCK } from "../../graph/dtype.ts";
 import type { Dim, Node, OpKind } from "../../graph/ir.ts";
 import type { ExecutionPlan } from "../../graph/plan.ts";
-import type { TokenIdLimits } from "../checks.ts";
-import { UnsupportedError } from "../contract.ts";
-import type { PlanWork } from "./threads.ts";
+import { nodeRows, UnsupportedError } from "../contract.ts";
+import type { AttentionWork, MatmulWork, PlanWork } from "./threads.ts";
 import type { NativeTensor } from "./tensor.ts";
 
 /** int32 slots per node record (`LLM_NODE_INTS` in `c/llm.h`). */
 export const NODE_INTS = 24;
 
-/** Op codes of the C side (`exec.c`). */
+/** Symbolic dimensions a step passes to the C side (`LLM_MAX_DIMS` in `c/llm.h`). */
+export const MAX_DIMS = 4;
+
+/** Where the fields of a record start (`llm_node` in `c/llm.h`), in int32 slots. */
+const FIELD = { op: 0, dtype: 1, out: 2, rows: 3, in: 4, p: 12, f: 20 } as const;
+/** int32 slots of `in` and `p`, and float slots of `f`. */
+const IN_SLOTS = 8, P_SLOTS = 8, F_SLOTS = 2;
+/** Rope keeps theta (f64) in `p[6..7]`. */
+const THETA_SLOT = FIELD.p + 6;
+
+/** Op codes of the C side (`llm.h`). */
 const OP_CODES: Readonly<Record<OpKind, number>> = {
   embedding: 0,
   rmsNorm: 1,
@@ -27,29 +42,24 @@ const OP_CODES: Readonly<Record<OpKind, number>> = {
   siluMul: 4,
   add: 5,
   attention: 6,
-  lastRow: 7,
+  gatherRows: 7,
 };
 
 /** Dtype codes of the C side (`llm.h`). */
 const DTYPE_CODES: Readonly<Record<DType, number>> = { f32: 0, f16: 1, bf16: 2, q8_0: 3, q4_0: 4, i32: 5 };
 
-/** The row count the C side reads as "the step's T" (`rows_of` in `exec.c`). */
-const STEP_ROWS = -1;
-
-/** Rows of a tensor as the C side reads them: a fixed count, or {@link STEP_ROWS}. */
-function rowsCode(d: Dim, what: string): number {
-  if (typeof d === "number") return d;
-  if (d === "T") return STEP_ROWS;
-  throw new UnsupportedError(`Backend "native" cannot run ${what}: symbolic dimension "${d}" (only "T")`);
-}
-
 /** A plan encoded for `llm_exec_new`. */
 export interface EncodedPlan {
   /** {@link NODE_INTS} int32 values per node, in the plan's order. */
   readonly nodes: Int32Array;
-  /** The fewest rows of any attention node's caches (Infinity without attention). */
-  readonly capacity: number;
-  /** The plan's matmul work, for the thread choice. */
+  /**
+   * The symbolic dimensions node row counts name, in the order the C side reads
+   * their values (a node's rows of `-1 - k` are the step's value of `dims[k]`).
+   */
+  readonly dims: readonly string[];
+  /** The plan's largest value of each of {@link EncodedPlan.dims}. */
+  readonly maxDims: Int32Array;
+  /** The plan's work, for the thread and blocking choices. */
   readonly work: PlanWork;
 }
 
@@ -57,50 +67,67 @@ export interface EncodedPlan {
 interface Target {
   readonly plan: ExecutionPlan;
   readonly bindings: ReadonlyMap<number, NativeTensor>;
-  readonly maxT: number;
-  readonly idLimits: TokenIdLimits;
+  readonly dims: string[];
   readonly nodes: Int32Array;
   readonly floats: Float32Array;
   readonly view: DataView;
-  readonly work: { macsPerRow: number; weightBytes: number };
+  readonly matmuls: MatmulWork[];
+  readonly attention: AttentionWork[];
+  /** Index inputs, checked against every node output's slot once all nodes are encoded. */
+  readonly indexInputs: Set<number>;
+  work: { weightBytes: number };
 }
 
 /**
- * Checks and encodes every node of `plan` for steps of up to `maxT` rows; records in
- * `idLimits` the table size behind every ids input. Throws a `TypeError` (or an
+ * Checks and encodes every node of `plan`. Throws a `TypeError` (or an
  * {@link UnsupportedError}) naming the node for anything the kernels do not accept.
  */
-export function encodePlan(
-  plan: ExecutionPlan,
-  bindings: ReadonlyMap<number, NativeTensor>,
-  maxT: number,
-  idLimits: TokenIdLimits,
-): EncodedPlan {
+export function encodePlan(plan: ExecutionPlan, bindings: ReadonlyMap<number, NativeTensor>): EncodedPlan {
   const nodes = new Int32Array(plan.order.length * NODE_INTS);
   const target: Target = {
     plan,
     bindings,
-    maxT,
-    idLimits,
+    dims: [],
     nodes,
     floats: new Float32Array(nodes.buffer),
     view: new DataView(nodes.buffer),
-    work: { macsPerRow: 0, weightBytes: 0 },
+    matmuls: [],
+    attention: [],
+    indexInputs: new Set(),
+    work: { weightBytes: 0 },
   };
-  let capacity = Infinity;
-  plan.order.forEach((nodeId, i) => {
-    capacity = Math.min(capacity, encodeNode(target, plan.graph.nodes[nodeId], i * NODE_INTS));
-  });
-  return { nodes, capacity, work: target.work };
+  plan.order.forEach((nodeId, i) => encodeNode(target, plan.graph.nodes[nodeId], i * NODE_INTS));
+  checkIndexSlots(plan, target.indexInputs);
+  const maxDims = Int32Array.from(target.dims, (d) => plan.maxDims[d]);
+  return {
+    nodes,
+    dims: target.dims,
+    maxDims,
+    work: { matmuls: target.matmuls, attention: target.attention, weightBytes: target.work.weightBytes },
+  };
 }
 
-/** Checks one node's shapes and writes its record; returns its cache capacity (Infinity if none). */
-function encodeNode(
-  target: Target,
-  node: Node,
-  at: number,
-): number {
-  const { plan, bindings, maxT, idLimits, nodes, floats, view, work } = target;
+/** No node writes over an index input: its values are only ever the ones `writeInput` checked. */
+function checkIndexSlots(plan: ExecutionPlan, indexInputs: ReadonlySet<number>): void {
+  const { graph, slots } = plan;
+  for (const id of indexInputs) {
+    const a = slots[id]!;
+    for (const node of graph.nodes) {
+      const b = slots[node.output];
+      if (b && a.offset < b.offset + b.bytes && b.offset < a.offset + a.bytes) {
+        throw new TypeError(
+          `Cannot compile node ${node.id} (${node.op.kind}) on backend "native": its output "${
+            graph.tensors[node.output].name
+          }" overlaps index input "${graph.tensors[id].name}" in the arena`,
+        );
+      }
+    }
+  }
+}
+
+/** Checks one node's shapes and writes its record. */
+function encodeNode(target: Target, node: Node, at: number): void {
+  const { plan, bindings, dims, nodes, floats, view } = target;
   const { graph, slots } = plan;
   const op = node.op;
   const label = `node ${node.id} (${op.kind})`;
@@ -108,24 +135,62 @@ function encodeNode(
   const fail = (msg: string): never => {
     throw new TypeError(`Cannot compile ${label} on backend "native": ${msg}`);
   };
-  const maxRows = (d: Dim) => (typeof d === "number" ? d : maxT);
-  // An activation/input must be [rows, width] f32 (or i32 ids [rows]) with a slot large enough.
-  const act = (id: number, width: number | undefined, what: string): Dim => {
-    const t = tensor(id);
+  const maxOf = (d: Dim): number => (typeof d === "number" ? d : plan.maxDims[d]);
+  /** A row count as the C side reads it: a fixed count, or -1 - k for symbolic dimension k. */
+  const rowsCode = (d: Dim): number => {
+    if (typeof d === "number") {
+      if (!Number.isInteger(d) || d < 1) fail(`row count ${d} is not a positive integer`);
+      return d;
+    }
+    if (!Number.isInteger(plan.maxDims[d])) fail(`dimension "${d}" has no size in the plan`);
+    let k = dims.indexOf(d);
+    if (k < 0) {
+      if (dims.length === MAX_DIMS) {
+        throw new UnsupportedError(
+          `Backend "native" cannot run ${label}: its rows "${d}" make more than ${MAX_DIMS} symbolic row dimensions`,
+        );
+      }
+      k = dims.push(d) - 1;
+    }
+    return -1 - k;
+  };
+  const slotOf = (id: number, what: string) => {
     const slot = slots[id];
-    if (!slot) fail(`${what} "${t.name}" is not an activation or input`);
-    const rank = width === undefined ? 1 : 2;
-    if (t.shape.length !== rank || (width !== undefined && t.shape[1] !== width)) {
-      fail(`${what} "${t.name}" has shape [${t.shape}], expected [rows${width === undefined ? "" : `, ${width}`}]`);
+    if (!slot) fail(`${what} "${tensor(id).name}" is not an activation or input`);
+    return slot!;
+  };
+  // An f32 activation or input [rows, width] whose slot holds the plan's largest rows.
+  const act = (id: number, width: number, what: string): Dim => {
+    const t = tensor(id);
+    const slot = slotOf(id, what);
+    if (t.shape.length !== 2 || t.shape[1] !== width) {
+      fail(`${what} "${t.name}" has shape [${t.shape}], expected [rows, ${width}]`);
     }
-    const dtype = width === undefined ? "i32" : "f32";
-    if (t.dtype !== dtype) fail(`${what} "${t.name}" is "${t.dtype}", expected "${dtype}"`);
+    if (t.dtype !== "f32") fail(`${what} "${t.name}" is "${t.dtype}", expected "f32"`);
     const rows = t.shape[0];
-    rowsCode(rows, `${what} "${t.name}"`);
-    if (slot!.bytes < maxRows(rows) * (width ?? 1) * 4) {
-      fail(`${what} "${t.name}" has a slot of ${slot!.bytes} bytes`);
-    }
+    if (slot.bytes < maxOf(rows) * width * 4) fail(`${what} "${t.name}" has a slot of ${slot.bytes} bytes`);
     return rows;
+  };
+  // The node's output: an activation (never an input, so no kernel writes over one) with the node's rows.
+  const output = (width: number): Dim => {
+    const t = tensor(node.output);
+    if (t.kind !== "activation") fail(`output "${t.name}" is a ${t.kind}, expected an activation`);
+    const rows = act(node.output, width, "output");
+    if (rows !== nodeRows(graph, node)) fail(`output "${t.name}" has rows ${rows}`);
+    return rows;
+  };
+  // An index operand: an i32 graph input of the given shape, so IndexChecks sees every value it holds.
+  const index = (id: number, shape: readonly Dim[], what: string): void => {
+    const t = tensor(id);
+    const slot = slotOf(id, what);
+    if (t.kind !== "input" || !graph.inputs.includes(id)) fail(`${what} "${t.name}" must be a graph input`);
+    if (t.dtype !== "i32") fail(`${what} "${t.name}" is "${t.dtype}", expected "i32"`);
+    if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
+      fail(`${what} "${t.name}" has shape [${t.shape}], expected [${shape}]`);
+    }
+    const count = shape.reduce<number>((n, d) => n * maxOf(d), 1);
+    if (slot.bytes < count * 4) fail(`${what} "${t.name}" has a slot of ${slot.bytes} bytes`);
+    target.indexInputs.add(id);
   };
   const sameRows = (a: Dim, b: Dim, what: string) => {
     if (a !== b) fail(`${what} has ${b} rows, expected ${a}`);
@@ -147,16 +212,17 @@ function encodeNode(
     params: readonly number[],
     fl: readonly number[] = [],
   ) => {
-    nodes[at] = OP_CODES[op.kind];
-    nodes[at + 1] = DTYPE_CODES[dtype];
-    nodes[at + 2] = node.output;
-    nodes[at + 3] = rowsCode(rows, label);
-    ins.forEach((v, i) => (nodes[at + 4 + i] = v));
-    params.forEach((v, i) => (nodes[at + 9 + i] = v));
-    fl.forEach((v, i) => (floats[at + 16 + i] = v));
-    for (const v of nodes.subarray(at, at + 16)) {
-      if (!Number.isInteger(v)) fail(`parameter ${v} is not an integer`);
-    }
+    if (ins.length > IN_SLOTS || params.length > P_SLOTS || fl.length > F_SLOTS) fail("too many operands");
+    nodes[at + FIELD.op] = OP_CODES[op.kind];
+    nodes[at + FIELD.dtype] = DTYPE_CODES[dtype];
+    nodes[at + FIELD.out] = node.output;
+    nodes[at + FIELD.rows] = rowsCode(rows);
+    ins.forEach((v, i) => (nodes[at + FIELD.in + i] = v));
+    params.forEach((v, i) => {
+      if (!Number.isSafeInteger(v) || Math.abs(v) > 0x7fffffff) fail(`parameter ${v} is not an int32`);
+      nodes[at + FIELD.p + i] = v;
+    });
+    fl.forEach((v, i) => (floats[at + FIELD.f + i] = v));
   };
   const [a, b] = node.inputs;
   switch (op.kind) {
@@ -164,88 +230,132 @@ function encodeNode(
       const table = bound(b, "table");
       if (table.shape.length !== 2) fail(`table "${table.name}" has shape [${table.shape}]`);
       const [V, D] = table.shape;
-      const rows = act(a, undefined, "ids");
-      if (!graph.inputs.includes(a)) fail(`ids "${tensor(a).name}" must be a graph input`);
-      sameRows(rows, act(node.output, D, "output"), "the output");
-      idLimits.add(a, V);
+      const rows = output(D);
+      index(a, [rows], "ids");
       if (isQuantized(table.dtype) && D % QUANT_BLOCK !== 0) fail(`rows of ${D} are not whole blocks`);
       set(table.dtype, rows, [a, b], [D, V]);
-      return Infinity;
+      return;
     }
     case "rmsNorm": {
       const w = bound(b, "weight");
       const D = w.shape[0];
       if (w.shape.length !== 1 || w.dtype !== "f32") fail(`weight "${w.name}" must be f32 [D]`);
-      const rows = act(a, D, "input");
-      sameRows(rows, act(node.output, D, "output"), "the output");
+      const rows = output(D);
+      sameRows(rows, act(a, D, "input"), "the input");
       set("f32", rows, [a, b], [D], [op.eps]);
-      return Infinity;
+      return;
     }
     case "matmul": {
       const w = bound(b, "weight");
       if (w.shape.length !== 2) fail(`weight "${w.name}" has shape [${w.shape}]`);
       const [N, K] = w.shape;
       if (isQuantized(w.dtype) && K % QUANT_BLOCK !== 0) fail(`rows of ${K} are not whole ${w.dtype} blocks`);
-      const rows = act(a, K, "input");
-      sameRows(rows, act(node.output, N, "output"), "the output");
-      work.macsPerRow += K * N;
-      work.weightBytes += w.byteLength;
+      const rows = output(N);
+      sameRows(rows, act(a, K, "input"), "the input");
+      target.matmuls.push({ rows, macsPerRow: K * N });
+      target.work.weightBytes += w.byteLength;
       set(w.dtype, rows, [a, b], [K, N]);
-      return Infinity;
+      return;
     }
     case "rope": {
       const { heads, headDim, theta } = op;
       if (headDim % 2 !== 0 || headDim / 2 > 512 || heads < 1) fail(`head dimension ${headDim} is not supported`);
-      const rows = act(a, heads * headDim, "input");
-      sameRows(rows, act(node.output, heads * headDim, "output"), "the output");
-      set("f32", rows, [a], [heads, headDim]);
-      view.setFloat64((at + 14) * 4, theta, true);
-      return Infinity;
+      const rows = output(heads * headDim);
+      sameRows(rows, act(a, heads * headDim, "input"), "the input");
+      index(b, [rows], "positions");
+      set("f32", rows, [a, b], [heads, headDim]);
+      view.setFloat64((at + THETA_SLOT) * 4, theta, true);
+      return;
     }
     case "siluMul":
     case "add": {
       const F = width(node.output);
-      const rows = act(node.output, F, "output");
+      const rows = output(F);
       sameRows(rows, act(a, F, "first input"), "the first input");
       sameRows(rows, act(b, F, "second input"), "the second input");
       set("f32", rows, [a, b], [F]);
-      return Infinity;
+      return;
     }
-    case "lastRow": {
+    case "gatherRows": {
       const D = width(a);
-      const rows = act(a, D, "input");
-      const outRows = act(node.output, D, "output");
-      if (outRows !== 1) fail(`output has ${outRows} rows, expected 1`);
-      set("f32", 1, [a], [D, rowsCode(rows, label)]);
-      return Infinity;
+      const rows = output(D);
+      act(a, D, "input");
+      index(b, [rows], "rows");
+      set("f32", rows, [a, b], [D]);
+      return;
     }
-    case "attention": {
-      const { heads, kvHeads, headDim, scale, window } = op;
-      if (!(heads >= 1 && kvHeads >= 1 && heads % kvHeads === 0 && headDim >= 1)) {
-        fail(`${heads} heads over ${kvHeads} kv heads of ${headDim} is not supported`);
-      }
-      if (!Number.isInteger(window) || window < 0) fail(`window ${window} is not supported`);
-      const [, , v, kc, vc] = node.inputs;
-      const kvDim = kvHeads * headDim;
-      const rows = act(a, heads * headDim, "query");
-      sameRows(rows, act(b, kvDim, "key"), "the key");
-      sameRows(rows, act(v, kvDim, "value"), "the value");
-      sameRows(rows, act(node.output, heads * headDim, "output"), "the output");
-      const kCache = bound(kc, "key cache"), vCache = bound(vc, "value cache");
-      const kv = kCache.dtype;
-      if (!isKvDType(kv)) fail(`key cache "${kCache.name}" is "${kv}"`);
-      const cap = kCache.shape[0];
-      for (const c of [kCache, vCache]) {
-        // Both caches share one dtype and shape: the kernel reads them with the same element size and row count.
-        if (
-          c.dtype !== kv || c.shape.length !== 2 || c.shape[1] !== kvDim || c.shape[0] !== cap ||
-          c.byteLength !== byteSize(kv, cap * kvDim)
-        ) {
-          fail(`cache "${c.name}" is ${c.dtype} [${c.shape}], expected ${kv} [capacity, ${kvDim}]`);
-        }
-      }
-      set(kv, rows, [a, b, v, kc, vc], [heads, kvHeads, headDim, window, cap], [scale]);
-      return cap;
+    case "attention":
+      return encodeAttention(target, node, op, { fail, act, output, index, sameRows, bound, set });
+  }
+}
+
+/** The helpers of {@link encodeNode} that attention needs. */
+interface NodeHelpers {
+  fail(msg: string): never;
+  act(id: number, width: number, what: string): Dim;
+  output(width: number): Dim;
+  index(id: number, shape: readonly Dim[], what: string): void;
+  sameRows(a: Dim, b: Dim, what: string): void;
+  bound(id: number, what: string): NativeTensor;
+  set(dtype: DType, rows: Dim, ins: readonly number[], params: readonly number[], fl?: readonly number[]): void;
+}
+
+function encodeAttention(
+  target: Target,
+  node: Node,
+  op: Extract<Node["op"], { kind: "attention" }>,
+  { fail, act, output, index, sameRows, bound, set }: NodeHelpers,
+): void {
+  const { heads, kvHeads, headDim, scale, window, pageSize } = op;
+  if (!(Number.isInteger(heads) && Number.isInteger(kvHeads) && Number.isInteger(headDim))) {
+    fail(`${heads} heads over ${kvHeads} kv heads of ${headDim} is not supported`);
+  }
+  if (!(heads >= 1 && kvHeads >= 1 && heads % kvHeads === 0 && headDim >= 1)) {
+    fail(`${heads} heads over ${kvHeads} kv heads of ${headDim} is not supported`);
+  }
+  if (!Number.isInteger(window) || window < 0) fail(`window ${window} is not supported`);
+  if (!Number.isInteger(pageSize) || pageSize < 1) fail(`page size ${pageSize} is not supported`);
+  const [q, k, v, kc, vc, positions, seqOf, pages] = node.inputs;
+  const graph = target.plan.graph;
+  const kvDim = kvHeads * headDim;
+  const rows = output(heads * headDim);
+  sameRows(rows, act(q, heads * headDim, "query"), "the query");
+  sameRows(rows, act(k, kvDim, "key"), "the key");
+  sameRows(rows, act(v, kvDim, "value"), "the value");
+  const kCache = bound(kc, "key cache"), vCache = bound(vc, "value cache");
+  const kv = kCache.dtype;
+  if (!isKvDType(kv)) fail(`key cache "${kCache.name}" is "${kv}"`);
+  const poolRows = kCache.shape[0];
+  for (const c of [kCache, vCache]) {
+    // Both caches share one dtype and shape: the kernel reads them with the same element size and row count.
+    if (
+      c.dtype !== kv || c.shape.length !== 2 || c.shape[1] !== kvDim || c.shape[0] !== poolRows ||
+      c.byteLength !== byteSize(kv, poolRows * kvDim)
+    ) {
+      fail(`cache "${c.name}" is ${c.dtype} [${c.shape}], expected ${kv} [pool rows, ${kvDim}]`);
     }
   }
+  // Whole pages: the last page's rows must lie inside the pool, whatever page a table names.
+  if (poolRows % pageSize !== 0) fail(`a pool of ${poolRows} rows is not whole pages of ${pageSize}`);
+  const table = graph.tensors[pages].shape;
+  if (table.length !== 2 || typeof table[1] !== "number") {
+    fail(`page table "${graph.tensors[pages].name}" has shape [${table}], expected [sequences, pages per sequence]`);
+  }
+  const pagesPerSeq = table[1] as number;
+  if (!Number.isInteger(pagesPerSeq) || pagesPerSeq < 1 || pagesPerSeq * pageSize > 0x7fffffff) {
+    fail(`${pagesPerSeq} pages per sequence of ${pageSize} rows is not supported`);
+  }
+  index(positions, [rows], "positions");
+  index(seqOf, [rows], "sequence rows");
+  index(pages, table, "page table");
+  target.attention.push({
+    rows,
+    positions,
+    window,
+    macsPerRow: 2 * heads * headDim,
+    bytesPerRow: 2 * byteSize(kv, kvDim),
+  });
+  set(kv, rows, [q, k, v, kc, vc, positions, seqOf, pages], [heads, kvHeads, headDim, window, pageSize, pagesPerSeq], [
+    scale,
+  ]);
 }

@@ -8,7 +8,10 @@
 
 import { defaultLibraryPath, sourceHash } from "./abi.ts";
 
-/** The library's exported functions, as `c/llm.h` declares them. */
+/** The parameters of `llm_run` (`c/exec.c`). */
+const RUN_PARAMETERS = ["pointer", "pointer", "i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32"] as const;
+
+/** The library's exported functions, as `c/exec.c` defines them. */
 export const SYMBOLS = {
   llm_abi: { parameters: [], result: "pointer" },
   llm_features: { parameters: [], result: "u32" },
@@ -17,9 +20,13 @@ export const SYMBOLS = {
   llm_pool_new: { parameters: ["i32"], result: "pointer" },
   llm_pool_free: { parameters: ["pointer"], result: "void" },
   llm_pool_size: { parameters: ["pointer"], result: "i32" },
-  llm_exec_new: { parameters: ["buffer", "i32", "buffer", "i32", "i32", "i32"], result: "pointer" },
+  llm_exec_new: { parameters: ["buffer", "i32", "buffer", "i32", "buffer", "i32", "i32"], result: "pointer" },
   llm_exec_free: { parameters: ["pointer"], result: "void" },
-  llm_run: { parameters: ["pointer", "pointer", "i32", "i32", "i32", "i32", "i32"], result: "i32" },
+  llm_exec_times: { parameters: ["pointer"], result: "pointer" },
+  /** (exec, pool, threads, from, to, d0, d1, d2, d3, profile): a step on the calling thread. */
+  llm_run: { parameters: RUN_PARAMETERS, result: "i32" },
+  /** The same function on one of Deno's blocking threads: resolves when the step is done. */
+  llm_run_nonblocking: { name: "llm_run", parameters: RUN_PARAMETERS, result: "i32", nonblocking: true },
   llm_read_bandwidth: { parameters: ["pointer", "usize", "i32", "i32"], result: "f64" },
 } as const;
 

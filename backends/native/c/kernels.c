@@ -1,8 +1,11 @@
 /*
- * Row-wise kernels: embedding, RMSNorm, RoPE, SwiGLU, add, and fused attention.
- * Each takes a range of rows (or elements) so the caller can split it between
- * threads. All arithmetic stays f32 except where noted (RoPE angles in f64, as the
- * reference computes them).
+ * Row-wise kernels: embedding, RMSNorm, RoPE, SwiGLU, add, gatherRows, and fused
+ * paged attention. Each takes a range of rows (or elements, or work items) so the
+ * caller can split it between threads. All arithmetic stays f32 except where noted
+ * (RoPE angles in f64, as the reference computes them).
+ *
+ * A row's result never depends on the other rows of the step or on how the range
+ * was split: a sequence gets the same bits alone or batched with others.
  */
 #include <math.h>
 #include <string.h>
@@ -31,6 +34,30 @@ static inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/*
+ * exp8 for one value, operation for operation (the same fused multiply-adds and
+ * roundings), so an element gets the same bits whether it falls in a vector or in
+ * the scalar tail of a range (which depends on how a step's elements were split).
+ */
+static inline float exp1(float x) {
+  x = fminf(fmaxf(x, -87.3f), 88.3f);
+  float n = rintf(x * 1.44269504088896341f);
+  float r = fmaf(-n, 0.693359375f, x);
+  r = fmaf(-n, -2.12194440e-4f, r);
+  float p = 1.9875691500E-4f;
+  p = fmaf(p, r, 1.3981999507E-3f);
+  p = fmaf(p, r, 8.3334519073E-3f);
+  p = fmaf(p, r, 4.1665795894E-2f);
+  p = fmaf(p, r, 1.6666665459E-1f);
+  p = fmaf(p, r, 5.0000001201E-1f);
+  float r2 = r * r;
+  p = fmaf(p, r2, r + 1.0f);
+  uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+  float scale;
+  memcpy(&scale, &bits, 4);
+  return p * scale;
 }
 #endif
 
@@ -119,15 +146,17 @@ void k_rmsnorm(float *out, const float *x, const float *w, int D, float eps, int
 
 /*
  * Rotate-half RoPE on x (T, heads * head_dim), rows [t0, t1): element i < d/2 of
- * each head pairs with i + d/2, angle (pos + t) * theta^(-2i/d). The angle and its
- * cos/sin are computed in f64 once per (t, i) and shared by all heads.
+ * each head pairs with i + d/2, angle positions[t] * theta^(-2i/d). The angle and
+ * its cos/sin are computed in f64 once per (t, i) and shared by all heads.
  */
-void k_rope(float *out, const float *x, int heads, int head_dim, double theta, int pos, int t0, int t1) {
+void k_rope(float *out, const float *x, const int32_t *positions, int heads, int head_dim, double theta, int t0,
+            int t1) {
   int half = head_dim / 2, width = heads * head_dim;
   float cs[512], sn[512]; /* half <= 512 is checked by the TypeScript side */
   for (int t = t0; t < t1; t++) {
+    double pos = (double)positions[t];
     for (int i = 0; i < half; i++) {
-      double angle = (double)(pos + t) * pow(theta, -2.0 * i / head_dim);
+      double angle = pos * pow(theta, -2.0 * i / head_dim);
       cs[i] = (float)cos(angle);
       sn[i] = (float)sin(angle);
     }
@@ -156,7 +185,11 @@ void k_silumul(float *out, const float *g, const float *u, size_t i0, size_t i1)
     _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(vg, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
   }
 #endif
+#ifdef LLM_AVX2
+  for (; i < i1; i++) out[i] = g[i] / (1.0f + exp1(-g[i])) * u[i];
+#else
   for (; i < i1; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+#endif
 }
 
 /* out = a + b over elements [i0, i1). */
@@ -166,6 +199,10 @@ void k_add(float *out, const float *a, const float *b, size_t i0, size_t i1) {
   for (; i + 8 <= i1; i += 8) _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
 #endif
   for (; i < i1; i++) out[i] = a[i] + b[i];
+}
+
+void k_gather_rows(float *out, const float *x, const int32_t *rows, int D, int r0, int r1) {
+  for (int r = r0; r < r1; r++) memcpy(out + (size_t)r * D, x + (size_t)rows[r] * D, (size_t)D * sizeof(float));
 }
 
 /* In-place exp(x - max) over n scores; returns their sum. */
@@ -188,18 +225,64 @@ static float softmax_exp(float *s, int n, float max) {
   return sum;
 }
 
-/* Cache rows are appended in the cache's dtype: f16 rounds to nearest even (F16C in the AVX2 build). */
-void k_attention_store(const llm_attn *a, const float *k, const float *v, int r0, int r1) {
-  size_t kv_dim = (size_t)a->kv_heads * a->head_dim, off = ((size_t)a->pos + r0) * kv_dim;
-  size_t n = (size_t)(r1 - r0) * kv_dim;
-  const float *ks = k + (size_t)r0 * kv_dim, *vs = v + (size_t)r0 * kv_dim;
-  if (a->kv_dtype == DT_F16) {
-    f32_to_f16_row((uint16_t *)a->k_cache + off, ks, n);
-    f32_to_f16_row((uint16_t *)a->v_cache + off, vs, n);
-  } else {
-    memcpy((float *)a->k_cache + off, ks, n * sizeof(float));
-    memcpy((float *)a->v_cache + off, vs, n * sizeof(float));
+/* The pool row of position j of a sequence whose page-table row is `table`. */
+static inline size_t pool_row(const llm_attn *a, const int32_t *table, int j) {
+  return (size_t)table[j / a->page_size] * (size_t)a->page_size + (size_t)(j % a->page_size);
+}
+
+/* Each token's key and value go to its own row, in the cache's dtype: f16 rounds to nearest even (F16C). */
+void k_attention_store(const llm_attn *a, const float *k, const float *v, int t0, int t1) {
+  size_t kv_dim = (size_t)a->kv_heads * a->head_dim;
+  for (int t = t0; t < t1; t++) {
+    const int32_t *table = a->pages + (size_t)a->seq_of[t] * a->pages_per_seq;
+    size_t off = pool_row(a, table, a->positions[t]) * kv_dim;
+    const float *ks = k + (size_t)t * kv_dim, *vs = v + (size_t)t * kv_dim;
+    if (a->kv_dtype == DT_F16) {
+      f32_to_f16_row((uint16_t *)a->k_cache + off, ks, kv_dim);
+      f32_to_f16_row((uint16_t *)a->v_cache + off, vs, kv_dim);
+    } else {
+      memcpy((float *)a->k_cache + off, ks, kv_dim * sizeof(float));
+      memcpy((float *)a->v_cache + off, vs, kv_dim * sizeof(float));
+    }
   }
+}
+
+/* The first position token t attends to (its window's start). */
+static inline int attention_start(const llm_attn *a, int p) {
+  return a->window > 0 && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
+}
+
+int k_attention_rows(const llm_attn *a, int t) {
+  int p = a->positions[t];
+  return p - attention_start(a, p) + 1;
+}
+
+/*
+ * A walk over the pool rows of consecutive positions of one sequence: the page's
+ * first row is looked up once per page, so stepping to the next row is an add (no
+ * division per row). `page` never reads past the sequence's page-table row.
+ */
+typedef struct {
+  const int32_t *table;
+  int page_size, pages, page, offset;
+  size_t base;
+} kv_walk;
+
+static inline void walk_start(kv_walk *w, const llm_attn *a, const int32_t *table, int j) {
+  w->table = table;
+  w->page_size = a->page_size;
+  w->pages = a->pages_per_seq;
+  w->page = j / a->page_size;
+  w->offset = j % a->page_size;
+  w->base = w->page < w->pages ? (size_t)table[w->page] * (size_t)a->page_size : 0;
+}
+
+static inline size_t walk_row(const kv_walk *w) { return w->base + (size_t)w->offset; }
+
+static inline void walk_next(kv_walk *w) {
+  if (++w->offset < w->page_size) return;
+  w->offset = 0;
+  w->base = ++w->page < w->pages ? (size_t)w->table[w->page] * (size_t)w->page_size : 0;
 }
 
 /*
@@ -208,7 +291,8 @@ void k_attention_store(const llm_attn *a, const float *k, const float *v, int r0
  * follow, so without it decode at long contexts waits on memory for every row
  * (measured 4x slower at 8K rows). Rows are fetched about this many multiply-adds
  * of work ahead (group * head_dim per row; measured best for 64 to 512 per row),
- * clamped to 4..32 rows.
+ * clamped to 4..32 rows. Pool pages need not be adjacent, so the rows ahead are
+ * found through the page table by a second walk.
  */
 #define KV_AHEAD_WORK 2048
 
@@ -226,68 +310,77 @@ static inline __attribute__((always_inline)) void prefetch_bytes(const void *p, 
 }
 
 /* scores (group * rows), accumulators (group * head_dim), and for f16 one row converted to f32. */
-size_t k_attention_scratch(int heads, int kv_heads, int head_dim, int capacity, int kv_dtype) {
+size_t k_attention_scratch(int heads, int kv_heads, int head_dim, int max_rows, int kv_dtype) {
   size_t group = (size_t)(heads / kv_heads);
-  return group * (size_t)capacity + group * (size_t)head_dim + (kv_dtype == DT_F16 ? (size_t)head_dim : 0);
+  return group * (size_t)max_rows + group * (size_t)head_dim + (kv_dtype == DT_F16 ? (size_t)head_dim : 0);
 }
 
 /*
- * Fused causal attention for work items [w0, w1): item = t * kvHeads + g, i.e. one
- * new token t and one kv head g with the `heads / kvHeads` query heads that share
- * it, so each cache row is loaded once for the whole group. For query head h:
+ * Fused causal attention of token t and kv head g, with the `heads / kvHeads`
+ * query heads that share it, so each cache row is loaded once for the whole group.
+ * For query head h:
  *   out[t, h] = softmax(scale * q[t, h] · K[rows]ᵀ) · V[rows],
- *   rows = max(0, p - window + 1) .. p, p = pos + t (all rows up to p if window is 0).
- * K and V are the caches (capacity, kvHeads * head_dim), already holding this
- * step's rows. An f16 cache row is converted to f32 once (F16C) into scratch and
- * then shared by the group's dot products and accumulations, all in f32. Rows
- * ahead are prefetched. `f16` is a constant at each call, so each instance has no
- * dtype branch in its loops.
+ *   rows: positions max(0, p - window + 1) .. p of t's sequence, p = positions[t]
+ *   (all positions up to p if window is 0),
+ * read through the sequence's page table. K and V already hold this step's rows. An
+ * f16 cache row is converted to f32 once (F16C) into scratch and then shared by the
+ * group's dot products and accumulations, all in f32. Rows ahead are prefetched.
+ * `f16` is a constant at each call, so each instance has no dtype branch in its loops.
  */
-static inline __attribute__((always_inline)) void attention_dt(const llm_attn *a, int w0, int w1, float *scratch,
+static inline __attribute__((always_inline)) void attention_dt(const llm_attn *a, int t, int g, float *scratch,
                                                                const int f16) {
-  int group = a->heads / a->kv_heads, hd = a->head_dim, kv_dim = a->kv_heads * hd;
-  for (int w = w0; w < w1; w++) {
-    int t = w / a->kv_heads, g = w % a->kv_heads;
-    int p = a->pos + t;
-    int start = a->window > 0 && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
-    int n = p - start + 1;
-    float *scores = scratch;                  /* group * n */
-    float *acc = scratch + (size_t)group * n; /* group * hd */
-    float *row = acc + (size_t)group * hd;    /* hd, f16 only */
-    const float *q0 = a->q + ((size_t)t * a->heads + (size_t)g * group) * hd;
-    const size_t esize = f16 ? 2 : 4;
-    int ahead = KV_AHEAD_WORK / (group * hd);
-    ahead = ahead < 4 ? 4 : ahead > 32 ? 32 : ahead;
-    for (int j = 0; j < n; j++) {
-      size_t at = (size_t)(start + j) * kv_dim + (size_t)g * hd;
-      if (j + ahead < n) prefetch_bytes((const char *)a->k_cache + (at + (size_t)ahead * kv_dim) * esize, hd * esize);
-      const float *kr = f16 ? row : (const float *)a->k_cache + at;
-      if (f16) f16_to_f32_row(row, (const uint16_t *)a->k_cache + at, hd);
-      for (int hh = 0; hh < group; hh++) scores[hh * n + j] = dot_f32(q0 + hh * hd, kr, hd) * a->scale;
+  int group = a->heads / a->kv_heads, hd = a->head_dim;
+  size_t kv_dim = (size_t)a->kv_heads * hd, head = (size_t)g * hd;
+  int p = a->positions[t];
+  int start = attention_start(a, p);
+  int n = p - start + 1;
+  const int32_t *table = a->pages + (size_t)a->seq_of[t] * a->pages_per_seq;
+  float *scores = scratch;                  /* group * n */
+  float *acc = scratch + (size_t)group * n; /* group * hd */
+  float *row = acc + (size_t)group * hd;    /* hd, f16 only */
+  const float *q0 = a->q + ((size_t)t * a->heads + (size_t)g * group) * hd;
+  const size_t esize = f16 ? 2 : 4;
+  int ahead = KV_AHEAD_WORK / (group * hd);
+  ahead = ahead < 4 ? 4 : ahead > 32 ? 32 : ahead;
+  kv_walk at, pf;
+  walk_start(&at, a, table, start);
+  walk_start(&pf, a, table, start + ahead);
+  for (int j = 0; j < n; j++, walk_next(&at)) {
+    size_t off = walk_row(&at) * kv_dim + head;
+    if (j + ahead < n) {
+      prefetch_bytes((const char *)a->k_cache + (walk_row(&pf) * kv_dim + head) * esize, hd * esize);
+      walk_next(&pf);
     }
-    for (int hh = 0; hh < group; hh++) {
-      float *s = scores + (size_t)hh * n;
-      float max = s[0];
-      for (int j = 1; j < n; j++) max = s[j] > max ? s[j] : max;
-      float sum = softmax_exp(s, n, max);
-      float inv = 1.0f / sum;
-      for (int j = 0; j < n; j++) s[j] *= inv;
-      memset(acc + (size_t)hh * hd, 0, (size_t)hd * sizeof(float));
-    }
-    for (int j = 0; j < n; j++) {
-      size_t at = (size_t)(start + j) * kv_dim + (size_t)g * hd;
-      if (j + ahead < n) prefetch_bytes((const char *)a->v_cache + (at + (size_t)ahead * kv_dim) * esize, hd * esize);
-      const float *vr = f16 ? row : (const float *)a->v_cache + at;
-      if (f16) f16_to_f32_row(row, (const uint16_t *)a->v_cache + at, hd);
-      for (int hh = 0; hh < group; hh++) axpy_f32(acc + (size_t)hh * hd, scores[hh * n + j], vr, hd);
-    }
-    float *o = a->out + ((size_t)t * a->heads + (size_t)g * group) * hd;
-    memcpy(o, acc, (size_t)group * hd * sizeof(float));
+    const float *kr = f16 ? row : (const float *)a->k_cache + off;
+    if (f16) f16_to_f32_row(row, (const uint16_t *)a->k_cache + off, hd);
+    for (int hh = 0; hh < group; hh++) scores[hh * n + j] = dot_f32(q0 + hh * hd, kr, hd) * a->scale;
   }
+  for (int hh = 0; hh < group; hh++) {
+    float *s = scores + (size_t)hh * n;
+    float max = s[0];
+    for (int j = 1; j < n; j++) max = s[j] > max ? s[j] : max;
+    float sum = softmax_exp(s, n, max);
+    float inv = 1.0f / sum;
+    for (int j = 0; j < n; j++) s[j] *= inv;
+    memset(acc + (size_t)hh * hd, 0, (size_t)hd * sizeof(float));
+  }
+  walk_start(&at, a, table, start);
+  walk_start(&pf, a, table, start + ahead);
+  for (int j = 0; j < n; j++, walk_next(&at)) {
+    size_t off = walk_row(&at) * kv_dim + head;
+    if (j + ahead < n) {
+      prefetch_bytes((const char *)a->v_cache + (walk_row(&pf) * kv_dim + head) * esize, hd * esize);
+      walk_next(&pf);
+    }
+    const float *vr = f16 ? row : (const float *)a->v_cache + off;
+    if (f16) f16_to_f32_row(row, (const uint16_t *)a->v_cache + off, hd);
+    for (int hh = 0; hh < group; hh++) axpy_f32(acc + (size_t)hh * hd, scores[hh * n + j], vr, hd);
+  }
+  float *o = a->out + ((size_t)t * a->heads + (size_t)g * group) * hd;
+  memcpy(o, acc, (size_t)group * hd * sizeof(float));
 }
 
-void k_attention(const llm_attn *a, int T, int w0, int w1, float *scratch) {
-  (void)T;
-  if (a->kv_dtype == DT_F16) attention_dt(a, w0, w1, scratch, 1);
-  else attention_dt(a, w0, w1, scratch, 0);
+void k_attention(const llm_attn *a, int t, int g, float *scratch) {
+  if (a->kv_dtype == DT_F16) attention_dt(a, t, g, scratch, 1);
+  else attention_dt(a, t, g, scratch, 0);
 }

@@ -1,13 +1,17 @@
 /*
  * out (T, N) = x (T, K) · W (N, K)ᵀ for every weight dtype.
  *
+ * Every output is accumulated in one fixed order whatever T is and whichever
+ * kernel runs it, so a token's result is the same bits in a step of its own or in
+ * a batch with other sequences' tokens (continuous batching), and whatever rows the
+ * threads split.
+ *
  * Float weights (f32, f16, bf16): a register-blocked micro-kernel computes a tile
- * of RT tokens x RN weight rows as RT*RN dot products along K at once, so each
- * weight vector loaded (and converted: F16C for f16, a 16-bit shift for bf16) is
- * used RT times and each activation vector RN times. For prefill, K is cut into
- * chunks so that the activation chunk of every token stays in L2 while each
- * weight tile (RN rows of one chunk) stays in L1. Decode (T = 1) is the same
- * kernel with RT = 1: a matrix-vector product that streams every weight once.
+ * of RT tokens x RN weight rows as RT*RN dot products along K at once (8 lanes by
+ * FMA, then one horizontal sum), so each weight vector loaded is used RT times and
+ * each activation vector RN times. Steps of more tokens than one tile go in blocks
+ * whose activations stay in L2, each weight row group read once per block: a batch
+ * of 16 decode tokens streams every weight once, as one token does.
  *
  * Quantized weights (q8_0, q4_0, planar layout of graph/dtype.ts): activations are
  * first quantized to blocks of 32 int16 quants with an f32 scale (quantize_rows_x16).
@@ -15,18 +19,21 @@
  * flips near-tie top-1 predictions of low-confidence models, while 16 bits is
  * ~256x finer, close to f32 activations. Weights are sign-extended to int16 and
  * each block pair is an exact int32 dot product (AVX2 madd_epi16: |sum| <=
- * 32 * 128 * 32767 < 2^31), scaled in f32 by d_w * d_x and accumulated in f32.
- * Decode (T < MM_GEMM_MIN_T) reads the packed weights once per row; prefill widens
- * panels of 32 rows to int16 once and runs an int16 GEMM micro-kernel over them
- * (gemm_q16): madd_epi16 does 16 multiplies per instruction, twice an f32 FMA's 8.
+ * 32 * 128 * 32767 < 2^31). The f32 sum of an output has one order, Q_CHUNK: per
+ * chunk of 32 blocks, 8 lanes (block b in lane b mod 8) each accumulate
+ * lane = fma(sum_b, d_w * d_x, lane) in block order, the lanes are added as hsum8
+ * adds 8 lanes, and the chunks' sums are added in order. Steps of fewer than
+ * MM_GEMM_MIN_T tokens read the packed weights once per row for all their tokens
+ * (the lanes are one vector); larger ones widen panels of 32 rows to int16 once and
+ * run an int16 GEMM micro-kernel over them (gemm_q16, lanes held per row in L1):
+ * madd_epi16 does 16 multiplies per instruction, twice an f32 FMA's 8. Both give
+ * the same bits: the block sums are exact integers and the f32 steps are the same.
  */
 #include <math.h>
 #include <string.h>
 
 #include "llm.h"
 
-/* K chunk for prefill: a packed panel is 16 x KC floats, and T x KC activations should sit in L2. */
-#define KC 256
 /* How far ahead quantized decode prefetches a weight row (measured: 512-1024 B best). */
 #define PF_AHEAD 1024
 
@@ -97,6 +104,16 @@ void quantize_rows_x16(const float *x, int K, int t0, int t1, llm_xq *xq) {
 
 #define AI static inline __attribute__((always_inline))
 
+/*
+ * Asks for bytes [p, p + bytes) in L2 ahead of use: the weights of the next tile or
+ * panel, fetched while the current one is computed over every token of a batch
+ * (without it, each tile's first tokens wait on memory and the rest on nothing).
+ */
+AI void prefetch_l2(const void *p, size_t bytes) {
+  const char *line = (const char *)((uintptr_t)p & ~(uintptr_t)63), *end = (const char *)p + bytes;
+  for (; line < end; line += 64) _mm_prefetch(line, _MM_HINT_T1);
+}
+
 /* 8 weights of a row starting at element k, as f32. */
 AI __m256 load_w8(const uint8_t *row, int dtype, int k) {
   if (dtype == DT_F32) return _mm256_loadu_ps((const float *)row + k);
@@ -112,21 +129,24 @@ AI float load_w1(const uint8_t *row, int dtype, int k) {
 }
 
 /*
- * Tile: out[t0 .. t0+RT) x [n0 .. n0+RN) (+)= x[t, k0..k1) · W[n, k0..k1).
- * RT and RN are compile-time constants at every call, so acc stays in registers.
+ * Tile: out[t0 .. t0+RT) x [n, n+RN) = x[t] · W[row j] over all of K, the RN weight
+ * rows starting at `wr0` (rowb bytes apart). RT and RN are compile-time constants at
+ * every call, so acc stays in registers. Each output accumulates in one order,
+ * whatever RT and RN are (8 lanes along k by FMA, hsum8, then the k tail in order),
+ * so a token's result does not depend on the tokens or rows it shares a tile with.
  */
-AI void tile_float(float *out, const float *x, const uint8_t *w, int dtype, size_t rowb, int K, int N, int t0, int n0,
-                   int k0, int k1, int add, const int RT, const int RN) {
-  __m256 acc[4][4];
+AI void tile_float(float *out, const float *x, const uint8_t *wr0, int dtype, size_t rowb, int K, int N, int t0, int n,
+                   const int RT, const int RN) {
+  __m256 acc[MM_RT][MM_RN];
   for (int i = 0; i < RT; i++)
     for (int j = 0; j < RN; j++) acc[i][j] = _mm256_setzero_ps();
-  const float *xr[4];
-  const uint8_t *wr[4];
+  const float *xr[MM_RT];
+  const uint8_t *wr[MM_RN];
   for (int i = 0; i < RT; i++) xr[i] = x + (size_t)(t0 + i) * K;
-  for (int j = 0; j < RN; j++) wr[j] = w + (size_t)(n0 + j) * rowb;
-  int kv = k0 + ((k1 - k0) & ~7);
-  for (int k = k0; k < kv; k += 8) {
-    __m256 wv[4];
+  for (int j = 0; j < RN; j++) wr[j] = wr0 + (size_t)j * rowb;
+  int kv = K & ~7;
+  for (int k = 0; k < kv; k += 8) {
+    __m256 wv[MM_RN];
     for (int j = 0; j < RN; j++) wv[j] = load_w8(wr[j], dtype, k);
     for (int i = 0; i < RT; i++) {
       __m256 xv = _mm256_loadu_ps(xr[i] + k);
@@ -136,126 +156,100 @@ AI void tile_float(float *out, const float *x, const uint8_t *w, int dtype, size
   for (int i = 0; i < RT; i++) {
     for (int j = 0; j < RN; j++) {
       float s = hsum8(acc[i][j]);
-      for (int k = kv; k < k1; k++) s += xr[i][k] * load_w1(wr[j], dtype, k);
-      float *o = out + (size_t)(t0 + i) * N + n0 + j;
-      *o = add ? *o + s : s;
+      for (int k = kv; k < K; k++) s += xr[i][k] * load_w1(wr[j], dtype, k);
+      out[(size_t)(t0 + i) * N + n + j] = s;
     }
   }
 }
+
+/* A tile of RT (constant) tokens over nn (1..MM_RN, a constant in each case) weight rows. */
+AI void tile_rows(float *out, const float *x, const uint8_t *wr0, int dtype, size_t rowb, int K, int N, int t0, int n,
+                  int nn, const int RT) {
+  switch (nn) {
+#if MM_RN >= 4
+    case 4: tile_float(out, x, wr0, dtype, rowb, K, N, t0, n, RT, 4); break;
+#endif
+    case 3: tile_float(out, x, wr0, dtype, rowb, K, N, t0, n, RT, 3); break;
+    case 2: tile_float(out, x, wr0, dtype, rowb, K, N, t0, n, RT, 2); break;
+    default: tile_float(out, x, wr0, dtype, rowb, K, N, t0, n, RT, 1); break;
+  }
+}
+
+/* Tokens [t0, t1) over nn weight rows: whole tiles of MM_RT tokens, then one narrower tile. */
+AI void tile_tokens(float *out, const float *x, const uint8_t *wr0, int dtype, size_t rowb, int K, int N, int t0,
+                    int t1, int n, int nn) {
+  int t = t0;
+  for (; t + MM_RT <= t1; t += MM_RT) tile_rows(out, x, wr0, dtype, rowb, K, N, t, n, nn, MM_RT);
+  switch (t1 - t) {
+    case 3: tile_rows(out, x, wr0, dtype, rowb, K, N, t, n, nn, 3 < MM_RT ? 3 : 1); break;
+    case 2: tile_rows(out, x, wr0, dtype, rowb, K, N, t, n, nn, 2 < MM_RT ? 2 : 1); break;
+    case 1: tile_rows(out, x, wr0, dtype, rowb, K, N, t, n, nn, 1); break;
+    default: break;
+  }
+}
+
+/* Tokens [t0, t1) over nn f32 weight rows: one instance shared by every dtype (f16/bf16 rows come converted). */
+AI void tiles_f32(float *out, const float *x, const float *wr0, int K, int N, int t0,
+                                                int t1, int n, int nn) {
+  tile_tokens(out, x, (const uint8_t *)wr0, DT_F32, (size_t)K * 4, K, N, t0, t1, n, nn);
+}
+
+/* Activation bytes of a block of tokens kept in L2 while every weight tile of the range passes over it. */
+#define X_BLOCK_BYTES (256 << 10)
 
 /*
- * Prefill micro-kernel (outer-product form): out[t0 .. t0+RT) x [n0 .. n0+16) (+)=
- * x[t, k0..k1) · P, where P is a panel of 16 weight rows packed k-major (P[k][16],
- * already f32). Each k step loads two vectors of P and broadcasts RT activations:
- * 2*RT FMAs for 2 + RT loads, no horizontal sums, and the weights' conversion is
- * paid once per panel instead of once per token.
+ * Every T is the same tile kernel over all of K, so a token's outputs are the same
+ * bits in a step of 1 token or of many. A step of at most MM_RT tokens is one tile
+ * row per weight row group, reading each weight once (decode, and small batches).
+ * Larger steps go in blocks of tokens whose activations stay in L2; each group of
+ * MM_RN weight rows is read once per block (f16/bf16 converted once into scratch
+ * first, exactly) and shared by all of the block's tiles, so a batch of 16 decode
+ * tokens reads every weight once, not 16 times.
  */
-AI void panel_kernel(float *out, const float *x, const float *P, int K, int N, int t0, int n0, int nn, int kc, int add,
-                     const int RT) {
-  __m256 acc[6][2];
-#pragma GCC unroll 6
-  for (int i = 0; i < RT; i++) {
-    acc[i][0] = _mm256_setzero_ps();
-    acc[i][1] = _mm256_setzero_ps();
-  }
-  const float *xr[6];
-#pragma GCC unroll 6
-  for (int i = 0; i < RT; i++) xr[i] = x + (size_t)(t0 + i) * K;
-  for (int k = 0; k < kc; k++) {
-    __m256 w0 = _mm256_load_ps(P + (size_t)k * 16), w1 = _mm256_load_ps(P + (size_t)k * 16 + 8);
-#pragma GCC unroll 6
-    for (int i = 0; i < RT; i++) {
-      __m256 xb = _mm256_broadcast_ss(xr[i] + k);
-      acc[i][0] = _mm256_fmadd_ps(xb, w0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(xb, w1, acc[i][1]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int i = 0; i < RT; i++) {
-    float *o = out + (size_t)(t0 + i) * N + n0;
-    if (nn == 16) {
-      if (add) {
-        acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(o));
-        acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(o + 8));
-      }
-      _mm256_storeu_ps(o, acc[i][0]);
-      _mm256_storeu_ps(o + 8, acc[i][1]);
-    } else { /* the last, partial panel: only nn columns are real */
-      _Alignas(32) float tmp[16];
-      _mm256_store_ps(tmp, acc[i][0]);
-      _mm256_store_ps(tmp + 8, acc[i][1]);
-      for (int j = 0; j < nn; j++) o[j] = add ? o[j] + tmp[j] : tmp[j];
-    }
-  }
-}
-
-/* Packs rows [n0, n0+nn) x columns [k0, k0+kc) of W as f32, k-major, zero-padded to 16 rows. */
-AI void pack_panel(float *P, const uint8_t *w, int dtype, size_t rowb, int n0, int nn, int k0, int kc) {
-  for (int j = 0; j < 16; j++) {
-    if (j >= nn) {
-      for (int k = 0; k < kc; k++) P[(size_t)k * 16 + j] = 0;
-      continue;
-    }
-    const uint8_t *row = w + (size_t)(n0 + j) * rowb;
-    int k = 0;
-    for (; k + 8 <= kc; k += 8) {
-      _Alignas(32) float v[8];
-      _mm256_store_ps(v, load_w8(row, dtype, k0 + k));
-      for (int u = 0; u < 8; u++) P[(size_t)(k + u) * 16 + j] = v[u];
-    }
-    for (; k < kc; k++) P[(size_t)k * 16 + j] = load_w1(row, dtype, k0 + k);
-  }
-}
-
-/*
- * Prefill: for each K chunk and each panel of 16 weight rows, pack the panel
- * (16 x KC floats, 32 KiB: L1/L2) once, then run every group of 6 tokens over it;
- * the tokens' K chunk (T x KC floats) stays in L2 across panels.
- */
-AI void gemm_panels(float *out, const float *x, const uint8_t *w, int dtype, size_t rowb, int T, int K, int N, int n0,
-                    int n1) {
-  _Alignas(32) float P[KC * 16];
-  for (int k0 = 0; k0 < K; k0 += KC) {
-    int kc = K - k0 < KC ? K - k0 : KC;
-    for (int n = n0; n < n1; n += 16) {
-      int nn = n1 - n < 16 ? n1 - n : 16;
-      pack_panel(P, w, dtype, rowb, n, nn, k0, kc);
-      int t = 0;
-      for (; t + 6 <= T; t += 6) panel_kernel(out, x + k0, P, K, N, t, n, nn, kc, k0 > 0, 6);
-      switch (T - t) {
-        case 5: panel_kernel(out, x + k0, P, K, N, t, n, nn, kc, k0 > 0, 5); break;
-        case 4: panel_kernel(out, x + k0, P, K, N, t, n, nn, kc, k0 > 0, 4); break;
-        case 3: panel_kernel(out, x + k0, P, K, N, t, n, nn, kc, k0 > 0, 3); break;
-        case 2: panel_kernel(out, x + k0, P, K, N, t, n, nn, kc, k0 > 0, 2); break;
-        case 1: panel_kernel(out, x + k0, P, K, N, t, n, nn, kc, k0 > 0, 1); break;
-        default: break;
-      }
-    }
-  }
-}
-
-AI void mm_float_dt(float *out, const float *x, const uint8_t *w, int dtype, int T, int K, int N, int n0, int n1) {
+AI void mm_float_dt(float *out, const float *x, const uint8_t *w, int dtype, int T, int K, int N, int n0, int n1,
+                    float *scratch) {
   size_t rowb = (size_t)K * (dtype == DT_F32 ? 4 : 2);
-  if (T < 4) {
-    /* Decode: a matrix-vector product streaming each weight once. */
-    for (int t = 0; t < T; t++) {
-      int n = n0;
-      /* Short rows (< 2 KiB) go one at a time: 4 short streams at once starve the prefetcher
-         (measured 6 vs 8.5 GB/s at K = 288); long rows gain from 4 (11-14 vs 8 GB/s at K = 2048). */
-      if (rowb >= 2048)
-        for (; n + 4 <= n1; n += 4) tile_float(out, x, w, dtype, rowb, K, N, t, n, 0, K, 0, 1, 4);
-      for (; n < n1; n++) tile_float(out, x, w, dtype, rowb, K, N, t, n, 0, K, 0, 1, 1);
+  if (T <= MM_RT) {
+    /* Short rows (< 2 KiB) go one at a time: several short streams at once starve the prefetcher
+       (measured 6 vs 8.5 GB/s at K = 288); long rows gain from several (11-14 vs 8 GB/s at K = 2048). */
+    int step = rowb >= 2048 ? MM_RN : 1;
+    for (int n = n0; n < n1; n += step) {
+      int nn = n1 - n < step ? n1 - n : step;
+      tile_tokens(out, x, w + (size_t)n * rowb, dtype, rowb, K, N, 0, T, n, nn);
     }
     return;
   }
-  gemm_panels(out, x, w, dtype, rowb, T, K, N, n0, n1);
+  int block = (int)(X_BLOCK_BYTES / ((size_t)K * sizeof(float))) / MM_RT * MM_RT;
+  if (block < MM_RT) block = MM_RT;
+  for (int t0 = 0; t0 < T; t0 += block) {
+    int t1 = T - t0 < block ? T : t0 + block;
+    for (int n = n0; n < n1; n += MM_RN) {
+      int nn = n1 - n < MM_RN ? n1 - n : MM_RN;
+      const uint8_t *wr = w + (size_t)n * rowb;
+      int next = n1 - (n + nn) < MM_RN ? n1 - (n + nn) : MM_RN;
+      prefetch_l2(wr + (size_t)nn * rowb, (size_t)next * rowb);
+      if (dtype == DT_F32) {
+        tiles_f32(out, x, (const float *)wr, K, N, t0, t1, n, nn);
+        continue;
+      }
+      for (int j = 0; j < nn; j++) {
+        const uint8_t *src = wr + (size_t)j * rowb;
+        float *dst = scratch + (size_t)j * K;
+        int k = 0;
+        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(dst + k, load_w8(src, dtype, k));
+        for (; k < K; k++) dst[k] = load_w1(src, dtype, k);
+      }
+      tiles_f32(out, x, scratch, K, N, t0, t1, n, nn);
+    }
+  }
 }
 
-void mm_float(float *out, const float *x, const uint8_t *w, int dtype, int T, int K, int N, int n0, int n1) {
+void mm_float(float *out, const float *x, const uint8_t *w, int dtype, int T, int K, int N, int n0, int n1,
+              float *scratch) {
   switch (dtype) {
-    case DT_F32: mm_float_dt(out, x, w, DT_F32, T, K, N, n0, n1); break;
-    case DT_F16: mm_float_dt(out, x, w, DT_F16, T, K, N, n0, n1); break;
-    default: mm_float_dt(out, x, w, DT_BF16, T, K, N, n0, n1); break;
+    case DT_F32: mm_float_dt(out, x, w, DT_F32, T, K, N, n0, n1, scratch); break;
+    case DT_F16: mm_float_dt(out, x, w, DT_F16, T, K, N, n0, n1, scratch); break;
+    default: mm_float_dt(out, x, w, DT_BF16, T, K, N, n0, n1, scratch); break;
   }
 }
 
@@ -293,16 +287,22 @@ AI __m256i reduce8(__m256i s0, __m256i s1, __m256i s2, __m256i s3, __m256i s4, _
   return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
+/* Blocks per chunk of the canonical order (see the top of this file); a multiple of 8. */
+#define Q_CHUNK 32
+
 /*
  * Tile of RT tokens x RN weight rows over all K. Blocks go 8 at a time: the 8
- * block dot products of a (token, row) pair are reduced to one vector of 8 int32
- * block sums, converted once, and scaled by the 8 products d_w * d_x (the planar
- * layout keeps a row's scales contiguous, so they load as one vector).
+ * block dot products of a (token, row) pair are reduced to one vector of 8 exact
+ * int32 block sums, converted once, and added into 8 lanes by one FMA with their
+ * scales d_w * d_x (the planar layout keeps a row's scales contiguous, so they
+ * load as one vector). Every Q_CHUNK blocks (and at the end) the lanes are summed
+ * into the output's running total.
  */
 AI void tile_quant(float *out, const llm_xq *xq, const uint8_t *wq, const uint16_t *ws, int dtype, size_t rowb, int K,
                    int N, int t0, int n0, const int RT, const int RN) {
   int nb = K / QK;
   __m256 acc[4][4];
+  float total[4][4] = {{0}};
   for (int i = 0; i < RT; i++)
     for (int j = 0; j < RN; j++) acc[i][j] = _mm256_setzero_ps();
   const int16_t *yr[4];
@@ -319,50 +319,67 @@ AI void tile_quant(float *out, const llm_xq *xq, const uint8_t *wq, const uint16
     wr[j] = wq + (size_t)(n0 + j) * rowb;
     wd[j] = ws + (size_t)(n0 + j) * nb;
   }
-  int b = 0;
   /* Bytes of 8 blocks of one row: decode prefetches the next groups by hand, the
      hardware prefetcher alone does not keep enough of them in flight here. */
   const int gbytes = dtype == DT_Q8_0 ? 8 * QK : 8 * QK / 2;
-  for (; b + 8 <= nb; b += 8) {
-    if (RT == 1) {
-      for (int j = 0; j < RN; j++) {
-        const char *ahead = (const char *)wr[j] + (size_t)b * (gbytes / 8) + PF_AHEAD;
-        for (int l = 0; l < gbytes; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+  for (int c0 = 0; c0 < nb; c0 += Q_CHUNK) {
+    int c1 = nb - c0 < Q_CHUNK ? nb : c0 + Q_CHUNK, b = c0;
+    for (; b + 8 <= c1; b += 8) {
+      if (RT == 1) {
+        for (int j = 0; j < RN; j++) {
+          const char *ahead = (const char *)wr[j] + (size_t)b * (gbytes / 8) + PF_AHEAD;
+          for (int l = 0; l < gbytes; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+        }
       }
-    }
-    __m256 dw[4];
-    for (int j = 0; j < RN; j++) dw[j] = load_f16x8(wd[j] + b);
-    for (int i = 0; i < RT; i++) {
-      const int16_t *y = yr[i] + (size_t)b * QK;
-      __m256 dy = _mm256_loadu_ps(yd[i] + b);
-      __m256i off = dtype == DT_Q4_0 ? _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(ys[i] + b)), 3)
-                                     : _mm256_setzero_si256();
-      for (int j = 0; j < RN; j++) {
-        __m256i s = reduce8(dot_block(wr[j], dtype, b, y), dot_block(wr[j], dtype, b + 1, y + QK),
-                            dot_block(wr[j], dtype, b + 2, y + 2 * QK), dot_block(wr[j], dtype, b + 3, y + 3 * QK),
-                            dot_block(wr[j], dtype, b + 4, y + 4 * QK), dot_block(wr[j], dtype, b + 5, y + 5 * QK),
-                            dot_block(wr[j], dtype, b + 6, y + 6 * QK), dot_block(wr[j], dtype, b + 7, y + 7 * QK));
-        if (dtype == DT_Q4_0) s = _mm256_sub_epi32(s, off);
-        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw[j], dy), acc[i][j]);
-      }
-    }
-  }
-  float tail[4][4] = {{0}};
-  for (; b < nb; b++) { /* fewer than 8 blocks left: one block at a time */
-    for (int j = 0; j < RN; j++) {
-      float dwb = _cvtsh_ss(wd[j][b]);
+      __m256 dw[4];
+      for (int j = 0; j < RN; j++) dw[j] = load_f16x8(wd[j] + b);
       for (int i = 0; i < RT; i++) {
-        __m256i s = dot_block(wr[j], dtype, b, yr[i] + (size_t)b * QK);
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-        int32_t dot = _mm_cvtsi128_si32(s4) - (dtype == DT_Q4_0 ? 8 * ys[i][b] : 0);
-        tail[i][j] += (float)dot * dwb * yd[i][b];
+        const int16_t *y = yr[i] + (size_t)b * QK;
+        __m256 dy = _mm256_loadu_ps(yd[i] + b);
+        __m256i off = dtype == DT_Q4_0 ? _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(ys[i] + b)), 3)
+                                       : _mm256_setzero_si256();
+        for (int j = 0; j < RN; j++) {
+          __m256i s = reduce8(dot_block(wr[j], dtype, b, y), dot_block(wr[j], dtype, b + 1, y + QK),
+                              dot_block(wr[j], dtype, b + 2, y + 2 * QK), dot_block(wr[j], dtype, b + 3, y + 3 * QK),
+                              dot_block(wr[j], dtype, b + 4, y + 4 * QK), dot_block(wr[j], dtype, b + 5, y + 5 * QK),
+                              dot_block(wr[j], dtype, b + 6, y + 6 * QK), dot_block(wr[j], dtype, b + 7, y + 7 * QK));
+          if (dtype == DT_Q4_0) s = _mm256_sub_epi32(s, off);
+          acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw[j], dy), acc[i][j]);
+        }
+      }
+    }
+    if (b < c1) {
+      /* Fewer than 8 blocks left: their sums and scales in the first lanes, the other lanes kept. */
+      int left = c1 - b;
+      const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(left), lanes));
+      for (int j = 0; j < RN; j++) {
+        for (int i = 0; i < RT; i++) {
+          _Alignas(32) float sums[8] = {0}, scales[8] = {0};
+          for (int l = 0; l < left; l++) {
+            __m256i s = dot_block(wr[j], dtype, b + l, yr[i] + (size_t)(b + l) * QK);
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+            sums[l] = (float)(_mm_cvtsi128_si32(s4) - (dtype == DT_Q4_0 ? 8 * ys[i][b + l] : 0));
+            scales[l] = _cvtsh_ss(wd[j][b + l]) * yd[i][b + l];
+          }
+          __m256 added = _mm256_fmadd_ps(_mm256_load_ps(sums), _mm256_load_ps(scales), acc[i][j]);
+          acc[i][j] = _mm256_blendv_ps(acc[i][j], added, keep);
+        }
+      }
+    }
+    /* The chunk's lanes into the running total. */
+    for (int i = 0; i < RT; i++) {
+      for (int j = 0; j < RN; j++) {
+        float chunk = hsum8(acc[i][j]);
+        total[i][j] = c0 == 0 ? chunk : total[i][j] + chunk;
+        acc[i][j] = _mm256_setzero_ps();
       }
     }
   }
   for (int i = 0; i < RT; i++)
-    for (int j = 0; j < RN; j++) out[(size_t)(t0 + i) * N + n0 + j] = hsum8(acc[i][j]) + tail[i][j];
+    for (int j = 0; j < RN; j++) out[(size_t)(t0 + i) * N + n0 + j] = nb > 0 ? total[i][j] : 0.0f;
 }
 
 /*
@@ -372,14 +389,13 @@ AI void tile_quant(float *out, const llm_xq *xq, const uint8_t *wq, const uint16
  * (w[k], w[k+1]) of 8 rows; madd_epi16 against a broadcast activation pair
  * (y[k], y[k+1]) then gives 8 rows' int32 partial sums, 16 multiplies per
  * instruction against an f32 FMA's 8. Sums stay exact in int32 over a block (16
- * madds per lane: <= 16 * 2 * 128 * 32767 < 2^31) and are scaled by d_w * d_x
- * into f32 at each block end, as decode's tile_quant does.
+ * madds per lane: <= 16 * 2 * 128 * 32767 < 2^31) and are added into f32 at each
+ * block end, acc = fma(sum, d_w * d_x, acc), in block order, as tile_quant does.
  */
 /* K chunk: the tokens' chunk (T x KCQ int16) stays in L2 across panels; a panel is PR x KCQ int16
-   (64 KiB on the stack). Measured: 512, 1024 and 2048 within noise of each other, 256 a little slower. */
-#ifndef KCQ
-#define KCQ 1024
-#endif
+   (64 KiB on the stack). Measured: 512, 1024 and 2048 within noise of each other, 256 a little slower.
+   It is the canonical order's chunk: each panel_kernel_q16 call sums one chunk. */
+#define KCQ (Q_CHUNK * QK)
 /*
  * Tile: QRT tokens x QRN vectors of 8 rows, QRT * QRN int32 sums in registers
  * (<= 12 of the 16). Measured on one core (T = 128, K = 2048, N = 5632, q4_0):
@@ -408,7 +424,12 @@ AI __m256i bcast_pair(const int16_t *y) {
 }
 
 AI void madd_acc(__m256i *acc, __m256i pair, const __m256i *w) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  /* VNNI: the multiply, the pair add and the accumulate in one instruction, the same int32 result. */
+  __asm__("vpdpwssd %2, %1, %0" : "+v"(*acc) : "v"(pair), "m"(*w));
+#else
   __asm__("vpmaddwd %2, %1, %%ymm15\n\tvpaddd %%ymm15, %0, %0" : "+x"(*acc) : "x"(pair), "m"(*w) : "xmm15");
+#endif
 }
 
 /* 8x8 transpose of int32 lanes: r[j] lane i -> r[i] lane j. */
@@ -480,18 +501,21 @@ AI void pack_panel_q16(int32_t *P, float *S, const uint8_t *w, const uint16_t *w
 /*
  * out[t0 .. t0+RT) x [n0 .. n0+nn) (+)= tokens' blocks [b0, b0+nbc) · panel. Per
  * pair: RT broadcasts, RT*QRN madds into int32 block sums; at each block end the
- * sums are scaled into f32 accumulators C (in L1: the registers hold the int32 ones).
+ * sums are added into f32 accumulators C (in L1: the registers hold the int32 ones),
+ * which start from the outputs of the earlier K chunks when `add` is set.
  */
 AI void panel_kernel_q16(float *out, const llm_xq *xq, const int32_t *P, const float *S, int K, int N, int t0, int n0,
                          int nn, int b0, int nbc, int add, const int RT) {
   int nb = K / QK;
-  _Alignas(32) float C[QRT][PR];
+  /* The canonical order's 8 lanes (block b in lane b mod 8) of every output, in L1. */
+  _Alignas(32) float C[8][QRT][PR];
   const int16_t *y[QRT];
   const float *yd[QRT];
   for (int i = 0; i < RT; i++) {
     y[i] = xq->q + (size_t)(t0 + i) * K + (size_t)b0 * QK;
     yd[i] = xq->d + (size_t)(t0 + i) * nb + b0;
-    for (int j = 0; j < QRN; j++) _mm256_store_ps(C[i] + 8 * j, _mm256_setzero_ps());
+    for (int l = 0; l < 8; l++)
+      for (int j = 0; j < QRN; j++) _mm256_store_ps(C[l][i] + 8 * j, _mm256_setzero_ps());
   }
   for (int b = 0; b < nbc; b++) {
     const __m256i *pb = (const __m256i *)(P + (size_t)b * 16 * PR);
@@ -507,22 +531,31 @@ AI void panel_kernel_q16(float *out, const llm_xq *xq, const int32_t *P, const f
     }
     __m256 s[QRN];
     for (int j = 0; j < QRN; j++) s[j] = _mm256_load_ps(S + b * PR + 8 * j);
+    float(*lane)[PR] = C[b & 7];
     for (int i = 0; i < RT; i++) {
       __m256 dx = _mm256_set1_ps(yd[i][b]);
       for (int j = 0; j < QRN; j++)
-        _mm256_store_ps(C[i] + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][j]), _mm256_mul_ps(s[j], dx),
-                                                      _mm256_load_ps(C[i] + 8 * j)));
+        _mm256_store_ps(lane[i] + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][j]), _mm256_mul_ps(s[j], dx),
+                                                         _mm256_load_ps(lane[i] + 8 * j)));
     }
   }
   for (int i = 0; i < RT; i++) {
     float *o = out + (size_t)(t0 + i) * N + n0;
-    if (nn == PR) {
-      for (int j = 0; j < QRN; j++) {
-        __m256 c = _mm256_load_ps(C[i] + 8 * j);
-        _mm256_storeu_ps(o + 8 * j, add ? _mm256_add_ps(c, _mm256_loadu_ps(o + 8 * j)) : c);
+    for (int j = 0; j < QRN; j++) {
+      /* The lanes added as hsum8 adds them, then onto the earlier chunks' total. */
+#define LANE(l) _mm256_load_ps(C[l][i] + 8 * j)
+      __m256 a = _mm256_add_ps(LANE(0), LANE(4)), b = _mm256_add_ps(LANE(1), LANE(5));
+      __m256 c = _mm256_add_ps(LANE(2), LANE(6)), d = _mm256_add_ps(LANE(3), LANE(7));
+#undef LANE
+      __m256 chunk = _mm256_add_ps(_mm256_add_ps(a, c), _mm256_add_ps(b, d));
+      int cols = nn - 8 * j < 8 ? nn - 8 * j : 8;
+      if (cols == 8) {
+        _mm256_storeu_ps(o + 8 * j, add ? _mm256_add_ps(_mm256_loadu_ps(o + 8 * j), chunk) : chunk);
+        continue;
       }
-    } else {
-      for (int j = 0; j < nn; j++) o[j] = add ? o[j] + C[i][j] : C[i][j];
+      _Alignas(32) float v[8];
+      _mm256_store_ps(v, chunk);
+      for (int r = 0; r < cols; r++) o[8 * j + r] = add ? o[8 * j + r] + v[r] : v[r];
     }
   }
 }
@@ -536,6 +569,12 @@ AI void gemm_q16(float *out, const llm_xq *xq, const uint8_t *w, const uint16_t 
     int nbc = nb - b0 < KCQ / QK ? nb - b0 : KCQ / QK;
     for (int n = n0; n < n1; n += PR) {
       int nn = n1 - n < PR ? n1 - n : PR;
+      /* The next panel's blocks of this chunk, and their scales, while this one runs. */
+      size_t block_bytes = rowb / (size_t)nb;
+      for (int r = n + nn; r < n1 && r < n + nn + PR; r++) {
+        prefetch_l2(w + (size_t)r * rowb + (size_t)b0 * block_bytes, (size_t)nbc * block_bytes);
+        prefetch_l2(ws + (size_t)r * nb + b0, (size_t)nbc * 2);
+      }
       pack_panel_q16(P, S, w, ws, dtype, rowb, nb, n, nn, b0, nbc);
       int t = 0;
       for (; t + QRT <= T; t += QRT) panel_kernel_q16(out, xq, P, S, K, N, t, n, nn, b0, nbc, b0 > 0, QRT);
@@ -595,7 +634,9 @@ static inline float w_at(const uint8_t *row, int dtype, int k) {
   return dtype == DT_F16 ? f16_to_f32(h) : bf16_to_f32(h);
 }
 
-void mm_float(float *out, const float *x, const uint8_t *w, int dtype, int T, int K, int N, int n0, int n1) {
+void mm_float(float *out, const float *x, const uint8_t *w, int dtype, int T, int K, int N, int n0, int n1,
+              float *scratch) {
+  (void)scratch; /* converts each weight as it reads it */
   size_t rowb = (size_t)K * (dtype == DT_F32 ? 4 : 2);
   for (int n = n0; n < n1; n++) {
     const uint8_t *wr = w + (size_t)n * rowb;
