@@ -78,18 +78,24 @@ export async function probeBackends(): Promise<BackendProbe[]> {
 export function registerInstrumentedTs(name: string, beforeStep: () => void | Promise<void>): void {
   registerBackend(name, () => {
     const ts = new TsBackend();
-    const backend: Backend = Object.assign(Object.create(ts), {
-      name,
-      async compile(...args: Parameters<Backend["compile"]>): Promise<Executable> {
-        const exec = await ts.compile(...args);
-        const run = exec.run.bind(exec);
-        exec.run = async (step, profile) => {
-          await beforeStep();
-          return run(step, profile);
-        };
-        return exec;
+    const compile = async (...args: Parameters<Backend["compile"]>): Promise<Executable> => {
+      const exec = await ts.compile(...args);
+      const run = exec.run.bind(exec);
+      exec.run = async (step, profile) => {
+        await beforeStep();
+        return run(step, profile);
+      };
+      return exec;
+    };
+    // A proxy, not a prototype copy: the backend's private fields need the real instance as receiver.
+    const backend = new Proxy(ts, {
+      get(target, key) {
+        if (key === "name") return name;
+        if (key === "compile") return compile;
+        const v = Reflect.get(target, key, target);
+        return typeof v === "function" ? v.bind(target) : v;
       },
-    });
+    }) as unknown as Backend;
     return Promise.resolve(backend);
   });
 }

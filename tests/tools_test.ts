@@ -37,10 +37,11 @@ const TASK_NEEDS: Record<string, { script: string; flags: readonly string[] }> =
   graph: { script: "examples/graph.ts", flags: ["--allow-read", "--allow-env", "--allow-net", "--allow-write"] },
   // Writes a model from a shape and a local tokenizer: no network, no FFI.
   "make-model": { script: "examples/make_model.ts", flags: ["--allow-read", "--allow-env", "--allow-write"] },
-  // As story, plus the llama.cpp kit (node) and the cache size (cat of a /sys file).
+  // As story, plus the llama.cpp kit (node), llama-batched-bench (wherever the user built it, so run is unscoped)
+  // and the cache size (cat of a /sys file).
   bench: {
     script: "examples/bench.ts",
-    flags: ["--allow-read", "--allow-env", "--allow-net", "--allow-write", "--allow-ffi", "--allow-run=node,cat"],
+    flags: ["--allow-read", "--allow-env", "--allow-net", "--allow-write", "--allow-ffi", "--allow-run"],
   },
   // Runs the server (serve.ts with the serve task's flags: a deno subprocess, whose path is wherever deno is,
   // so run is unscoped) and talks to it on 127.0.0.1.

@@ -430,6 +430,24 @@ backend.dispose();
   assert.match(stdout, /in a worker\) 2,4,6,8/);
 });
 
+Deno.test("ts backend: an idle worker does not keep the process alive (a program that never disposes exits)", async () => {
+  const script = `${GRAPH_IMPORTS}
+const g = new GraphBuilder();
+const a = g.input("a", "f32", ["T", 4]);
+g.output(g.add(a, a, "out"));
+const plan = planGraph(g.build(), { T: 1 });
+const backend = new TsBackend({ worker: true });
+const exec = await backend.compile(plan, new Map());
+exec.writeInput(a.id, Float32Array.of(1, 2, 3, 4), 4);
+await exec.run({ dims: { T: 1 } });
+const out = new Float32Array(4);
+await exec.readOutput(plan.graph.outputs[0], out, 4);
+console.log(backend.description, [...out].join(","));
+`;
+  const stdout = await runWithin(20, ["eval", script]);
+  assert.match(stdout, /in a worker\) 2,4,6,8/);
+});
+
 Deno.test("ts backend: dispose() during a long step rejects it, and the process exits after the current node", async () => {
   const script = `${GRAPH_IMPORTS}
 const K = 2048;

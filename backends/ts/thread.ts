@@ -45,9 +45,54 @@ export function workerUnavailable(): string | undefined {
 
 function noop(): void {}
 
+/**
+ * The caller's handle on the worker. Under Deno it is a `node:worker_threads` worker,
+ * which can be unreferenced: an idle backend then does not keep the process alive, so
+ * a program that ends without disposing its model exits as it would with the other
+ * backends (a web `Worker` would keep it running forever). Elsewhere, a web `Worker`.
+ */
+interface WorkerHandle {
+  post(message: ToWorker): void;
+  terminate(): void;
+  /** Whether the worker keeps the process alive (only while a command is pending). */
+  keepAlive(on: boolean): void;
+}
+
+interface WorkerEvents {
+  message(data: FromWorker): void;
+  error(message: string): void;
+  messageError(): void;
+}
+
+/** Starts the worker module: a `node:worker_threads` worker under Deno, else a web worker. */
+async function spawn(events: WorkerEvents): Promise<WorkerHandle> {
+  if ((globalThis as { Deno?: unknown }).Deno !== undefined) {
+    const { Worker: NodeWorker } = await import("node:worker_threads");
+    const w = new NodeWorker(WORKER_URL, { name: "ts backend" });
+    w.on("message", (data: FromWorker) => events.message(data));
+    w.on("error", (e: Error) => events.error(e.message));
+    w.on("messageerror", () => events.messageError());
+    w.unref();
+    return {
+      post: (message) => w.postMessage(message),
+      terminate: () => void w.terminate(),
+      keepAlive: (on) => on ? w.ref() : w.unref(),
+    };
+  }
+  const w = new Worker(WORKER_URL, { type: "module", name: "ts backend" });
+  w.onmessage = (event: MessageEvent<FromWorker>) => events.message(event.data);
+  w.onerror = (event: ErrorEvent) => {
+    // Handled here: an error in the worker must not end the caller's process.
+    event.preventDefault();
+    events.error(event.message);
+  };
+  w.onmessageerror = () => events.messageError();
+  return { post: (message) => w.postMessage(message), terminate: () => w.terminate(), keepAlive: noop };
+}
+
 /** The worker and its control block. One command at a time runs; the others queue. */
 export class WorkerThread {
-  readonly #worker: Worker;
+  #worker!: WorkerHandle;
   readonly #control = new Int32Array(new SharedArrayBuffer(CONTROL_BYTES));
   /** Settles when the last queued command has. */
   #tail: Promise<void> = Promise.resolve();
@@ -57,28 +102,27 @@ export class WorkerThread {
   #fail: ((error: Error) => void) | undefined;
   /** Why the worker is gone, once it is. */
   #gone: Error | undefined;
+  /** Commands queued or running. */
+  #pending = 0;
 
-  private constructor() {
-    this.#worker = new Worker(WORKER_URL, { type: "module", name: "ts backend" });
-    this.#worker.onmessage = (event: MessageEvent<FromWorker>) => {
-      const reply = this.#reply;
-      this.#reply = this.#fail = undefined;
-      reply?.(event.data);
-    };
-    this.#worker.onerror = (event: ErrorEvent) => {
-      // Handled here: an error in the worker must not end the caller's process.
-      event.preventDefault();
-      this.#end(new UnsupportedError(`The ts backend's worker failed: ${event.message}`));
-    };
-    this.#worker.onmessageerror = () =>
-      this.#end(new TypeError("The ts backend's worker sent a message that cannot be read"));
-  }
+  private constructor() {}
 
   /** Starts a worker and waits until it is ready; rejects when it cannot start. */
   static async start(): Promise<WorkerThread> {
     const thread = new WorkerThread();
+    thread.#worker = await spawn({
+      message: (data) => {
+        const reply = thread.#reply;
+        thread.#reply = thread.#fail = undefined;
+        reply?.(data);
+      },
+      error: (message) => thread.#end(new UnsupportedError(`The ts backend's worker failed: ${message}`)),
+      messageError: () => thread.#end(new TypeError("The ts backend's worker sent a message that cannot be read")),
+    });
     try {
+      thread.#worker.keepAlive(true);
       await thread.#post({ kind: "init", control: thread.#control.buffer as SharedArrayBuffer }, false);
+      thread.#worker.keepAlive(false);
     } catch (e) {
       thread.stop();
       throw e;
@@ -152,9 +196,13 @@ export class WorkerThread {
     if (this.#gone) throw this.#gone;
   }
 
-  /** Runs `task` after every command queued before it. */
+  /** Runs `task` after every command queued before it; the worker keeps the process alive meanwhile. */
   #serial<T>(task: () => Promise<T>): Promise<T> {
-    const result = this.#tail.then(task);
+    this.#pending++;
+    this.#worker.keepAlive(true);
+    const result = this.#tail.then(task).finally(() => {
+      if (--this.#pending === 0 && !this.#gone) this.#worker.keepAlive(false);
+    });
     this.#tail = result.then(noop, noop);
     return result;
   }
@@ -165,7 +213,7 @@ export class WorkerThread {
     return new Promise<FromWorker>((resolve, reject) => {
       this.#reply = resolve;
       this.#fail = reject;
-      this.#worker.postMessage(message);
+      this.#worker.post(message);
       if (ring) {
         Atomics.store(this.#control, CMD, Command.message);
         Atomics.notify(this.#control, CMD);

@@ -22,18 +22,46 @@ import {
 } from "./protocol.ts";
 import { Program, type TsTensor, viewTensor } from "./program.ts";
 
-/** The worker's global scope, as far as it is used here (typed the same under any lib). */
-const scope = globalThis as unknown as {
-  onmessage: ((event: MessageEvent<ToWorker>) => void) | null;
-  postMessage(message: FromWorker): void;
+/** The channel to the caller: a web worker's global scope, or under Deno a `node:worker_threads` port. */
+interface Channel {
+  onMessage(handler: (message: ToWorker) => void): void;
+  post(message: FromWorker): void;
   close(): void;
-};
+}
 
+/** The channel this worker was started with (see `thread.ts`, which picks the kind). */
+async function openChannel(): Promise<Channel> {
+  if ((globalThis as { Deno?: unknown }).Deno !== undefined) {
+    const { parentPort } = await import("node:worker_threads");
+    if (parentPort) {
+      return {
+        onMessage: (handler) => parentPort.on("message", handler),
+        post: (message) => parentPort.postMessage(message),
+        close: () => parentPort.close(),
+      };
+    }
+  }
+  const scope = globalThis as unknown as {
+    onmessage: ((event: MessageEvent<ToWorker>) => void) | null;
+    postMessage(message: FromWorker): void;
+    close(): void;
+  };
+  return {
+    onMessage: (handler) => scope.onmessage = (event) => handler(event.data),
+    post: (message) => scope.postMessage(message),
+    close: () => {
+      scope.onmessage = null;
+      scope.close();
+    },
+  };
+}
+
+const channel = await openChannel();
 const programs = new Map<number, Program>();
 let control: Int32Array | undefined;
 
 function reply(message: FromWorker): void {
-  scope.postMessage(message);
+  channel.post(message);
 }
 
 /** Handles one message, replies, and parks on the control block again. */
@@ -69,8 +97,7 @@ function park(): void {
   if (ctl === undefined) return;
   for (;;) {
     if (Atomics.load(ctl, STOP) !== 0) {
-      scope.onmessage = null;
-      scope.close();
+      channel.close();
       return;
     }
     const cmd = Atomics.load(ctl, CMD);
@@ -102,4 +129,4 @@ function runStep(ctl: Int32Array): void {
   }
 }
 
-scope.onmessage = (event) => receive(event.data);
+channel.onMessage(receive);
