@@ -37,7 +37,8 @@ async function openChannel(): Promise<Channel> {
       return {
         onMessage: (handler) => parentPort.on("message", handler),
         post: (message) => parentPort.postMessage(message),
-        close: () => parentPort.close(),
+        // Deno's node ports have no close(); a worker's global close() ends the thread in either kind.
+        close: () => (globalThis as { close?: () => void }).close?.(),
       };
     }
   }
