@@ -20,6 +20,8 @@ const PARALLEL_MIN_MS = 1.5;
 const DECODE_PARALLEL_MS = 40;
 /** Times kept per thread count. */
 const SAMPLES = 5;
+/** A class switches thread counts when the other's median time per unit is below this share of its own. */
+const SWITCH_GAIN = 0.9;
 /**
  * Upper ends (exclusive) of the step classes by token count: 1 (decode of one
  * sequence), 2-7, 8-63 (batched decode of many sequences) and from 64 (prompt
@@ -107,9 +109,11 @@ function rowsOf(rows: number | string, dims: DimBindings): number {
  * Picks 1 or `max` threads for one class of steps by timing both: whether a second
  * thread pays depends on the machine and on how busy it is (a worker that loses
  * its core stalls every barrier), which no fixed rule knows. The class starts with
- * a prior guess (two steps), times the other count once, then runs the faster (the
- * median of its last few times per unit of work) and re-times the other every 64
- * steps so the choice follows the machine.
+ * a prior guess (two steps), times the other count twice, then keeps the count it
+ * runs unless the other's median time per unit of work is clearly lower
+ * ({@link SWITCH_GAIN}): one step slowed by a busy moment on a shared machine must
+ * not send a class of compute-bound batches to one thread. It re-times the count it
+ * does not run every 64 steps, so the choice follows the machine.
  */
 class ThreadTuner {
   readonly #max: number;
@@ -118,6 +122,8 @@ class ThreadTuner {
   readonly #many: number[] = [];
   /** Room to sort a copy of either list in, so that a choice allocates nothing. */
   readonly #sorted = new Float64Array(SAMPLES);
+  /** The count the class runs on once both are timed (0: not chosen yet). */
+  #current = 0;
   #steps = 0;
 
   constructor(max: number) {
@@ -130,11 +136,16 @@ class ThreadTuner {
     const priorSamples = prior === 1 ? this.#one : this.#many;
     const otherSamples = prior === 1 ? this.#many : this.#one;
     this.#steps++;
-    if (priorSamples.length < 2) return prior;
-    if (otherSamples.length < 1) return other;
-    const best = this.#median(this.#one) <= this.#median(this.#many) ? 1 : this.#max;
-    if (this.#steps % 64 === 0) return best === 1 ? this.#max : 1;
-    return best;
+    if (this.#current === 0) {
+      if (priorSamples.length < 2) return prior;
+      if (otherSamples.length < 2) return other;
+      this.#current = prior;
+    }
+    const current = this.#current, alternative = current === 1 ? this.#max : 1;
+    const mine = current === 1 ? this.#one : this.#many, theirs = current === 1 ? this.#many : this.#one;
+    if (this.#median(theirs) < SWITCH_GAIN * this.#median(mine)) this.#current = alternative;
+    if (this.#steps % 64 === 0) return this.#current === 1 ? this.#max : 1;
+    return this.#current;
   }
 
   record(threads: number, msPerUnit: number): void {

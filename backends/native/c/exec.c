@@ -259,10 +259,20 @@ static void run_attention(llm_exec *e, int idx, int ith, int nth) {
   pool_barrier(e->pool, nth);
   if (ith >= use) return;
   float *scratch = e->attn_scratch + e->attn_per_thread * (size_t)ith;
-  /* Items of one token and kv head, claimed one at a time, heaviest tokens first. */
-  int items = T * a.kv_heads;
+  /*
+   * Items of one token and a group of its kv heads, claimed one at a time, heaviest
+   * tokens first. As few groups as still give every thread about 4 items: a group
+   * reads a contiguous stretch of each cache row, the whole row in one group, which
+   * streams from memory better than many heads' slices (measured 15-25% faster for
+   * 16 tokens at 200-1000 rows than one item per head); one token alone gets one
+   * item per kv head, so it still spreads over the threads.
+   */
+  int groups = (4 * use + T - 1) / T;
+  groups = groups > a.kv_heads ? a.kv_heads : groups;
+  int items = T * groups;
   for (int w; (w = claim_chunk(e, idx, items)) >= 0;) {
-    k_attention(&a, e->attn_order[w / a.kv_heads], w % a.kv_heads, scratch);
+    int gi = w % groups;
+    k_attention(&a, e->attn_order[w / groups], gi * a.kv_heads / groups, (gi + 1) * a.kv_heads / groups, scratch);
   }
 }
 

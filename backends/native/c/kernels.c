@@ -309,53 +309,64 @@ static inline __attribute__((always_inline)) void prefetch_bytes(const void *p, 
 #endif
 }
 
-/* scores (group * rows), accumulators (group * head_dim), and for f16 one row converted to f32. */
+/* Scores (heads * rows), accumulators (heads * head_dim), and for f16 one row converted to f32 (kv_dim). */
 size_t k_attention_scratch(int heads, int kv_heads, int head_dim, int max_rows, int kv_dtype) {
-  size_t group = (size_t)(heads / kv_heads);
-  return group * (size_t)max_rows + group * (size_t)head_dim + (kv_dtype == DT_F16 ? (size_t)head_dim : 0);
+  size_t kv_dim = (size_t)kv_heads * head_dim;
+  return (size_t)heads * (size_t)max_rows + (size_t)heads * (size_t)head_dim + (kv_dtype == DT_F16 ? kv_dim : 0);
 }
 
 /*
- * Fused causal attention of token t and kv head g, with the `heads / kvHeads`
- * query heads that share it, so each cache row is loaded once for the whole group.
+ * Fused causal attention of token t for kv heads [g0, g1), each with the
+ * `heads / kvHeads` query heads that share it, so each cache row is loaded once for
+ * all of them: a range of heads reads one contiguous stretch of each row, all of
+ * them the whole row, which streams from memory far better than one head's slice.
  * For query head h:
  *   out[t, h] = softmax(scale * q[t, h] · K[rows]ᵀ) · V[rows],
  *   rows: positions max(0, p - window + 1) .. p of t's sequence, p = positions[t]
  *   (all positions up to p if window is 0),
  * read through the sequence's page table. K and V already hold this step's rows. An
  * f16 cache row is converted to f32 once (F16C) into scratch and then shared by the
- * group's dot products and accumulations, all in f32. Rows ahead are prefetched.
- * `f16` is a constant at each call, so each instance has no dtype branch in its loops.
+ * heads' dot products and accumulations, all in f32. Each head is computed the same
+ * way whatever range it is in, so its output has the same bits. Rows ahead are
+ * prefetched. `f16` is a constant at each call, so each instance has no dtype branch
+ * in its loops.
  */
-static inline __attribute__((always_inline)) void attention_dt(const llm_attn *a, int t, int g, float *scratch,
+static inline __attribute__((always_inline)) void attention_dt(const llm_attn *a, int t, int g0, int g1, float *scratch,
                                                                const int f16) {
-  int group = a->heads / a->kv_heads, hd = a->head_dim;
-  size_t kv_dim = (size_t)a->kv_heads * hd, head = (size_t)g * hd;
+  int group = a->heads / a->kv_heads, hd = a->head_dim, qh = (g1 - g0) * group;
+  size_t kv_dim = (size_t)a->kv_heads * hd, first = (size_t)g0 * hd, width = (size_t)(g1 - g0) * hd;
   int p = a->positions[t];
   int start = attention_start(a, p);
   int n = p - start + 1;
   const int32_t *table = a->pages + (size_t)a->seq_of[t] * a->pages_per_seq;
-  float *scores = scratch;                  /* group * n */
-  float *acc = scratch + (size_t)group * n; /* group * hd */
-  float *row = acc + (size_t)group * hd;    /* hd, f16 only */
-  const float *q0 = a->q + ((size_t)t * a->heads + (size_t)g * group) * hd;
+  float *scores = scratch;               /* qh * n */
+  float *acc = scratch + (size_t)qh * n; /* qh * hd */
+  float *row = acc + (size_t)qh * hd;    /* width, f16 only */
+  const float *q0 = a->q + ((size_t)t * a->heads + (size_t)g0 * group) * hd;
   const size_t esize = f16 ? 2 : 4;
-  int ahead = KV_AHEAD_WORK / (group * hd);
+  int ahead = KV_AHEAD_WORK / (qh * hd);
   ahead = ahead < 4 ? 4 : ahead > 32 ? 32 : ahead;
   kv_walk at, pf;
+  /* The first rows before the loop (at short contexts, most of them), then each row `ahead` before its turn;
+     the first rows of V too, which the V pass reaches soon after. */
+  walk_start(&pf, a, table, start);
+  for (int j = 0; j < ahead && j < n; j++, walk_next(&pf)) {
+    prefetch_bytes((const char *)a->k_cache + (walk_row(&pf) * kv_dim + first) * esize, width * esize);
+  }
   walk_start(&at, a, table, start);
-  walk_start(&pf, a, table, start + ahead);
   for (int j = 0; j < n; j++, walk_next(&at)) {
-    size_t off = walk_row(&at) * kv_dim + head;
+    size_t off = walk_row(&at) * kv_dim + first;
     if (j + ahead < n) {
-      prefetch_bytes((const char *)a->k_cache + (walk_row(&pf) * kv_dim + head) * esize, hd * esize);
+      prefetch_bytes((const char *)a->k_cache + (walk_row(&pf) * kv_dim + first) * esize, width * esize);
       walk_next(&pf);
     }
+    if (j < ahead) prefetch_bytes((const char *)a->v_cache + off * esize, width * esize);
     const float *kr = f16 ? row : (const float *)a->k_cache + off;
-    if (f16) f16_to_f32_row(row, (const uint16_t *)a->k_cache + off, hd);
-    for (int hh = 0; hh < group; hh++) scores[hh * n + j] = dot_f32(q0 + hh * hd, kr, hd) * a->scale;
+    if (f16) f16_to_f32_row(row, (const uint16_t *)a->k_cache + off, width);
+    for (int g = 0, hh = 0; g < g1 - g0; g++)
+      for (int h = 0; h < group; h++, hh++) scores[hh * n + j] = dot_f32(q0 + hh * hd, kr + g * hd, hd) * a->scale;
   }
-  for (int hh = 0; hh < group; hh++) {
+  for (int hh = 0; hh < qh; hh++) {
     float *s = scores + (size_t)hh * n;
     float max = s[0];
     for (int j = 1; j < n; j++) max = s[j] > max ? s[j] : max;
@@ -367,20 +378,21 @@ static inline __attribute__((always_inline)) void attention_dt(const llm_attn *a
   walk_start(&at, a, table, start);
   walk_start(&pf, a, table, start + ahead);
   for (int j = 0; j < n; j++, walk_next(&at)) {
-    size_t off = walk_row(&at) * kv_dim + head;
+    size_t off = walk_row(&at) * kv_dim + first;
     if (j + ahead < n) {
-      prefetch_bytes((const char *)a->v_cache + (walk_row(&pf) * kv_dim + head) * esize, hd * esize);
+      prefetch_bytes((const char *)a->v_cache + (walk_row(&pf) * kv_dim + first) * esize, width * esize);
       walk_next(&pf);
     }
     const float *vr = f16 ? row : (const float *)a->v_cache + off;
-    if (f16) f16_to_f32_row(row, (const uint16_t *)a->v_cache + off, hd);
-    for (int hh = 0; hh < group; hh++) axpy_f32(acc + (size_t)hh * hd, scores[hh * n + j], vr, hd);
+    if (f16) f16_to_f32_row(row, (const uint16_t *)a->v_cache + off, width);
+    for (int g = 0, hh = 0; g < g1 - g0; g++)
+      for (int h = 0; h < group; h++, hh++) axpy_f32(acc + (size_t)hh * hd, scores[hh * n + j], vr + g * hd, hd);
   }
-  float *o = a->out + ((size_t)t * a->heads + (size_t)g * group) * hd;
-  memcpy(o, acc, (size_t)group * hd * sizeof(float));
+  float *o = a->out + ((size_t)t * a->heads + (size_t)g0 * group) * hd;
+  memcpy(o, acc, (size_t)qh * hd * sizeof(float));
 }
 
-void k_attention(const llm_attn *a, int t, int g, float *scratch) {
-  if (a->kv_dtype == DT_F16) attention_dt(a, t, g, scratch, 1);
-  else attention_dt(a, t, g, scratch, 0);
+void k_attention(const llm_attn *a, int t, int g0, int g1, float *scratch) {
+  if (a->kv_dtype == DT_F16) attention_dt(a, t, g0, g1, scratch, 1);
+  else attention_dt(a, t, g0, g1, scratch, 0);
 }

@@ -209,8 +209,8 @@ typedef struct {
 void k_attention_store(const llm_attn *a, const float *k, const float *v, int t0, int t1);
 /* The number of cache rows token t attends over. */
 int k_attention_rows(const llm_attn *a, int t);
-/* Attention of token t for kv head g (and the query heads sharing it); see kernels.c. */
-void k_attention(const llm_attn *a, int t, int g, float *scratch);
+/* Attention of token t for kv heads [g0, g1) (and the query heads sharing them); see kernels.c. */
+void k_attention(const llm_attn *a, int t, int g0, int g1, float *scratch);
 /* Floats of scratch k_attention needs per thread when a token attends over at most `max_rows` rows. */
 size_t k_attention_scratch(int heads, int kv_heads, int head_dim, int max_rows, int kv_dtype);
 

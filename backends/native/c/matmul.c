@@ -104,16 +104,6 @@ void quantize_rows_x16(const float *x, int K, int t0, int t1, llm_xq *xq) {
 
 #define AI static inline __attribute__((always_inline))
 
-/*
- * Asks for bytes [p, p + bytes) in L2 ahead of use: the weights of the next tile or
- * panel, fetched while the current one is computed over every token of a batch
- * (without it, each tile's first tokens wait on memory and the rest on nothing).
- */
-AI void prefetch_l2(const void *p, size_t bytes) {
-  const char *line = (const char *)((uintptr_t)p & ~(uintptr_t)63), *end = (const char *)p + bytes;
-  for (; line < end; line += 64) _mm_prefetch(line, _MM_HINT_T1);
-}
-
 /* 8 weights of a row starting at element k, as f32. */
 AI __m256 load_w8(const uint8_t *row, int dtype, int k) {
   if (dtype == DT_F32) return _mm256_loadu_ps((const float *)row + k);
@@ -129,33 +119,68 @@ AI float load_w1(const uint8_t *row, int dtype, int k) {
 }
 
 /*
+ * The float tiles' vectors: 16 lanes where the build has AVX-512 (twice the work per
+ * instruction), else 8. Each build has one order, whatever T is.
+ */
+#if defined(__AVX512F__)
+#define FV 16
+typedef __m512 vfloat;
+AI vfloat vf_zero(void) { return _mm512_setzero_ps(); }
+AI vfloat vf_load(const float *p) { return _mm512_loadu_ps(p); }
+AI vfloat vf_fma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+/* The lanes' sum in a fixed order: the halves lane by lane, then hsum8. */
+AI float vf_sum(vfloat v) {
+  __m256 lo = _mm512_castps512_ps256(v), hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  return hsum8(_mm256_add_ps(lo, hi));
+}
+/* 16 weights of a row starting at element k, as f32. */
+AI vfloat vf_weights(const uint8_t *row, int dtype, int k) {
+  if (dtype == DT_F32) return _mm512_loadu_ps((const float *)row + k);
+  __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k));
+  if (dtype == DT_F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#else
+#define FV 8
+typedef __m256 vfloat;
+AI vfloat vf_zero(void) { return _mm256_setzero_ps(); }
+AI vfloat vf_load(const float *p) { return _mm256_loadu_ps(p); }
+AI vfloat vf_fma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+AI float vf_sum(vfloat v) { return hsum8(v); }
+AI vfloat vf_weights(const uint8_t *row, int dtype, int k) { return load_w8(row, dtype, k); }
+#endif
+
+/*
  * Tile: out[t0 .. t0+RT) x [n, n+RN) = x[t] · W[row j] over all of K, the RN weight
  * rows starting at `wr0` (rowb bytes apart). RT and RN are compile-time constants at
  * every call, so acc stays in registers. Each output accumulates in one order,
- * whatever RT and RN are (8 lanes along k by FMA, hsum8, then the k tail in order),
+ * whatever RT and RN are (FV lanes along k by FMA, vf_sum, then the k tail in order),
  * so a token's result does not depend on the tokens or rows it shares a tile with.
  */
 AI void tile_float(float *out, const float *x, const uint8_t *wr0, int dtype, size_t rowb, int K, int N, int t0, int n,
-                   const int RT, const int RN) {
-  __m256 acc[MM_RT][MM_RN];
+                   const uint8_t *pf, const int RT, const int RN) {
+  vfloat acc[MM_RT][MM_RN];
   for (int i = 0; i < RT; i++)
-    for (int j = 0; j < RN; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int j = 0; j < RN; j++) acc[i][j] = vf_zero();
   const float *xr[MM_RT];
   const uint8_t *wr[MM_RN];
   for (int i = 0; i < RT; i++) xr[i] = x + (size_t)(t0 + i) * K;
   for (int j = 0; j < RN; j++) wr[j] = wr0 + (size_t)j * rowb;
-  int kv = K & ~7;
-  for (int k = 0; k < kv; k += 8) {
-    __m256 wv[MM_RN];
-    for (int j = 0; j < RN; j++) wv[j] = load_w8(wr[j], dtype, k);
+  int kv = K & ~(FV - 1);
+  for (int k = 0; k < kv; k += FV) {
+    /* f32 rows, a line (16 floats) at a time: the next tile's weights, fetched while this one computes. */
+    if (pf && (k & 15) == 0)
+      for (int j = 0; j < MM_RN; j++) _mm_prefetch((const char *)pf + (size_t)j * rowb + (size_t)k * 4, _MM_HINT_T1);
+    vfloat wv[MM_RN];
+    for (int j = 0; j < RN; j++) wv[j] = vf_weights(wr[j], dtype, k);
     for (int i = 0; i < RT; i++) {
-      __m256 xv = _mm256_loadu_ps(xr[i] + k);
-      for (int j = 0; j < RN; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+      vfloat xv = vf_load(xr[i] + k);
+      for (int j = 0; j < RN; j++) acc[i][j] = vf_fma(xv, wv[j], acc[i][j]);
     }
   }
   for (int i = 0; i < RT; i++) {
     for (int j = 0; j < RN; j++) {
-      float s = hsum8(acc[i][j]);
+      float s = vf_sum(acc[i][j]);
       for (int k = kv; k < K; k++) s += xr[i][k] * load_w1(wr[j], dtype, k);
       out[(size_t)(t0 + i) * N + n + j] = s;
     }
@@ -164,34 +189,37 @@ AI void tile_float(float *out, const float *x, const uint8_t *wr0, int dtype, si
 
 /* A tile of RT (constant) tokens over nn (1..MM_RN, a constant in each case) weight rows. */
 AI void tile_rows(float *out, const float *x, const uint8_t *wr0, int dtype, size_t rowb, int K, int N, int t0, int n,
-                  int nn, const int RT) {
+                  int nn, const uint8_t *pf, const int RT) {
   switch (nn) {
 #if MM_RN >= 4
-    case 4: tile_float(out, x, wr0, dtype, rowb, K, N, t0, n, RT, 4); break;
+    case 4: tile_float(out, x, wr0, dtype, rowb, K, N, t0, n, pf, RT, 4); break;
 #endif
-    case 3: tile_float(out, x, wr0, dtype, rowb, K, N, t0, n, RT, 3); break;
-    case 2: tile_float(out, x, wr0, dtype, rowb, K, N, t0, n, RT, 2); break;
-    default: tile_float(out, x, wr0, dtype, rowb, K, N, t0, n, RT, 1); break;
+    case 3: tile_float(out, x, wr0, dtype, rowb, K, N, t0, n, pf, RT, 3); break;
+    case 2: tile_float(out, x, wr0, dtype, rowb, K, N, t0, n, pf, RT, 2); break;
+    default: tile_float(out, x, wr0, dtype, rowb, K, N, t0, n, pf, RT, 1); break;
   }
 }
 
-/* Tokens [t0, t1) over nn weight rows: whole tiles of MM_RT tokens, then one narrower tile. */
+/*
+ * Tokens [t0, t1) over nn weight rows: whole tiles of MM_RT tokens, then one narrower
+ * tile. The first tile also prefetches `pf` (f32 rows rowb apart; NULL: nothing).
+ */
 AI void tile_tokens(float *out, const float *x, const uint8_t *wr0, int dtype, size_t rowb, int K, int N, int t0,
-                    int t1, int n, int nn) {
+                    int t1, int n, int nn, const uint8_t *pf) {
   int t = t0;
-  for (; t + MM_RT <= t1; t += MM_RT) tile_rows(out, x, wr0, dtype, rowb, K, N, t, n, nn, MM_RT);
+  for (; t + MM_RT <= t1; t += MM_RT, pf = NULL) tile_rows(out, x, wr0, dtype, rowb, K, N, t, n, nn, pf, MM_RT);
   switch (t1 - t) {
-    case 3: tile_rows(out, x, wr0, dtype, rowb, K, N, t, n, nn, 3 < MM_RT ? 3 : 1); break;
-    case 2: tile_rows(out, x, wr0, dtype, rowb, K, N, t, n, nn, 2 < MM_RT ? 2 : 1); break;
-    case 1: tile_rows(out, x, wr0, dtype, rowb, K, N, t, n, nn, 1); break;
+    case 3: tile_rows(out, x, wr0, dtype, rowb, K, N, t, n, nn, pf, 3 < MM_RT ? 3 : 1); break;
+    case 2: tile_rows(out, x, wr0, dtype, rowb, K, N, t, n, nn, pf, 2 < MM_RT ? 2 : 1); break;
+    case 1: tile_rows(out, x, wr0, dtype, rowb, K, N, t, n, nn, pf, 1); break;
     default: break;
   }
 }
 
 /* Tokens [t0, t1) over nn f32 weight rows: one instance shared by every dtype (f16/bf16 rows come converted). */
-AI void tiles_f32(float *out, const float *x, const float *wr0, int K, int N, int t0,
-                                                int t1, int n, int nn) {
-  tile_tokens(out, x, (const uint8_t *)wr0, DT_F32, (size_t)K * 4, K, N, t0, t1, n, nn);
+AI void tiles_f32(float *out, const float *x, const float *wr0, int K, int N, int t0, int t1, int n, int nn,
+                  const uint8_t *pf) {
+  tile_tokens(out, x, (const uint8_t *)wr0, DT_F32, (size_t)K * 4, K, N, t0, t1, n, nn, pf);
 }
 
 /* Activation bytes of a block of tokens kept in L2 while every weight tile of the range passes over it. */
@@ -215,7 +243,7 @@ AI void mm_float_dt(float *out, const float *x, const uint8_t *w, int dtype, int
     int step = rowb >= 2048 ? MM_RN : 1;
     for (int n = n0; n < n1; n += step) {
       int nn = n1 - n < step ? n1 - n : step;
-      tile_tokens(out, x, w + (size_t)n * rowb, dtype, rowb, K, N, 0, T, n, nn);
+      tile_tokens(out, x, w + (size_t)n * rowb, dtype, rowb, K, N, 0, T, n, nn, NULL);
     }
     return;
   }
@@ -226,20 +254,23 @@ AI void mm_float_dt(float *out, const float *x, const uint8_t *w, int dtype, int
     for (int n = n0; n < n1; n += MM_RN) {
       int nn = n1 - n < MM_RN ? n1 - n : MM_RN;
       const uint8_t *wr = w + (size_t)n * rowb;
-      int next = n1 - (n + nn) < MM_RN ? n1 - (n + nn) : MM_RN;
-      prefetch_l2(wr + (size_t)nn * rowb, (size_t)next * rowb);
+      /* The next tile's rows (a whole tile: rows past n1 belong to another thread's range, still in the weight). */
+      const uint8_t *next = n + nn + MM_RN <= N ? wr + (size_t)nn * rowb : NULL;
       if (dtype == DT_F32) {
-        tiles_f32(out, x, (const float *)wr, K, N, t0, t1, n, nn);
+        tiles_f32(out, x, (const float *)wr, K, N, t0, t1, n, nn, next);
         continue;
       }
       for (int j = 0; j < nn; j++) {
         const uint8_t *src = wr + (size_t)j * rowb;
         float *dst = scratch + (size_t)j * K;
         int k = 0;
-        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(dst + k, load_w8(src, dtype, k));
+        for (; k + 8 <= K; k += 8) {
+          if (next && (k & 31) == 0) _mm_prefetch((const char *)next + (size_t)j * rowb + (size_t)k * 2, _MM_HINT_T1);
+          _mm256_storeu_ps(dst + k, load_w8(src, dtype, k));
+        }
         for (; k < K; k++) dst[k] = load_w1(src, dtype, k);
       }
-      tiles_f32(out, x, scratch, K, N, t0, t1, n, nn);
+      tiles_f32(out, x, scratch, K, N, t0, t1, n, nn, NULL);
     }
   }
 }
@@ -470,8 +501,23 @@ AI void widen_block(const uint8_t *row, int dtype, int b, __m256i v[2]) {
  * Per block, 8 rows at a time: 8 rows x 16 pairs is two 8x8 int32 transposes.
  */
 AI void pack_panel_q16(int32_t *P, float *S, const uint8_t *w, const uint16_t *ws, int dtype, size_t rowb, int nb,
-                       int n0, int nn, int b0, int nbc) {
+                       int n0, int nn, int b0, int nbc, int next_nn) {
+  /* Bytes of one block of a row: a cache line holds 2 (q8_0) or 4 (q4_0). */
+  const int block_bytes = dtype == DT_Q8_0 ? QK : QK / 2, per_line = 64 / block_bytes;
   for (int b = 0; b < nbc; b++) {
+    /*
+     * The next panel's rows (next_nn of them, right after these), a line of each per
+     * line of blocks: its blocks arrive while this panel's tokens run. Spread over the
+     * packing, not all at once, so that the misses in flight never overflow. The
+     * panel reads 32 rows at once, too many streams for the hardware prefetcher.
+     */
+    if (b % per_line == 0) {
+      for (int r = 0; r < next_nn; r++) {
+        const uint8_t *row = w + (size_t)(n0 + nn + r) * rowb;
+        _mm_prefetch((const char *)row + (size_t)(b0 + b) * block_bytes, _MM_HINT_T1);
+        if (b == 0) _mm_prefetch((const char *)(ws + (size_t)(n0 + nn + r) * nb + b0), _MM_HINT_T1);
+      }
+    }
     for (int h = 0; h < QRN; h++) {
       __m256i lo[8], hi[8]; /* pairs 0..7 and 8..15 of rows h*8 .. h*8+7 */
       for (int j = 0; j < 8; j++) {
@@ -560,6 +606,67 @@ AI void panel_kernel_q16(float *out, const llm_xq *xq, const int32_t *P, const f
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+/*
+ * The same tile on 512-bit vectors (AVX-512 VNNI): QRT_Z tokens x 2 vectors of 16
+ * rows of the same packed panel (its 32 rows' pairs are 128 contiguous bytes), so
+ * each vpdpwssd does 32 multiplies: twice the 256-bit kernel's work per instruction.
+ * Every output is computed by the same per-lane steps in the same order (exact
+ * int32 block sums, one fma into lane b mod 8, the lane tree, onto the total), so
+ * both kernels and tile_quant give the same bits.
+ */
+#define QRT_Z 6
+AI void panel_kernel_q16z(float *out, const llm_xq *xq, const int32_t *P, const float *S, int K, int N, int t0,
+                          int n0, int nn, int b0, int nbc, int add, const int RT) {
+  int nb = K / QK;
+  _Alignas(64) float C[8][QRT_Z][PR];
+  const int16_t *y[QRT_Z];
+  const float *yd[QRT_Z];
+  for (int i = 0; i < RT; i++) {
+    y[i] = xq->q + (size_t)(t0 + i) * K + (size_t)b0 * QK;
+    yd[i] = xq->d + (size_t)(t0 + i) * nb + b0;
+    for (int l = 0; l < 8; l++)
+      for (int j = 0; j < 2; j++) _mm512_store_ps(C[l][i] + 16 * j, _mm512_setzero_ps());
+  }
+  for (int b = 0; b < nbc; b++) {
+    const __m512i *pb = (const __m512i *)(P + (size_t)b * 16 * PR);
+    __m512i acc[QRT_Z][2];
+    for (int i = 0; i < RT; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+    for (int p = 0; p < 16; p++) {
+      __m512i w0 = _mm512_load_si512(pb + 2 * p), w1 = _mm512_load_si512(pb + 2 * p + 1);
+      for (int i = 0; i < RT; i++) {
+        __m512i pair = _mm512_set1_epi32(*(const int32_t *)(y[i] + b * QK + 2 * p));
+        acc[i][0] = _mm512_dpwssd_epi32(acc[i][0], pair, w0);
+        acc[i][1] = _mm512_dpwssd_epi32(acc[i][1], pair, w1);
+      }
+    }
+    __m512 s0 = _mm512_load_ps(S + b * PR), s1 = _mm512_load_ps(S + b * PR + 16);
+    float(*lane)[PR] = C[b & 7];
+    for (int i = 0; i < RT; i++) {
+      __m512 dx = _mm512_set1_ps(yd[i][b]);
+      _mm512_store_ps(lane[i], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][0]), _mm512_mul_ps(s0, dx),
+                                               _mm512_load_ps(lane[i])));
+      _mm512_store_ps(lane[i] + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][1]), _mm512_mul_ps(s1, dx),
+                                                    _mm512_load_ps(lane[i] + 16)));
+    }
+  }
+  for (int i = 0; i < RT; i++) {
+    float *o = out + (size_t)(t0 + i) * N + n0;
+    for (int j = 0; j < 2; j++) {
+#define LANE(l) _mm512_load_ps(C[l][i] + 16 * j)
+      __m512 a = _mm512_add_ps(LANE(0), LANE(4)), b = _mm512_add_ps(LANE(1), LANE(5));
+      __m512 c = _mm512_add_ps(LANE(2), LANE(6)), d = _mm512_add_ps(LANE(3), LANE(7));
+#undef LANE
+      __m512 chunk = _mm512_add_ps(_mm512_add_ps(a, c), _mm512_add_ps(b, d));
+      int cols = nn - 16 * j < 16 ? (nn - 16 * j > 0 ? nn - 16 * j : 0) : 16;
+      __mmask16 m = (__mmask16)((1u << cols) - 1);
+      __m512 prev = add ? _mm512_maskz_loadu_ps(m, o + 16 * j) : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(o + 16 * j, m, add ? _mm512_add_ps(prev, chunk) : chunk);
+    }
+  }
+}
+#endif
+
 AI void gemm_q16(float *out, const llm_xq *xq, const uint8_t *w, const uint16_t *ws, int dtype, size_t rowb, int T,
                  int K, int N, int n0, int n1) {
   _Alignas(32) int32_t P[KCQ / 2 * PR];
@@ -569,14 +676,17 @@ AI void gemm_q16(float *out, const llm_xq *xq, const uint8_t *w, const uint16_t 
     int nbc = nb - b0 < KCQ / QK ? nb - b0 : KCQ / QK;
     for (int n = n0; n < n1; n += PR) {
       int nn = n1 - n < PR ? n1 - n : PR;
-      /* The next panel's blocks of this chunk, and their scales, while this one runs. */
-      size_t block_bytes = rowb / (size_t)nb;
-      for (int r = n + nn; r < n1 && r < n + nn + PR; r++) {
-        prefetch_l2(w + (size_t)r * rowb + (size_t)b0 * block_bytes, (size_t)nbc * block_bytes);
-        prefetch_l2(ws + (size_t)r * nb + b0, (size_t)nbc * 2);
-      }
-      pack_panel_q16(P, S, w, ws, dtype, rowb, nb, n, nn, b0, nbc);
+      int next_nn = n1 - (n + nn) < PR ? n1 - (n + nn) : PR;
+      pack_panel_q16(P, S, w, ws, dtype, rowb, nb, n, nn, b0, nbc, next_nn);
       int t = 0;
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+      for (; t + QRT_Z <= T; t += QRT_Z) panel_kernel_q16z(out, xq, P, S, K, N, t, n, nn, b0, nbc, b0 > 0, QRT_Z);
+      switch (T - t) {
+        case 5: panel_kernel_q16z(out, xq, P, S, K, N, t, n, nn, b0, nbc, b0 > 0, 5); t += 5; break;
+        case 4: panel_kernel_q16z(out, xq, P, S, K, N, t, n, nn, b0, nbc, b0 > 0, 4); t += 4; break;
+        default: break;
+      }
+#endif
       for (; t + QRT <= T; t += QRT) panel_kernel_q16(out, xq, P, S, K, N, t, n, nn, b0, nbc, b0 > 0, QRT);
       /* The last T mod QRT tokens: a narrower tile (RT a constant in each call; R >= QRT never happens). */
 #define Q16_TAIL(R) \
