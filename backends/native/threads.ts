@@ -109,11 +109,13 @@ function rowsOf(rows: number | string, dims: DimBindings): number {
  * Picks 1 or `max` threads for one class of steps by timing both: whether a second
  * thread pays depends on the machine and on how busy it is (a worker that loses
  * its core stalls every barrier), which no fixed rule knows. The class starts with
- * a prior guess (two steps), times the other count twice, then keeps the count it
- * runs unless the other's median time per unit of work is clearly lower
- * ({@link SWITCH_GAIN}): one step slowed by a busy moment on a shared machine must
- * not send a class of compute-bound batches to one thread. It re-times the count it
- * does not run every 64 steps, so the choice follows the machine.
+ * a prior guess (two steps) and times the other count once; a count that looks
+ * better is timed once more before the class moves to it, and the class moves only
+ * when the other's median time per unit of work is clearly lower ({@link SWITCH_GAIN}):
+ * one step slowed by a busy moment on a shared machine must not send a class of
+ * compute-bound batches to one thread, and a clearly worse count costs one step. The
+ * count the class does not run is re-timed every 64 steps, so the choice follows
+ * the machine.
  */
 class ThreadTuner {
   readonly #max: number;
@@ -122,7 +124,7 @@ class ThreadTuner {
   readonly #many: number[] = [];
   /** Room to sort a copy of either list in, so that a choice allocates nothing. */
   readonly #sorted = new Float64Array(SAMPLES);
-  /** The count the class runs on once both are timed (0: not chosen yet). */
+  /** The count the class runs on once the other was timed (0: not chosen yet). */
   #current = 0;
   #steps = 0;
 
@@ -132,20 +134,27 @@ class ThreadTuner {
 
   /** @param prior the count to start with (1 or the maximum) */
   choose(prior: number): number {
-    const other = prior === 1 ? this.#max : 1;
-    const priorSamples = prior === 1 ? this.#one : this.#many;
-    const otherSamples = prior === 1 ? this.#many : this.#one;
     this.#steps++;
     if (this.#current === 0) {
+      const other = prior === 1 ? this.#max : 1;
+      const priorSamples = prior === 1 ? this.#one : this.#many;
+      const otherSamples = prior === 1 ? this.#many : this.#one;
       if (priorSamples.length < 2) return prior;
-      if (otherSamples.length < 2) return other;
+      if (otherSamples.length < 1) return other;
+      // One good time of the other count is checked once more before anything moves.
+      if (otherSamples.length < 2 && this.#better(otherSamples, priorSamples)) return other;
       this.#current = prior;
     }
-    const current = this.#current, alternative = current === 1 ? this.#max : 1;
+    const current = this.#current;
     const mine = current === 1 ? this.#one : this.#many, theirs = current === 1 ? this.#many : this.#one;
-    if (this.#median(theirs) < SWITCH_GAIN * this.#median(mine)) this.#current = alternative;
+    if (theirs.length >= 2 && this.#better(theirs, mine)) this.#current = current === 1 ? this.#max : 1;
     if (this.#steps % 64 === 0) return this.#current === 1 ? this.#max : 1;
     return this.#current;
+  }
+
+  /** Whether the times `a` are clearly below the times `b` (medians, {@link SWITCH_GAIN}). */
+  #better(a: readonly number[], b: readonly number[]): boolean {
+    return this.#median(a) < SWITCH_GAIN * this.#median(b);
   }
 
   record(threads: number, msPerUnit: number): void {
@@ -154,7 +163,10 @@ class ThreadTuner {
     if (list.length > SAMPLES) list.shift();
   }
 
-  /** The upper median of `a` (insertion sort of a copy: at most {@link SAMPLES} values). */
+  /**
+   * The lower median of `a`: the median of an odd count, the better of two (a shared machine's noise is
+   * slow steps, so of two times the lower says more). Insertion sort of a copy: at most {@link SAMPLES}.
+   */
   #median(a: readonly number[]): number {
     const s = this.#sorted;
     for (let i = 0; i < a.length; i++) {
@@ -165,7 +177,7 @@ class ThreadTuner {
       }
       s[j] = a[i];
     }
-    return s[a.length >> 1];
+    return s[(a.length - 1) >> 1];
   }
 }
 
