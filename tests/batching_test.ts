@@ -212,19 +212,20 @@ Deno.test("batching: the pool grows on demand up to kvCacheTokens, then refuses 
 Deno.test("batching: 1,000 short generations leave no pages in use and no sequences alive", async () => {
   const model = await loadModel(STORY_DIR, { contextLength: 64 });
   try {
-    const capacity = model.kvStats().capacityTokens;
-    for (let i = 0; i < 100; i++) {
-      // Ten at a time, so they batch.
-      await Promise.all(
+    // Ten at a time, so they batch; the first round grows the pool to what ten need at once.
+    const round = (i: number) =>
+      Promise.all(
         Array.from(
           { length: 10 },
           (_, j) => Array.fromAsync(model.generate(PROMPTS[j % 8], { maxTokens: 3, seed: i })),
         ),
       );
-    }
+    await round(0);
+    const capacity = model.kvStats().capacityTokens;
+    for (let i = 1; i < 100; i++) await round(i);
     assert.equal(model.kvStats().usedPages, 0);
     assert.equal(model.liveSequences, 0);
-    assert.equal(model.kvStats().capacityTokens, capacity);
+    assert.equal(model.kvStats().capacityTokens, capacity, "the freed pages were reused: the pool did not grow again");
   } finally {
     await model.dispose();
   }
@@ -332,5 +333,23 @@ Deno.test("batching: AbortSignal.timeout stops a generation whose consumer never
     }
   } finally {
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("batching: a step computes at most 256 rows of logits, so an 'all' evaluation past that spans steps", async () => {
+  const tokens = Array.from({ length: 300 }, (_, j) => 3 + (j * 13) % 2000);
+  const big = await loadModel(STORY_DIR, { contextLength: 512, prefillChunk: 512 });
+  const small = await loadModel(STORY_DIR, { contextLength: 512, prefillChunk: 64 });
+  try {
+    const a = big.createSequence();
+    const b = small.createSequence();
+    const before = big.steps;
+    const [la, lb] = [await a.evaluate(tokens, { logits: "all" }), await b.evaluate(tokens, { logits: "all" })];
+    assert.equal(big.steps - before, 2, "256 rows, then 44");
+    assert.equal(la.length, 300 * big.config.vocabSize);
+    assertClose(la, lb, 1e-5, "every row's logits");
+    await Promise.all([a.dispose(), b.dispose()]);
+  } finally {
+    await Promise.all([big.dispose(), small.dispose()]);
   }
 });

@@ -235,6 +235,15 @@ export class TsBackend implements Backend {
     if (mode.kind === "worker") mode.thread?.then((thread) => thread.stop(), () => {});
   }
 
+  /**
+   * Starts the worker now, where steps run in one (it otherwise starts at the first compile); resolves once it
+   * runs, or once the backend has fallen back to the caller's thread. `createBackend("ts")` calls it.
+   */
+  async start(): Promise<void> {
+    this.#checkAlive("start");
+    await this.#thread();
+  }
+
   /** The worker, started on first use; `undefined` when steps run here (falling back when it cannot start). */
   async #thread(): Promise<WorkerThread | undefined> {
     const state = this.state;
@@ -388,10 +397,10 @@ class TsExecutable implements Executable {
  * Creates the TypeScript backend. `options.worker` (see {@link TsBackendOptions})
  * chooses where steps run; the other options are ignored.
  */
-export function createTsBackend(options: BackendOptions = {}): Promise<Backend> {
-  try {
-    return Promise.resolve(new TsBackend({ worker: (options as TsBackendOptions).worker }));
-  } catch (e) {
-    return Promise.reject(e);
-  }
+export async function createTsBackend(options: BackendOptions = {}): Promise<Backend> {
+  const backend = new TsBackend({ worker: options.worker });
+  // Starting the worker loads its modules, which holds the caller's thread some 40-70 ms: here, as part of
+  // loading a model, rather than in the first step of its first generation.
+  await backend.start();
+  return backend;
 }

@@ -131,8 +131,8 @@ export class Engine {
     this.#positions = new Int32Array(T);
     this.#seqOf = new Int32Array(T);
     this.#pages = new Int32Array(T * plans.pagesPerSeq);
-    this.#rows = new Int32Array(T);
-    this.#logits = new Float32Array(T * this.#vocab);
+    this.#rows = new Int32Array(plans.logitRows);
+    this.#logits = new Float32Array(plans.logitRows * this.#vocab);
     this.#stepCounts = new Int32Array(T);
   }
 
@@ -270,12 +270,17 @@ export class Engine {
     const counts = this.#stepCounts;
     const queue = this.#queue;
     let budget = this.plans.stepTokens;
+    let rows = this.plans.logitRows;
     for (let pass = 1; pass <= 2; pass++) {
       for (let i = 0; i < queue.length && budget > 0; i++) {
         const r = queue[i];
         const left = r.tokens.length - r.done;
         if ((pass === 1) !== (left === 1)) continue;
-        const n = Math.min(left, budget);
+        // Rows of logits: one per token with "all", one for the last token with "last" (within the step's R).
+        let n = Math.min(left, budget);
+        if (r.mode === "all") n = Math.min(n, rows);
+        else if (n === left && rows === 0) n--;
+        if (n === 0) continue;
         const from = r.state.length;
         try {
           this.pool.reserve(r.state.table.pagesToWrite(from, from + n));
@@ -288,6 +293,7 @@ export class Engine {
         counts[requests.length] = n;
         requests.push(r);
         budget -= n;
+        rows -= r.mode === "all" ? n : n === left ? 1 : 0;
       }
     }
     return requests.length > 0;

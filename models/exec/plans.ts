@@ -24,7 +24,7 @@ export interface PlannedGraph {
 
 /** What {@link ModelPlans} plans for. */
 export interface ModelPlansOptions {
-  /** Most tokens one step evaluates (the plans' `maxDims.T`, `S` and `R`). */
+  /** Most tokens one step evaluates (the plans' `maxDims.T` and `S`). */
   readonly stepTokens: number;
   /** Positions each sequence holds. */
   readonly capacity: number;
@@ -54,6 +54,12 @@ export class ModelPlans {
   readonly pageSize: number;
   /** Page-table entries per sequence. */
   readonly pagesPerSeq: number;
+  /**
+   * Most rows of logits one step computes (the plans' `maxDims.R`): `stepTokens`, capped at 256 so that a
+   * large step (a bench's 2048) does not plan 2048 rows of vocabulary-wide logits; the engine keeps a step
+   * within it.
+   */
+  readonly logitRows: number;
   readonly #weights: ReadonlyMap<string, DeviceTensor>;
   #planned: { poolPages: number; planned: PlannedGraph } | undefined;
 
@@ -78,6 +84,7 @@ export class ModelPlans {
     this.kvDtype = options.kvDtype;
     this.pageSize = options.pageSize;
     this.pagesPerSeq = Math.ceil(options.capacity / options.pageSize);
+    this.logitRows = Math.min(options.stepTokens, 256);
   }
 
   /** The planned graph for a pool of `poolPages` pages (kept until the pool grows). */
@@ -91,7 +98,7 @@ export class ModelPlans {
         kvDtype: this.kvDtype,
       });
       const T = this.stepTokens;
-      const planned = { llama, plan: planGraph(llama.graph, { T, S: T, R: T }) };
+      const planned = { llama, plan: planGraph(llama.graph, { T, S: T, R: this.logitRows }) };
       debugPlan(`step graph over a KV pool of ${poolPages} pages`, planned.plan);
       this.#planned = { poolPages, planned };
     }
