@@ -405,7 +405,7 @@ async function benchLlama(
 }
 
 /** One result line of `llama-batched-bench --output-format jsonl`, the fields read from it. */
-interface BatchedLine {
+export interface BatchedLine {
   /** Sequences (`-npl`). */
   pl: number;
   /** Aggregate prompt tokens per second. */
