@@ -495,6 +495,88 @@ AI void widen_block(const uint8_t *row, int dtype, int b, __m256i v[2]) {
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* 16x16 transpose of int32 lanes in 4 stages of 16 shuffles: r[j] lane i -> r[i] lane j. */
+AI void transpose16_epi32(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; i++) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  /* u[4i + k], 128-bit lane L: column 4L + k of rows 4i .. 4i+3. */
+  for (int i = 0; i < 4; i++) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int k = 0; k < 4; k++) {
+    __m512i a = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44), b = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xee);
+    __m512i c = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44), d = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xee);
+    r[k] = _mm512_shuffle_i32x4(a, c, 0x88);
+    r[4 + k] = _mm512_shuffle_i32x4(a, c, 0xdd);
+    r[8 + k] = _mm512_shuffle_i32x4(b, d, 0x88);
+    r[12 + k] = _mm512_shuffle_i32x4(b, d, 0xdd);
+  }
+}
+
+/* Block b of a quantized row as 32 int16 (q4_0: minus 8) in one vector: lane p holds the pair (2p, 2p+1). */
+AI __m512i widen_block_z(const uint8_t *row, int dtype, int b) {
+  if (dtype == DT_Q8_0) return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + (size_t)b * QK)));
+  /* Byte j holds element j (low nibble) and j + 16 (high nibble): the 16 bytes in both halves, low nibbles kept
+     in the first, high nibbles in the second. */
+  __m512i u = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + (size_t)b * QK / 2))));
+  __m512i v = _mm512_mask_srli_epi16(_mm512_and_si512(u, _mm512_set1_epi16(15)), (__mmask32)0xffff0000u, u, 4);
+  return _mm512_sub_epi16(v, _mm512_set1_epi16(8));
+}
+
+/*
+ * pack_panel_q16 on 512-bit vectors, the same P and S: per block, 16 rows of 16 pairs
+ * are one 16x16 int32 transpose (64 shuffles for 256 pairs, against 96 in 8x8
+ * transposes), and the scales of 16 rows x 16 blocks are one more transpose instead of
+ * a scalar conversion each. Exact copies either way: the kernels see the same bytes.
+ */
+AI void pack_panel_q16(int32_t *P, float *S, const uint8_t *w, const uint16_t *ws, int dtype, size_t rowb, int nb,
+                       int n0, int nn, int b0, int nbc, int next_nn) {
+  const int block_bytes = dtype == DT_Q8_0 ? QK : QK / 2, per_line = 64 / block_bytes;
+  /* Scales: rows h*16 .. +15 x blocks g*16 .. +15 (blocks past nbc and rows past nn read as 0). */
+  for (int h = 0; h < PR / 16; h++) {
+    for (int g = 0; g * 16 < nbc; g++) {
+      int left = nbc - g * 16 < 16 ? nbc - g * 16 : 16;
+      __mmask16 m = (__mmask16)((1u << left) - 1);
+      __m512i v[16];
+      for (int j = 0; j < 16; j++) {
+        int r = 16 * h + j;
+        v[j] = r < nn ? _mm512_castps_si512(_mm512_cvtph_ps(
+                            _mm256_maskz_loadu_epi16(m, ws + (size_t)(n0 + r) * nb + b0 + 16 * g)))
+                      : _mm512_setzero_si512();
+      }
+      transpose16_epi32(v);
+      for (int l = 0; l < left; l++) _mm512_store_si512((__m512i *)(S + (16 * g + l) * PR + 16 * h), v[l]);
+    }
+  }
+  for (int b = 0; b < nbc; b++) {
+    /* The next panel's rows, as pack_panel_q16 (256-bit) prefetches them. */
+    if (b % per_line == 0) {
+      for (int r = 0; r < next_nn; r++) {
+        const uint8_t *row = w + (size_t)(n0 + nn + r) * rowb;
+        _mm_prefetch((const char *)row + (size_t)(b0 + b) * block_bytes, _MM_HINT_T1);
+        if (b == 0) _mm_prefetch((const char *)(ws + (size_t)(n0 + nn + r) * nb + b0), _MM_HINT_T1);
+      }
+    }
+    for (int h = 0; h < PR / 16; h++) {
+      __m512i v[16];
+      for (int j = 0; j < 16; j++) {
+        int r = 16 * h + j;
+        v[j] = r < nn ? widen_block_z(w + (size_t)(n0 + r) * rowb, dtype, b0 + b) : _mm512_setzero_si512();
+      }
+      transpose16_epi32(v);
+      int32_t *pb = P + (size_t)b * 16 * PR + 16 * h;
+      for (int p = 0; p < 16; p++) _mm512_store_si512((__m512i *)(pb + p * PR), v[p]);
+    }
+  }
+}
+#else
 /*
  * Packs blocks [b0, b0+nbc) of rows [n0, n0+nn) (zero rows past nn) as int16
  * pairs, P[(b*16 + pair)*PR + row] (int32 units), and their scales S[b*PR + row].
@@ -543,6 +625,8 @@ AI void pack_panel_q16(int32_t *P, float *S, const uint8_t *w, const uint16_t *w
     }
   }
 }
+
+#endif
 
 /*
  * out[t0 .. t0+RT) x [n0 .. n0+nn) (+)= tokens' blocks [b0, b0+nbc) · panel. Per
@@ -669,8 +753,8 @@ AI void panel_kernel_q16z(float *out, const llm_xq *xq, const int32_t *P, const 
 
 AI void gemm_q16(float *out, const llm_xq *xq, const uint8_t *w, const uint16_t *ws, int dtype, size_t rowb, int T,
                  int K, int N, int n0, int n1) {
-  _Alignas(32) int32_t P[KCQ / 2 * PR];
-  _Alignas(32) float S[KCQ / QK * PR];
+  _Alignas(64) int32_t P[KCQ / 2 * PR];
+  _Alignas(64) float S[KCQ / QK * PR];
   int nb = K / QK;
   for (int b0 = 0; b0 < nb; b0 += KCQ / QK) {
     int nbc = nb - b0 < KCQ / QK ? nb - b0 : KCQ / QK;
