@@ -5,7 +5,10 @@
  * connections (or memory) for ever. It hands the handler standard `Request`s
  * whose `signal` aborts when the client goes away before its response is
  * complete (never after a response that was delivered), and writes the
- * handler's `Response`s chunked, streaming as the body is produced.
+ * handler's `Response`s chunked, streaming as the body is produced. A response
+ * body that is not written to its end (the client went away, a write failed)
+ * is always cancelled, so that whatever produces it (a generation holding a
+ * slot) stops.
  *
  * Supported: keep-alive and pipelining, `Content-Length` and chunked request
  * bodies, `Expect: 100-continue`, `HEAD`, HTTP/1.0 clients (answered without
@@ -60,6 +63,11 @@ const CRLF = new Uint8Array([13, 10]);
 const CRLFCRLF = [13, 10, 13, 10];
 /** Bytes of each connection's read buffer (one per connection: an idle one always has a read waiting). */
 const READ_SIZE = 8 * 1024;
+/**
+ * Bytes a connection keeps reading ahead while a response is in progress (pipelined requests), watching for the
+ * client going away; past them it stops reading until the response is done, and a failed write tells instead.
+ */
+const WATCH_BYTES = 64 * 1024;
 const enc = new TextEncoder();
 const latin1 = new TextDecoder("latin1");
 
@@ -200,8 +208,11 @@ class Connection {
   readonly #handler: Http1Handler;
   /** Bytes read and not yet consumed. */
   #buf: Uint8Array = new Uint8Array(0);
-  /** The read in flight, shared by whoever waits for bytes and the watch for a vanished client. */
-  #pending: Promise<Uint8Array | null> | undefined;
+  /**
+   * The read in flight, shared by whoever waits for bytes and the watch for a vanished client: it appends what it
+   * got to {@link Connection.#buf} itself (once, however many wait), and says whether the stream goes on.
+   */
+  #filling: Promise<boolean> | undefined;
   /** The one buffer reads go into (one read is in flight at a time). */
   readonly #readBuf = new Uint8Array(READ_SIZE);
   #eof = false;
@@ -285,8 +296,12 @@ class Connection {
       await this.#writeError(400, `Bad request: ${(e as Error).message}`, null);
       return false;
     }
-    // Once the body is read (at once when there is none), a read that ends means the client went away.
-    const watch = () => this.#watch(() => gone.abort(new DOMException("The client disconnected", "AbortError")));
+    // Once the body is read (at once when there is none), a read that ends means the client went away. The watch
+    // stops with this exchange: a client that leaves after its response was delivered has not left this request.
+    let unwatch = () => {};
+    const watch = () => {
+      unwatch = this.#watch(() => gone.abort(new DOMException("The client disconnected", "AbortError")));
+    };
     if (body.stream === null) watch();
     else body.onEnd = watch;
     let response: Response;
@@ -299,6 +314,8 @@ class Connection {
     const keepAlive = !head.http10 && !/\bclose\b/i.test(head.headers.get("connection") ?? "") &&
       body.complete() && !this.#stopping;
     const delivered = await this.#writeResponse(response, head, keepAlive, gone.signal);
+    body.onEnd = () => {};
+    unwatch();
     if (!delivered && !gone.signal.aborted) gone.abort(new DOMException("The client disconnected", "AbortError"));
     if (delivered && !body.complete()) await this.#linger();
     return delivered && keepAlive && body.complete();
@@ -418,44 +435,51 @@ class Connection {
     await this.#write(enc.encode("HTTP/1.1 100 Continue\r\n\r\n"));
   }
 
-  /** Appends the next bytes from the socket; false at its end (or on an error). */
-  async #readMore(): Promise<boolean> {
-    if (this.#eof) return false;
-    const chunk = await (this.#pending ??= this.#read());
-    this.#pending = undefined;
-    if (chunk === null) {
+  /** Appends the next bytes from the socket to the buffer; false at its end (or on an error). */
+  #readMore(): Promise<boolean> {
+    if (this.#eof) return Promise.resolve(false);
+    return this.#filling ??= this.#fill();
+  }
+
+  async #fill(): Promise<boolean> {
+    let n: number | null;
+    try {
+      n = await this.#conn.read(this.#readBuf);
+    } catch {
+      n = null; // reset, or closed here: the stream is over either way
+    }
+    this.#filling = undefined;
+    if (n === null) {
       this.#eof = true;
       return false;
     }
-    if (this.#buf.length === 0) this.#buf = chunk;
-    else {
-      const joined = new Uint8Array(this.#buf.length + chunk.length);
-      joined.set(this.#buf);
-      joined.set(chunk, this.#buf.length);
-      this.#buf = joined;
-    }
+    const joined = new Uint8Array(this.#buf.length + n); // a copy: the read buffer is reused
+    joined.set(this.#buf);
+    joined.set(this.#readBuf.subarray(0, n), this.#buf.length);
+    this.#buf = joined;
     return true;
   }
 
-  async #read(): Promise<Uint8Array | null> {
-    try {
-      const n = await this.#conn.read(this.#readBuf);
-      return n === null ? null : this.#readBuf.slice(0, n); // a copy: the buffer is reused
-    } catch {
-      return null;
-    }
-  }
-
-  /** Calls `onGone` if the socket's next read says the client went away (bytes that come are kept). */
-  #watch(onGone: () => void): void {
-    if (this.#eof) {
-      onGone();
-      return;
-    }
-    const pending = this.#pending ??= this.#read();
-    void pending.then((chunk) => {
-      if (chunk === null) onGone();
-    });
+  /**
+   * Until the returned function is called: keeps reading what the client sends (kept for its next requests, up to
+   * {@link WATCH_BYTES}), and calls `onGone` once its side of the connection ends. Not just the next read: a client
+   * that pipelines a request and then goes away is gone too.
+   */
+  #watch(onGone: () => void): () => void {
+    let watching = true;
+    void (async () => {
+      while (watching && this.#buf.length < WATCH_BYTES) {
+        const more = await this.#readMore();
+        if (!watching) return;
+        if (!more) {
+          onGone();
+          return;
+        }
+      }
+    })();
+    return () => {
+      watching = false;
+    };
   }
 
   /** Writes `response`; whether all of it was delivered to the socket. */
@@ -473,14 +497,15 @@ class Connection {
     text += keepAlive && !head.http10 ? "connection: keep-alive\r\n\r\n" : "connection: close\r\n\r\n";
     const body = bodyless ? null : response.body;
     if (body === null) {
-      if (!bodyless) response.body?.cancel().catch(() => {});
-      return await this.#write(enc.encode(chunked ? `${text}0\r\n\r\n` : text));
+      response.body?.cancel().catch(() => {}); // a HEAD's (or 204's) body is not sent
+      return !gone.aborted && await this.#write(enc.encode(chunked ? `${text}0\r\n\r\n` : text));
     }
     const reader = body.getReader();
     const onGone = () => reader.cancel().catch(() => {});
     gone.addEventListener("abort", onGone, { once: true });
+    let delivered = false;
     try {
-      if (!(await this.#write(enc.encode(text)))) return false;
+      if (gone.aborted || !(await this.#write(enc.encode(text)))) return false;
       for (;;) {
         let chunk: ReadableStreamReadResult<Uint8Array>;
         try {
@@ -495,10 +520,13 @@ class Connection {
         const framed = chunked ? frameChunk(data) : data;
         if (!(await this.#write(framed))) return false;
       }
-      return !chunked || await this.#write(enc.encode("0\r\n\r\n"));
+      delivered = !chunked || await this.#write(enc.encode("0\r\n\r\n"));
+      return delivered;
     } finally {
       gone.removeEventListener("abort", onGone);
-      if (gone.aborted) reader.cancel().catch(() => {});
+      // However it ended undelivered (the client went away, a write failed first, the body failed), the body is
+      // cancelled: its producer may hold a generation slot until then, and nobody else will ever read it.
+      if (!delivered) reader.cancel().catch(() => {});
       reader.releaseLock();
     }
   }
@@ -662,7 +690,17 @@ function indexOf(haystack: Uint8Array, needle: readonly number[], from: number):
   return -1;
 }
 
-/** Answers a connection past the cap with `503`, and closes it once the client has had time to read it. */
+/**
+ * Milliseconds a refused connection's request head may take to arrive before the `503` goes anyway: an answer that
+ * comes before the request is sent is, to an HTTP client, a broken connection (Deno's fetch fails "received
+ * unexpected message from connection") instead of a `503` it can retry.
+ */
+const REFUSE_WAIT_MS = 500;
+
+/**
+ * Answers a connection past the cap with `503` once its request head is in (or after {@link REFUSE_WAIT_MS}),
+ * and closes it once the client has had time to read the answer.
+ */
 async function refuse(conn: Deno.TcpConn, max: number): Promise<void> {
   const body = JSON.stringify({
     error: {
@@ -674,19 +712,43 @@ async function refuse(conn: Deno.TcpConn, max: number): Promise<void> {
   });
   const text = `HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n` +
     `content-length: ${enc.encode(body).length}\r\nretry-after: 1\r\nconnection: close\r\n\r\n${body}`;
+  const buf = new Uint8Array(16 * 1024);
+  // One read at a time: one that lost a race with a timer is still the one to wait for next.
+  let reading: Promise<number | null> | undefined;
+  const read = () => reading ??= conn.read(buf).finally(() => reading = undefined);
   try {
+    const headIn = timeout(REFUSE_WAIT_MS);
+    try {
+      // The head's end may straddle two reads: keep the last 3 bytes of each.
+      const tail = new Uint8Array(3 + buf.length);
+      let kept = 0;
+      for (let reads = 0; reads < 16; reads++) {
+        const got = await Promise.race([read(), headIn.expired]);
+        if (got === null || got === "timeout") break;
+        tail.set(buf.subarray(0, got), kept);
+        const seen = tail.subarray(0, kept + got);
+        if (indexOf(seen, CRLFCRLF, 0) >= 0) break;
+        kept = Math.min(3, seen.length);
+        tail.copyWithin(0, seen.length - kept, seen.length);
+      }
+    } finally {
+      headIn.clear();
+    }
     await conn.write(enc.encode(text));
     await conn.closeWrite();
     // Read (and drop) what the client sent for a moment, so that closing does not reset the reply away.
-    const buf = new Uint8Array(16 * 1024);
     const until = timeout(200);
-    for (let i = 0; i < 16; i++) {
-      const got = await Promise.race([conn.read(buf), until.expired]);
-      if (got === null || got === "timeout") break;
+    try {
+      for (let i = 0; i < 16; i++) {
+        const got = await Promise.race([read(), until.expired]);
+        if (got === null || got === "timeout") break;
+      }
+    } finally {
+      until.clear();
     }
-    until.clear();
   } catch { /* the client is gone */ }
   closeQuietly(conn);
+  reading?.catch(() => {}); // the read that lost its race ends with the close
 }
 
 function closeQuietly(conn: Deno.Conn): void {

@@ -30,7 +30,8 @@
  * (`403`). A prompt longer than the context could hold at any tokenization is
  * refused before tokenizing; long ones are tokenized in a worker once the
  * request has its slot. A client that goes away (also while queued or in the
- * prompt) stops its generation within one prefill chunk. In chat prompts,
+ * prompt) stops its generation within one prefill chunk, also when nothing
+ * reads its response any more. In chat prompts,
  * special tokens come only from the template, never from message text.
  *
  * @example Serve a model folder on 127.0.0.1:8080 until the process ends
@@ -456,6 +457,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
     const ac = new AbortController();
     const clientGone = () => ac.abort(new DOMException("The client disconnected", "AbortError"));
     req.signal.addEventListener("abort", clientGone, { once: true });
+    if (req.signal.aborted) clientGone(); // gone before the listener was there: an abort event never comes
     active.add(ac);
     let run: Awaited<ReturnType<typeof start>>;
     try {
@@ -491,9 +493,46 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
     };
     let cancelled = false;
     let pulling: Promise<void> | undefined;
+    /** Whether a {@link step} runs now (it then sees an abort itself, through its generators' signal). */
+    let stepping = false;
+    /** Ends the body of a run that failed: an error event in a stream (as OpenAI does), else a broken body. */
+    const fail = (controller: ReadableStreamDefaultController<Uint8Array>, e: unknown) => {
+      if (!parsed.stream) {
+        controller.error(e); // the status line is sent: all that is left is to break the connection
+        return;
+      }
+      const err = apiError(e);
+      try {
+        controller.enqueue(sse({ error: { message: err.message, type: err.type, param: err.param, code: err.code } }));
+        controller.close();
+      } catch { /* the client is gone */ }
+    };
+    /**
+     * Ends the run of an aborted request (the client went away, the server is closing) when no step is running:
+     * its generations are pull-driven, so if nobody pulls its body no step would ever see the abort, and its
+     * slots would stay taken (a server layer that drops a response without cancelling its body). Whoever reads
+     * the body after all gets its end.
+     */
+    const abandon = (controller: ReadableStreamDefaultController<Uint8Array>) => {
+      if (ended || cancelled || stepping) return; // a running step ends the run itself, or calls this when done
+      cancelled = true;
+      choices.cancel();
+      end("cancelled").catch((e) => log(`Internal error ending a cancelled request: ${(e as Error).stack ?? e}`));
+      fail(controller, ac.signal.reason);
+    };
     /** Sends the next piece of a stream (or, not streaming, runs every choice to its end). */
     const step = async (controller: ReadableStreamDefaultController<Uint8Array>): Promise<void> => {
       if (ended || cancelled) return;
+      stepping = true;
+      try {
+        await stepOnce(controller);
+      } finally {
+        stepping = false;
+        // An abort that came while the step ran and did not end it (the token it waited for came anyway).
+        if (ac.signal.aborted) abandon(controller);
+      }
+    };
+    const stepOnce = async (controller: ReadableStreamDefaultController<Uint8Array>): Promise<void> => {
       try {
         for (;;) {
           await yieldToEventLoop(); // let other requests (and a cancel) in between tokens
@@ -514,18 +553,7 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
         choices.cancel();
         if (cancelled) return; // cancel() ends it
         await end("cancelled");
-        if (!parsed.stream) {
-          controller.error(e); // the status line is sent: all that is left is to break the connection
-          return;
-        }
-        // Report the error in the stream, as OpenAI does.
-        const err = apiError(e);
-        try {
-          controller.enqueue(
-            sse({ error: { message: err.message, type: err.type, param: err.param, code: err.code } }),
-          );
-          controller.close();
-        } catch { /* the client is gone */ }
+        fail(controller, e);
         return;
       }
       await end("completed");
@@ -543,8 +571,10 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
       }
       controller.close();
     };
+    let streamController!: ReadableStreamDefaultController<Uint8Array>;
     const stream = new ReadableStream<Uint8Array>({
       start(controller) {
+        streamController = controller;
         if (kind !== "chat" || !parsed.stream) return;
         for (let index = 0; index < choices.count; index++) {
           controller.enqueue(sse({
@@ -566,6 +596,9 @@ export async function createHandler(options: ServerOptions): Promise<ChatHandler
         if (!ended) await end("cancelled");
       },
     }, { highWaterMark: 0 });
+    // Also when it aborted before this listener was there (start() resolved in the same turn as the abort).
+    ac.signal.addEventListener("abort", () => abandon(streamController), { once: true });
+    if (ac.signal.aborted) abandon(streamController);
     const headers: Record<string, string> = parsed.stream
       ? { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", "x-request-id": id }
       : { "content-type": "application/json", "x-request-id": id };

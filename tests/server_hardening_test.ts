@@ -4,7 +4,12 @@
  * huge prompts are refused before they are tokenized and long ones are
  * tokenized off the event loop, slow clients are timed out and open
  * connections capped, API keys, Content-Type and Host checks, and a client
- * that vanishes mid-body is logged as one line.
+ * that vanishes mid-body is logged as one line. A client that goes away
+ * however it goes (mid-stream with a write failing first, with requests
+ * pipelined, before its answer, its whole process dying) leaves no slot
+ * taken: every response body not delivered is cancelled, and a generation
+ * whose client left ends even when nothing reads its body; a connection past
+ * the cap gets its 503 as the answer to its request.
  *
  * The model is the real story model, with a chat template passed in.
  */
@@ -622,4 +627,258 @@ Deno.test("server hardening: special-token text in a chat message stays text (sp
       assert.notDeepEqual(safe, naive);
     }
   }, { contextLength: 512 });
+});
+
+/**
+ * A handler for the HTTP/1.1 layer's own tests whose bodies never end: each is a stream that gives a line every few
+ * milliseconds for as long as it is read, as a generation's does, and records in `cancelled` the path of each one
+ * cancelled. `GET /quick` answers at once, `/late` only once the request's signal aborts (the client left first).
+ */
+function endlessBodies(
+  cancelled: string[],
+  signals: AbortSignal[],
+  held?: Promise<void>,
+): (req: Request) => Promise<Response> {
+  return async (req) => {
+    const path = new URL(req.url).pathname;
+    signals.push(req.signal);
+    if (path === "/quick") return new Response("quick");
+    if (path === "/late") await new Promise((r) => req.signal.addEventListener("abort", r, { once: true }));
+    if (path === "/held") await held;
+    let lines = 0;
+    return new Response(
+      new ReadableStream<Uint8Array>({
+        async pull(controller) {
+          await new Promise((r) => setTimeout(r, 5));
+          controller.enqueue(new TextEncoder().encode(`line ${lines++}\n`));
+        },
+        cancel() {
+          cancelled.push(`${req.method} ${path}`);
+        },
+      }, { highWaterMark: 0 }),
+    );
+  };
+}
+
+/** Reads from `conn` until `pattern` has come (or the connection ends); what came. */
+async function readUntil(conn: Deno.Conn, pattern: RegExp): Promise<string> {
+  let text = "";
+  const buf = new Uint8Array(4096);
+  while (!pattern.test(text)) {
+    const n = await conn.read(buf);
+    if (n === null) break;
+    text += new TextDecoder().decode(buf.subarray(0, n));
+  }
+  return text;
+}
+
+Deno.test("server hardening: the HTTP/1.1 layer cancels every response body it does not deliver, however the client left", async () => {
+  const cancelled: string[] = [];
+  const signals: AbortSignal[] = [];
+  const held = Promise.withResolvers<void>();
+  const server = serveHttp1({
+    hostname: "127.0.0.1",
+    port: 0,
+    headersTimeoutMs: 5000,
+    bodyTimeoutMs: 5000,
+    maxConnections: 8,
+    onLog: () => {},
+  }, endlessBodies(cancelled, signals, held.promise));
+  const h = "Host: 127.0.0.1\r\n";
+  const enc = new TextEncoder();
+  /** Opens a stream, reads its first lines, sends `more` (pipelined bytes, read by the server's watch), leaves. */
+  const leaveMidStream = async (path: string, more: Uint8Array) => {
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+    await conn.write(enc.encode(`GET ${path} HTTP/1.1\r\n${h}\r\n`));
+    assert.match(await readUntil(conn, /line 1\n/), /^HTTP\/1\.1 200 OK\r\n/);
+    if (more.length > 0) await conn.write(more);
+    await new Promise((r) => setTimeout(r, 50)); // the server reads what it may of it
+    conn.close(); // with response bytes unread: a reset, so the server's next write fails
+    await waitFor(`the body of ${path} to be cancelled`, () => cancelled.includes(`GET ${path}`));
+  };
+  try {
+    // The client pipelines its next request, then leaves: the server went on watching after those bytes came.
+    await leaveMidStream("/pipelined", enc.encode(`GET /quick HTTP/1.1\r\n${h}\r\n`));
+    // More pipelined than the server reads ahead: only the failed write tells, and the body is cancelled then.
+    const big = "x".repeat(100_000);
+    await leaveMidStream(
+      "/flooded",
+      enc.encode(`POST /quick HTTP/1.1\r\n${h}Content-Length: ${big.length}\r\n\r\n${big}`),
+    );
+    // The client left before the answer came: it is never read, and cancelled.
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+    await conn.write(enc.encode(`GET /late HTTP/1.1\r\n${h}\r\n`));
+    await waitFor("the request to arrive", () => signals.length === 3);
+    conn.close();
+    await waitFor("the body of /late to be cancelled", () => cancelled.includes("GET /late"));
+    // The client leaves with an answer unread (a reset) just before the next one is ready: the server's write
+    // fails before it has seen the reset (the load client of the report, dying as its requests got their slots).
+    const reset = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+    await reset.write(enc.encode(`GET /quick HTTP/1.1\r\n${h}\r\nGET /held HTTP/1.1\r\n${h}\r\n`));
+    await waitFor("the held request to arrive", () => signals.length === 5);
+    await new Promise((r) => setTimeout(r, 50)); // the answer to /quick is in
+    reset.close();
+    held.resolve(); // in the same turn: the server writes before it reads again
+    await waitFor("the body of /held to be cancelled", () => cancelled.includes("GET /held"));
+    // A HEAD's body is not sent: cancelled too.
+    const headed = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+    await headed.write(enc.encode(`HEAD /head HTTP/1.1\r\n${h}Connection: close\r\n\r\n`));
+    assert.match(await new Response(headed.readable).text(), /^HTTP\/1\.1 200 OK\r\n[^]*\r\n\r\n$/);
+    await waitFor("the body of /head to be cancelled", () => cancelled.includes("HEAD /head"));
+    // A request whose response was delivered is not aborted when its client leaves afterwards.
+    const keep = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+    await keep.write(enc.encode(`GET /quick HTTP/1.1\r\n${h}\r\n`));
+    assert.match(await readUntil(keep, /\r\n0\r\n\r\n$/), /^HTTP\/1\.1 200 OK\r\n[^]*quick/);
+    keep.close();
+    await waitFor("the connection to close", () => server.connections === 0);
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(signals.at(-1)!.aborted, false);
+    assert.deepEqual(cancelled.sort(), ["GET /flooded", "GET /held", "GET /late", "GET /pipelined", "HEAD /head"]);
+  } finally {
+    await server.shutdown(500);
+  }
+});
+
+Deno.test("server hardening: a generation whose client left while nobody read its body gives its slots back", async () => {
+  const model = await loadModel(STORY_DIR, { contextLength: 256, backend: "ts" });
+  const h = await createHandler({ models: [{ id: "story", model, template: STORY_TEMPLATE }], parallel: 2 });
+  /** A request answered 200 whose body is never read, as when a server layer drops the response. */
+  const unread = async (body: Record<string, unknown>, signal?: AbortSignal) => {
+    const res = await h.handler(
+      new Request("http://127.0.0.1/v1/chat/completions", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ model: "story", messages: [{ role: "user", content: "Hi" }], max_tokens: 64, ...body }),
+        signal,
+      }),
+    );
+    assert.equal(res.status, 200);
+    return res;
+  };
+  try {
+    // The client leaves (the request's signal aborts): before its first token is asked for, and after some.
+    for (const stream of [true, false]) {
+      const gone = new AbortController();
+      const res = await unread({ stream, n: 2 }, gone.signal);
+      assert.equal(h.stats().running, 2);
+      gone.abort();
+      await waitFor(`the slots of an unread ${stream ? "stream" : "answer"} to be free`, () => h.stats().running === 0);
+      // Whoever reads it after all gets its end: an error event in a stream, else a broken body (the status was sent).
+      if (stream) assert.match(await res.text(), /^data: [^]*"error":\{"message":"The client disconnected"/);
+      else await assert.rejects(res.text());
+    }
+    const gone = new AbortController();
+    const res = await unread({ stream: true }, gone.signal);
+    const reader = res.body!.getReader();
+    for (let i = 0; i < 3; i++) await reader.read();
+    gone.abort(); // between two reads: the next never comes
+    await waitFor("the slot of a stream left between reads to be free", () => h.stats().running === 0);
+    reader.releaseLock();
+    assert.deepEqual([h.stats().cancelled, h.stats().completed], [3, 0]);
+    // The server closing stops an unread one too.
+    await unread({ stream: true });
+    assert.equal(h.stats().running, 1);
+  } finally {
+    await h.close();
+    await model.dispose();
+  }
+  assert.equal(h.stats().running, 0);
+  assert.equal(h.stats().cache.live, 0);
+});
+
+Deno.test("server hardening: a connection past the cap is answered 503 once its request is in, not before", async () => {
+  const server = serveHttp1({
+    hostname: "127.0.0.1",
+    port: 0,
+    headersTimeoutMs: 5000,
+    bodyTimeoutMs: 5000,
+    maxConnections: 2,
+    onLog: () => {},
+  }, () => Promise.resolve(new Response("ok")));
+  const port = server.addr.port;
+  const held = [
+    await Deno.connect({ hostname: "127.0.0.1", port }),
+    await Deno.connect({ hostname: "127.0.0.1", port }),
+  ];
+  const enc = new TextEncoder();
+  try {
+    await waitFor("the cap to be reached", () => server.connections === 2);
+    // An answer before the request would be, to an HTTP client, an unexpected message on a broken connection.
+    const refused = await Deno.connect({ hostname: "127.0.0.1", port });
+    let answered = false;
+    const reply = new Response(refused.readable).text().finally(() => answered = true);
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(answered, false, "the 503 came before the request");
+    await refused.write(enc.encode("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"));
+    const text = await reply;
+    assert.match(
+      text,
+      /^HTTP\/1\.1 503 Service Unavailable\r\n[^]*connection: close\r\n[^]*"code":"too_many_connections"/,
+    );
+    // One that never sends a request is answered anyway, after a moment, and closed.
+    const silent = await Deno.connect({ hostname: "127.0.0.1", port });
+    assert.match(await new Response(silent.readable).text(), /^HTTP\/1\.1 503 /);
+  } finally {
+    for (const c of held) c.close();
+    await server.shutdown(500);
+  }
+});
+
+Deno.test("server hardening: a client process that dies with streams in flight, past the connection cap, leaves no slot taken", async () => {
+  await withServer({ parallel: 4, maxQueue: 16, maxConnections: 6, cacheBytes: 0 }, async (server) => {
+    // Seven streamed chats at once over fetch's pool: four run, two queue, one is past the cap. The process then
+    // dies without closing anything (as the load client of the report did when its refused fetch failed).
+    const client = `
+      const url = Deno.args[0];
+      for (let i = 0; i < 7; i++) {
+        fetch(url + "/v1/chat/completions", {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ model: "story", messages: [{ role: "user", content: "Tell me a story " + i }],
+            max_tokens: 200, stream: true }),
+        }).then(async (res) => {
+          if (res.status !== 200) return console.log(JSON.stringify({ status: res.status, text: await res.text() }));
+          const reader = res.body.getReader();
+          let text = "";
+          while (!/"content":"[^"]/.test(text)) text += new TextDecoder().decode((await reader.read()).value);
+          console.log(JSON.stringify({ status: 200 }));
+        }, (e) => console.log(JSON.stringify({ error: String(e) })));
+      }
+      setInterval(() => {}, 1000);
+    `;
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["eval", "--no-config", client, server.url],
+      stdout: "piped",
+      stderr: "null",
+    }).spawn();
+    const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    const seen: { status?: number; text?: string; error?: string }[] = [];
+    let out = "";
+    try {
+      while (seen.filter((s) => s.status === 200).length < 4 || seen.length < 5) {
+        const r = await lines.read();
+        if (r.done) break;
+        out += r.value;
+        const done = out.split("\n");
+        out = done.pop()!;
+        seen.push(...done.map((l) => JSON.parse(l)));
+      }
+      assert.equal(server.stats().running, 4);
+    } finally {
+      child.kill("SIGKILL");
+      await child.status;
+      await lines.cancel().catch(() => {});
+    }
+    // Every stream of the dead client is cancelled and its queued requests dropped; the server serves on.
+    await waitFor("the dead client's slots to be free", () => server.stats().running === 0, 10_000);
+    assert.equal(server.stats().queued, 0);
+    // The one past the cap was told so, as an answer to its request (fetch does not take an answer before it).
+    const refused = seen.filter((s) => s.status !== 200);
+    assert.equal(refused.length, 1, JSON.stringify(seen));
+    assert.equal(refused[0].status, 503, JSON.stringify(refused[0]));
+    assert.match(refused[0].text!, /"code":"too_many_connections"/);
+    const res = await post(`${server.url}/v1/completions`, { model: "story", prompt: "Once", max_tokens: 2 });
+    assert.equal(res.status, 200);
+    assert.equal((await res.json()).usage.completion_tokens, 2);
+  }, { backend: "hardening-slow-ts" });
 });
