@@ -57,8 +57,11 @@ export class Terminal {
 
   /** Starts `command` (a shell line) in a 160×50 window in `cwd`; the window stays after it exits. */
   async start(command: string, cwd: string): Promise<void> {
-    await this.tmux("new-session", "-d", "-s", this.#name, "-x", "160", "-y", "50", "-c", cwd, command);
+    // The window is kept before the command starts: a command that ends at once would otherwise take the session,
+    // and the tmux server, with it ("server exited unexpectedly"), leaving nothing to show why.
+    await this.tmux("new-session", "-d", "-s", this.#name, "-x", "160", "-y", "50", "-c", cwd, "sleep 3600");
     await this.tmux("set-option", "-t", this.#name, "remain-on-exit", "on");
+    await this.tmux("respawn-pane", "-k", "-t", this.#name, "-c", cwd, command);
   }
 
   /** Types `keys` (tmux key names, such as "Enter" or "C-c"). */
