@@ -99,3 +99,18 @@ export function registerInstrumentedTs(name: string, beforeStep: () => void | Pr
     return Promise.resolve(backend);
   });
 }
+
+/**
+ * Watches the event loop with a 10 ms interval timer: `worst()` is the largest lag past 10 ms seen so
+ * far, `stop()` clears the timer. The responsiveness tests run steps meanwhile.
+ */
+export function watchEventLoop(): { worst(): number; stop(): void } {
+  let last = performance.now();
+  let worst = 0;
+  const timer = setInterval(() => {
+    const now = performance.now();
+    worst = Math.max(worst, now - last - 10);
+    last = now;
+  }, 10);
+  return { worst: () => worst, stop: () => clearInterval(timer) };
+}
